@@ -1,0 +1,573 @@
+//! Backups: a producer (the directory walk, or a stream) cuts data into chunks and
+//! catalog nodes on a blocking thread; an uploader asks the server which chunks it lacks,
+//! in batches, and streams only those. Both are joined by bounded queues, so memory stays
+//! flat whatever the data size; the snapshot is committed only when everything arrived.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use datamover_core::catalog::encode_node;
+use datamover_core::chunk::{ChunkId, ChunkIdKey, Chunker, ChunkerParams};
+use datamover_core::paths::walk_order;
+use datamover_proto::v1::{self, Node, NodeType, SnapshotKind};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::ClientError;
+use crate::connect::{Api, Conn};
+use crate::progress::{Counters, Reporter};
+
+/// Chunks queued between the producer and the uploader (each at most 1 MiB).
+const CHUNK_QUEUE: usize = 32;
+/// Chunk ids asked about in one FindMissing call.
+const QUERY_BATCH: usize = 1024;
+
+/// What a finished backup reports.
+#[derive(Debug, Clone)]
+pub struct BackupResult {
+    pub snapshot: v1::Snapshot,
+    pub stats: v1::BackupStats,
+    pub duration: Duration,
+}
+
+/// Hands chunks to the uploader and collects the catalog.
+pub struct Emitter {
+    key: ChunkIdKey,
+    params: ChunkerParams,
+    tx: mpsc::Sender<(ChunkId, Bytes)>,
+    catalog: CatalogWriter,
+    counters: Arc<Counters>,
+    pub stats: v1::BackupStats,
+}
+
+impl Emitter {
+    fn send(&mut self, data: Vec<u8>) -> Result<ChunkId, ClientError> {
+        let id = self.key.id(&data);
+        self.tx
+            .blocking_send((id, Bytes::from(data)))
+            .map_err(|_| ClientError::Server("the upload stopped".into()))?;
+        Ok(id)
+    }
+
+    /// Chunks everything `reader` yields; returns the ids and the byte count.
+    pub fn chunk_reader(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), std::io::Error> {
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        let chunker = Chunker::new(reader, self.params).map_err(std::io::Error::other)?;
+        for chunk in chunker {
+            let data = chunk.map_err(|e| match e {
+                datamover_core::chunk::ChunkError::Io(io) => io,
+                other => std::io::Error::other(other),
+            })?;
+            total += data.len() as u64;
+            self.counters.add_bytes(data.len() as u64);
+            self.stats.chunks += 1;
+            let id = self
+                .send(data)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.to_string()))?;
+            ids.push(id);
+        }
+        Ok((ids, total))
+    }
+
+    fn node(&mut self, node: &Node) -> Result<(), ClientError> {
+        for data in self.catalog.add(node, self.params) {
+            self.stats.chunks += 1;
+            let id = self.send(data)?;
+            self.catalog.ids.push(id);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Vec<ChunkId>, v1::BackupStats), ClientError> {
+        for data in self.catalog.finish(self.params) {
+            self.stats.chunks += 1;
+            let id = self.send(data)?;
+            self.catalog.ids.push(id);
+        }
+        Ok((self.catalog.ids, self.stats))
+    }
+}
+
+/// The catalog as it is written: encoded nodes cut into content-defined chunks. Cutting a
+/// buffer holding more than one maximal chunk and keeping the last (possibly short) piece
+/// gives exactly the cuts of the whole stream, so unchanged trees dedup.
+#[derive(Default)]
+struct CatalogWriter {
+    buf: Vec<u8>,
+    ids: Vec<ChunkId>,
+}
+
+impl CatalogWriter {
+    fn add(&mut self, node: &Node, p: ChunkerParams) -> Vec<Vec<u8>> {
+        encode_node(node, &mut self.buf);
+        if self.buf.len() < 4 * p.max_size as usize {
+            return Vec::new();
+        }
+        self.cut(p, false)
+    }
+
+    fn finish(&mut self, p: ChunkerParams) -> Vec<Vec<u8>> {
+        self.cut(p, true)
+    }
+
+    fn cut(&mut self, p: ChunkerParams, all: bool) -> Vec<Vec<u8>> {
+        let cuts: Vec<(usize, usize)> =
+            fastcdc::v2020::FastCDC::new(&self.buf, p.min_size, p.avg_size, p.max_size)
+                .map(|c| (c.offset, c.length))
+                .collect();
+        let keep = if all { cuts.len() } else { cuts.len().saturating_sub(1) };
+        let mut out = Vec::with_capacity(keep);
+        let mut end = 0;
+        for (off, len) in cuts.into_iter().take(keep) {
+            out.push(self.buf[off..off + len].to_vec());
+            end = off + len;
+        }
+        self.buf.drain(..end);
+        out
+    }
+}
+
+/// The previous snapshot's nodes, in walk order, read as the walk advances.
+pub struct PrevCatalog {
+    rx: mpsc::Receiver<Node>,
+    peeked: Option<Node>,
+}
+
+impl PrevCatalog {
+    /// The previous node at `path`, if any (nodes before it are skipped).
+    fn find(&mut self, path: &[u8]) -> Option<Node> {
+        loop {
+            if self.peeked.is_none() {
+                self.peeked = self.rx.blocking_recv();
+            }
+            let p = self.peeked.as_ref()?;
+            match walk_order(&p.path, path) {
+                std::cmp::Ordering::Less => self.peeked = None,
+                std::cmp::Ordering::Equal => return self.peeked.take(),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+    }
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+}
+
+fn node_from(path: Vec<u8>, m: &std::fs::Metadata, ty: NodeType) -> Node {
+    Node {
+        path: path.into(),
+        r#type: ty as i32,
+        mode: m.mode() & 0o7777,
+        mtime_ns: mtime_ns(m),
+        uid: m.uid(),
+        gid: m.gid(),
+        size: if ty == NodeType::File { m.size() } else { 0 },
+        inode: m.ino(),
+        dev: m.dev(),
+        link_target: Default::default(),
+        chunks: Vec::new(),
+    }
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<std::ffi::OsString>, ClientError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ClientError::io(dir.display(), e))?;
+    let mut names = Vec::new();
+    for e in rd {
+        names.push(e.map_err(|e| ClientError::io(dir.display(), e))?.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// Backs up one entry (and records it in the catalog).
+fn visit(
+    em: &mut Emitter,
+    prev: &mut Option<PrevCatalog>,
+    abs: &Path,
+    rel: Vec<u8>,
+    m: &std::fs::Metadata,
+) -> Result<bool, ClientError> {
+    let ft = m.file_type();
+    if ft.is_dir() {
+        em.stats.dirs += 1;
+        let node = node_from(rel, m, NodeType::Dir);
+        em.node(&node)?;
+        return Ok(true);
+    }
+    if ft.is_symlink() {
+        let target = std::fs::read_link(abs).map_err(|e| ClientError::io(abs.display(), e))?;
+        let mut node = node_from(rel, m, NodeType::Symlink);
+        node.link_target = Bytes::copy_from_slice(target.as_os_str().as_bytes());
+        em.stats.other += 1;
+        em.node(&node)?;
+        return Ok(false);
+    }
+    if ft.is_fifo() {
+        em.stats.other += 1;
+        let node = node_from(rel, m, NodeType::Fifo);
+        em.node(&node)?;
+        return Ok(false);
+    }
+    if !ft.is_file() {
+        tracing::warn!(path = %abs.display(), "skipping a socket or device file");
+        return Ok(false);
+    }
+    let mut node = node_from(rel, m, NodeType::File);
+    em.stats.files += 1;
+    em.counters.add_file();
+    let unchanged = prev.as_mut().and_then(|p| p.find(&node.path)).filter(|p| {
+        p.r#type == NodeType::File as i32
+            && p.size == node.size
+            && p.mtime_ns == node.mtime_ns
+            && p.inode == node.inode
+    });
+    if let Some(p) = unchanged {
+        node.chunks = p.chunks;
+        em.stats.files_unchanged += 1;
+        em.stats.bytes += node.size;
+    } else {
+        let f = File::open(abs).map_err(|e| ClientError::io(abs.display(), e))?;
+        let (ids, total) = em
+            .chunk_reader(f)
+            .map_err(|e| ClientError::io(abs.display(), e))?;
+        if total != node.size {
+            tracing::warn!(path = %abs.display(), "file changed while it was read; stored as read");
+        }
+        node.size = total;
+        node.chunks = ids.iter().map(|id| Bytes::copy_from_slice(&id.0)).collect();
+        em.stats.bytes += total;
+    }
+    em.node(&node)
+        .map(|()| false)
+}
+
+/// Walks `root` depth-first in sorted order (the catalog's order).
+fn walk(root: &Path, em: &mut Emitter, mut prev: Option<PrevCatalog>) -> Result<(), ClientError> {
+    let meta = std::fs::symlink_metadata(root).map_err(|e| ClientError::io(root.display(), e))?;
+    if !meta.is_dir() {
+        let name = root
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_else(|| b"file".to_vec());
+        visit(em, &mut prev, root, name, &meta)?;
+        return Ok(());
+    }
+    // Each level holds its sorted names; depth is bounded by the file system.
+    let mut stack: Vec<(PathBuf, Vec<u8>, std::vec::IntoIter<std::ffi::OsString>)> =
+        vec![(root.to_path_buf(), Vec::new(), sorted_entries(root)?.into_iter())];
+    while let Some((dir, rel_dir, names)) = stack.last_mut() {
+        let Some(name) = names.next() else {
+            stack.pop();
+            continue;
+        };
+        let abs = dir.join(&name);
+        let mut rel = rel_dir.clone();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name.as_bytes());
+        let m = match std::fs::symlink_metadata(&abs) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
+            Err(e) => return Err(ClientError::io(abs.display(), e)),
+        };
+        if visit(em, &mut prev, &abs, rel.clone(), &m)? {
+            let entries = sorted_entries(&abs)?;
+            stack.push((abs, rel, entries.into_iter()));
+        }
+    }
+    Ok(())
+}
+
+/// Sends chunks the server lacks; returns (chunks sent, bytes sent).
+async fn upload(
+    mut api: Api,
+    session: String,
+    mut rx: mpsc::Receiver<(ChunkId, Bytes)>,
+    counters: Arc<Counters>,
+) -> Result<(u64, u64), ClientError> {
+    let (ptx, prx) = mpsc::channel::<v1::PutChunksRequest>(4);
+    let mut put_api = api.clone();
+    let put = tokio::spawn(async move { put_api.put_chunks(ReceiverStream::new(prx)).await });
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
+    let mut stream_closed = false;
+    'outer: loop {
+        let mut batch: Vec<(ChunkId, Bytes)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let Some(first) = rx.recv().await else { break };
+        let mut push = |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>| {
+            if seen.insert(item.0) {
+                batch_bytes += item.1.len();
+                batch.push(item);
+            }
+        };
+        push(first, &mut batch);
+        while batch.len() < QUERY_BATCH && batch_bytes < datamover_proto::BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(item) => push(item, &mut batch),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let ids = batch.iter().map(|(id, _)| Bytes::copy_from_slice(&id.0)).collect();
+        let missing = api
+            .find_missing(v1::FindMissingRequest {
+                session_id: session.clone(),
+                ids,
+            })
+            .await?
+            .into_inner()
+            .missing;
+        let mut msg = v1::PutChunksRequest {
+            session_id: session.clone(),
+            chunks: Vec::new(),
+        };
+        let mut msg_bytes = 0usize;
+        for i in missing {
+            let Some((id, data)) = batch.get(i as usize) else {
+                return Err(ClientError::Server("server named a chunk that was not asked about".into()));
+            };
+            msg_bytes += data.len();
+            chunks_sent += 1;
+            bytes_sent += data.len() as u64;
+            counters.add_sent(data.len() as u64);
+            msg.chunks.push(v1::Chunk {
+                id: Bytes::copy_from_slice(&id.0),
+                data: data.clone(),
+            });
+            if msg_bytes >= datamover_proto::BATCH_BYTES {
+                msg_bytes = 0;
+                if ptx.send(std::mem::replace(&mut msg, v1::PutChunksRequest {
+                    session_id: session.clone(),
+                    chunks: Vec::new(),
+                })).await.is_err() {
+                    stream_closed = true;
+                    break 'outer;
+                }
+            }
+        }
+        if !msg.chunks.is_empty() && ptx.send(msg).await.is_err() {
+            stream_closed = true;
+            break;
+        }
+    }
+    drop(ptx);
+    match put.await {
+        Ok(Ok(_)) if !stream_closed => Ok((chunks_sent, bytes_sent)),
+        Ok(Ok(_)) => Err(ClientError::Server("the server closed the upload early".into())),
+        Ok(Err(status)) => Err(status.into()),
+        Err(e) => Err(ClientError::Server(format!("upload task failed: {e}"))),
+    }
+}
+
+/// Reads the previous snapshot's catalog in the background.
+fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
+    let (tx, rx) = mpsc::channel::<Node>(4096);
+    let mut api = api.clone();
+    tokio::spawn(async move {
+        let stream = api
+            .read_catalog(v1::ReadCatalogRequest { snapshot_id })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "cannot read the previous snapshot; reading every file");
+                return;
+            }
+        };
+        while let Some(msg) = stream.next().await {
+            let Ok(msg) = msg else {
+                tracing::warn!("previous snapshot catalog ended early; reading the remaining files");
+                return;
+            };
+            for n in msg.nodes {
+                // A full queue waits for the walk to catch up; a finished walk ends it.
+                if tx.send(n).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    PrevCatalog { rx, peeked: None }
+}
+
+enum Input {
+    Tree(PathBuf),
+    Stream { file: Option<PathBuf>, name: String },
+}
+
+async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, ClientError> {
+    let started = Instant::now();
+    let (kind, source) = match &input {
+        Input::Tree(p) => (SnapshotKind::Files, p.display().to_string()),
+        Input::Stream { file, .. } => (
+            SnapshotKind::Stream,
+            file.as_ref().map_or("-".to_string(), |f| f.display().to_string()),
+        ),
+    };
+    let begin = conn
+        .api
+        .begin_backup(v1::BeginBackupRequest {
+            tag: tag.to_string(),
+            kind: kind as i32,
+            source: source.clone(),
+            hostname: conn.settings.hostname.clone(),
+        })
+        .await?
+        .into_inner();
+    let prev = match (&input, begin.parent) {
+        (Input::Tree(_), Some(p)) => Some(prev_catalog(&conn.api, p.id)),
+        _ => None,
+    };
+    let counters = Arc::new(Counters::default());
+    let _progress = Reporter::start("backup", Arc::clone(&counters));
+    let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+    let uploader = tokio::spawn(upload(
+        conn.api.clone(),
+        begin.session_id.clone(),
+        rx,
+        Arc::clone(&counters),
+    ));
+    let mut em = Emitter {
+        key: conn.key.clone(),
+        params: conn.chunker,
+        tx,
+        catalog: CatalogWriter::default(),
+        counters,
+        stats: v1::BackupStats::default(),
+    };
+    let produced = tokio::task::spawn_blocking(move || {
+        match input {
+            Input::Tree(root) => walk(&root, &mut em, prev)?,
+            Input::Stream { file, name } => {
+                let reader: Box<dyn Read> = match &file {
+                    None => Box::new(std::io::stdin().lock()),
+                    Some(p) => Box::new(File::open(p).map_err(|e| ClientError::io(p.display(), e))?),
+                };
+                let what = file.as_ref().map_or("stdin".to_string(), |f| f.display().to_string());
+                let (ids, total) = em.chunk_reader(reader).map_err(|e| ClientError::io(&what, e))?;
+                em.stats.files = 1;
+                em.stats.bytes = total;
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let node = Node {
+                    path: name.into_bytes().into(),
+                    r#type: NodeType::File as i32,
+                    mode: 0o600,
+                    mtime_ns: now.as_nanos() as i64,
+                    size: total,
+                    chunks: ids.iter().map(|id| Bytes::copy_from_slice(&id.0)).collect(),
+                    ..Default::default()
+                };
+                em.node(&node)?;
+            }
+        }
+        em.finish()
+    })
+    .await
+    .map_err(|e| ClientError::Io(format!("backup worker failed: {e}")));
+    // The uploader's error (server side) explains a producer stopped by a closed queue.
+    let uploaded = uploader
+        .await
+        .map_err(|e| ClientError::Server(format!("upload task failed: {e}")))?;
+    let (catalog, mut stats) = produced??;
+    let (chunks_sent, bytes_sent) = uploaded?;
+    stats.chunks_sent = chunks_sent;
+    stats.bytes_sent = bytes_sent;
+    let snapshot = conn
+        .api
+        .commit_backup(v1::CommitBackupRequest {
+            session_id: begin.session_id,
+            catalog: catalog.iter().map(|id| Bytes::copy_from_slice(&id.0)).collect(),
+            stats: Some(stats),
+        })
+        .await?
+        .into_inner()
+        .snapshot
+        .ok_or_else(|| ClientError::Server("the server committed no snapshot".into()))?;
+    Ok(BackupResult {
+        snapshot,
+        stats,
+        duration: started.elapsed(),
+    })
+}
+
+/// `backup_files <path> <tag>`.
+pub async fn backup_files(conn: &mut Conn, path: &Path, tag: &str) -> Result<BackupResult, ClientError> {
+    std::fs::symlink_metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ClientError::NotFound(format!("{} does not exist: give the directory to back up", path.display()))
+        } else {
+            ClientError::io(path.display(), e)
+        }
+    })?;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    run(conn, tag, Input::Tree(abs)).await
+}
+
+/// `backup_stream <filename|-> [tag]`.
+pub async fn backup_stream(conn: &mut Conn, input: &str, tag: &str) -> Result<BackupResult, ClientError> {
+    let file = (input != "-").then(|| PathBuf::from(input));
+    if let Some(f) = &file {
+        if !f.exists() {
+            return Err(ClientError::NotFound(format!(
+                "{} does not exist: create the named pipe (mkfifo) or give a file, or - for stdin",
+                f.display()
+            )));
+        }
+    }
+    let name = file
+        .as_ref()
+        .and_then(|f| f.file_name())
+        .map_or("stdin".to_string(), |n| n.to_string_lossy().into_owned());
+    run(conn, tag, Input::Stream { file, name }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_cuts_match_whole_stream() {
+        let p = ChunkerParams {
+            min_size: 4096,
+            avg_size: 16384,
+            max_size: 65536,
+        };
+        let nodes: Vec<Node> = (0..20000)
+            .map(|i| Node {
+                path: format!("dir{}/file-{i}", i % 37).into_bytes().into(),
+                size: i,
+                ..Default::default()
+            })
+            .collect();
+        let mut whole = Vec::new();
+        for n in &nodes {
+            encode_node(n, &mut whole);
+        }
+        let expected: Vec<Vec<u8>> = fastcdc::v2020::FastCDC::new(&whole, p.min_size, p.avg_size, p.max_size)
+            .map(|c| whole[c.offset..c.offset + c.length].to_vec())
+            .collect();
+        let mut w = CatalogWriter::default();
+        let mut got = Vec::new();
+        for n in &nodes {
+            got.extend(w.add(n, p));
+        }
+        got.extend(w.finish(p));
+        assert_eq!(got, expected);
+    }
+}

@@ -1,0 +1,82 @@
+//! Client errors and their exit codes. Every message says what to do.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Auth(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Pinning(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Server(String),
+}
+
+impl ClientError {
+    /// Exit codes, as documented in the README.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Usage(_) => 2,
+            ClientError::Auth(_) => 3,
+            ClientError::NotFound(_) => 4,
+            ClientError::Unreachable(_) => 5,
+            ClientError::Pinning(_) => 6,
+            ClientError::NoSpace(_) => 7,
+            ClientError::Corrupt(_) => 8,
+            ClientError::Config(_) | ClientError::Io(_) | ClientError::Server(_) => 1,
+        }
+    }
+
+    /// A local I/O error on `what`.
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull {
+            return ClientError::NoSpace(format!(
+                "no space left on the device while writing {what}: free space or restore elsewhere"
+            ));
+        }
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return ClientError::Io(format!(
+                "permission denied on {what}: run the client as a user that may access it"
+            ));
+        }
+        ClientError::Io(format!("{what}: {e}"))
+    }
+
+    /// Maps a status from the server.
+    pub fn from_status(s: Status) -> Self {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::Unauthenticated => ClientError::Auth(format!("authentication failed: {msg}")),
+            Code::PermissionDenied => ClientError::Auth(format!("not allowed: {msg}")),
+            Code::NotFound => ClientError::NotFound(msg),
+            Code::ResourceExhausted => ClientError::NoSpace(msg),
+            Code::DataLoss => ClientError::Corrupt(msg),
+            Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
+                ClientError::Unreachable(format!(
+                    "lost the connection to the server ({msg}): check the server is running and retry"
+                ))
+            }
+            _ => ClientError::Server(format!("server error ({:?}): {msg}", s.code())),
+        }
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::from_status(s)
+    }
+}

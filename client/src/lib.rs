@@ -1,0 +1,24 @@
+//! # datamover-client: backup and restore through a DatamoverServer
+//!
+//! The client holds one credential (`/etc/client-secret/<client_id>`) and never sees
+//! storage keys. It cuts data into content-defined chunks, asks the server which ones it
+//! lacks, and sends only those.
+//!
+//! - [`settings`]: `PROTOCOLS`, `SERVER_URL`, `SERVER_DATA`, the client secret.
+//! - [`connect`]: TLS with certificate pinning, and the authenticated gRPC channel.
+//! - [`backup`]: the walk (unchanged files are not read again), the chunk pipeline and
+//!   the upload; files and streams share it.
+//! - [`restore`]: writes a snapshot back, never outside its target, files under temporary
+//!   names until complete; streams into a FIFO, a file or stdout.
+//! - [`modes`]: the command line modes, `command_from_file`, and the result lines.
+//! - [`progress`]: progress on stderr.
+
+pub mod backup;
+pub mod connect;
+pub mod error;
+pub mod modes;
+pub mod progress;
+pub mod restore;
+pub mod settings;
+
+pub use error::ClientError;

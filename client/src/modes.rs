@@ -1,0 +1,307 @@
+//! The command line: modes, their arguments, and the result lines.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value, json};
+
+use crate::backup::{self, BackupResult};
+use crate::connect::{self, Conn};
+use crate::restore::{self, RestoreResult};
+use crate::settings::ClientSettings;
+use crate::ClientError;
+
+pub const USAGE: &str = "usage: datamover-client <mode> <args>
+  backup_files <path> <tag>          back up a directory tree            (alias fs_backup)
+  restore_files <path> <tag|id>      restore the latest snapshot of tag  (alias fs_restore)
+  backup_stream <file|-> [tag]       back up a named pipe, file or stdin (alias stream_backup)
+  restore_stream <file|-> [tag|id]   restore a stream into a pipe, file or stdout (alias stream_restore)
+  list [tag]                         list snapshots as JSON
+  command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
+environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    BackupFiles { path: PathBuf, tag: String },
+    RestoreFiles { path: PathBuf, spec: String },
+    BackupStream { file: String, tag: String },
+    RestoreStream { file: String, spec: String },
+    List { tag: Option<String> },
+    CommandFromFile { file: PathBuf },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::BackupFiles { .. } => "backup_files",
+            Mode::RestoreFiles { .. } => "restore_files",
+            Mode::BackupStream { .. } => "backup_stream",
+            Mode::RestoreStream { .. } => "restore_stream",
+            Mode::List { .. } => "list",
+            Mode::CommandFromFile { .. } => "command_from_file",
+        }
+    }
+
+    /// Does the mode write its data to stdout (so results go to stderr)?
+    fn uses_stdout(&self) -> bool {
+        matches!(self, Mode::RestoreStream { file, .. } if file == "-")
+    }
+}
+
+fn usage(msg: &str) -> ClientError {
+    ClientError::Usage(format!("{msg}\n{USAGE}"))
+}
+
+/// The default tag of a stream: the file's name, or `stdin`.
+fn stream_tag(file: &str) -> String {
+    if file == "-" {
+        return "stdin".into();
+    }
+    Path::new(file)
+        .file_name()
+        .map_or_else(|| "stream".into(), |n| n.to_string_lossy().into_owned())
+}
+
+pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
+    let Some((mode, rest)) = args.split_first() else {
+        return Err(usage("no mode given"));
+    };
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let nonempty = |s: &str, what: &str| {
+        if s.is_empty() {
+            Err(usage(&format!("{what} must not be empty")))
+        } else {
+            Ok(s.to_string())
+        }
+    };
+    match (mode.as_str(), rest.as_slice()) {
+        ("backup_files" | "fs_backup", [path, tag]) => Ok(Mode::BackupFiles {
+            path: PathBuf::from(nonempty(path, "path")?),
+            tag: nonempty(tag, "tag")?,
+        }),
+        ("restore_files" | "fs_restore", [path, spec]) => Ok(Mode::RestoreFiles {
+            path: PathBuf::from(nonempty(path, "path")?),
+            spec: nonempty(spec, "tag")?,
+        }),
+        ("backup_stream" | "stream_backup", [file, rest @ ..]) if rest.len() <= 1 => {
+            Ok(Mode::BackupStream {
+                file: nonempty(file, "file")?,
+                tag: rest.first().map_or_else(|| stream_tag(file), |t| t.to_string()),
+            })
+        }
+        ("restore_stream" | "stream_restore", [file, rest @ ..]) if rest.len() <= 1 => {
+            Ok(Mode::RestoreStream {
+                file: nonempty(file, "file")?,
+                spec: rest.first().map_or_else(|| stream_tag(file), |t| t.to_string()),
+            })
+        }
+        ("list" | "snapshots", rest) if rest.len() <= 1 => Ok(Mode::List {
+            tag: rest.first().map(|t| t.to_string()),
+        }),
+        ("command_from_file" | "fs_sidecar", [file]) => Ok(Mode::CommandFromFile {
+            file: PathBuf::from(nonempty(file, "file")?),
+        }),
+        (
+            "backup_files" | "fs_backup" | "restore_files" | "fs_restore" | "backup_stream"
+            | "stream_backup" | "restore_stream" | "stream_restore" | "list" | "snapshots"
+            | "command_from_file" | "fs_sidecar",
+            _,
+        ) => Err(usage(&format!("wrong arguments for {mode}"))),
+        _ => Err(usage(&format!("unknown mode '{mode}'"))),
+    }
+}
+
+fn backup_json(mode: &str, r: &BackupResult) -> Value {
+    json!({
+        "mode": mode,
+        "snapshot_id": r.snapshot.id,
+        "tag": r.snapshot.tag,
+        "time": r.snapshot.time,
+        "files": r.stats.files,
+        "dirs": r.stats.dirs,
+        "bytes": r.stats.bytes,
+        "bytes_sent": r.stats.bytes_sent,
+        "chunks": r.stats.chunks,
+        "chunks_sent": r.stats.chunks_sent,
+        "files_unchanged": r.stats.files_unchanged,
+        "duration_s": (r.duration.as_secs_f64() * 1000.0).round() / 1000.0,
+    })
+}
+
+fn restore_json(mode: &str, r: &RestoreResult, path: &str) -> Value {
+    json!({
+        "mode": mode,
+        "snapshot_id": r.snapshot.id,
+        "tag": r.snapshot.tag,
+        "path": path,
+        "files": r.files,
+        "dirs": r.dirs,
+        "bytes": r.bytes,
+        "skipped": r.skipped,
+        "duration_s": (r.duration.as_secs_f64() * 1000.0).round() / 1000.0,
+    })
+}
+
+/// Prints Kanister's `###Phase-output###` lines, then the JSON result as the last line.
+pub fn print_result(result: &Value, to_stderr: bool) {
+    let mut lines = String::new();
+    if let Value::Object(map) = result {
+        for (k, v) in map {
+            let value = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(_) | Value::Bool(_) => v.to_string(),
+                _ => continue,
+            };
+            lines.push_str(&format!(
+                "###Phase-output###: {}\n",
+                json!({"key": k, "value": value})
+            ));
+        }
+    }
+    lines.push_str(&result.to_string());
+    lines.push('\n');
+    if to_stderr {
+        let _ = std::io::stderr().write_all(lines.as_bytes());
+    } else {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(lines.as_bytes());
+        let _ = out.flush();
+    }
+}
+
+async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
+    match mode {
+        Mode::BackupFiles { path, tag } => {
+            let r = backup::backup_files(conn, path, tag).await?;
+            Ok(backup_json(mode.name(), &r))
+        }
+        Mode::BackupStream { file, tag } => {
+            let r = backup::backup_stream(conn, file, tag).await?;
+            Ok(backup_json(mode.name(), &r))
+        }
+        Mode::RestoreFiles { path, spec } => {
+            let r = restore::restore_files(conn, path, spec).await?;
+            Ok(restore_json(mode.name(), &r, &path.display().to_string()))
+        }
+        Mode::RestoreStream { file, spec } => {
+            let r = restore::restore_stream(conn, file, spec).await?;
+            Ok(restore_json(mode.name(), &r, file))
+        }
+        Mode::List { tag } => {
+            let list = conn
+                .api
+                .list_snapshots(datamover_proto::v1::ListSnapshotsRequest {
+                    tag: tag.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .snapshots;
+            let items: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    let st = s.stats.unwrap_or_default();
+                    json!({
+                        "id": s.id, "tag": s.tag, "time": s.time, "client_id": s.client_id,
+                        "hostname": s.hostname, "source": s.source,
+                        "kind": if s.kind == datamover_proto::v1::SnapshotKind::Stream as i32 { "stream" } else { "files" },
+                        "files": st.files, "bytes": st.bytes,
+                    })
+                })
+                .collect();
+            let mut m = Map::new();
+            m.insert("mode".into(), json!("list"));
+            m.insert("count".into(), json!(items.len()));
+            m.insert("snapshots".into(), Value::Array(items));
+            Ok(Value::Object(m))
+        }
+        Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
+    }
+}
+
+/// Runs a mode: connects, does it, prints the result.
+pub async fn run(mode: Mode, settings: &ClientSettings) -> Result<(), ClientError> {
+    if let Mode::CommandFromFile { file } = &mode {
+        return command_from_file(file, settings).await;
+    }
+    let mut conn = connect::connect(settings).await?;
+    let result = run_one(&mut conn, &mode).await?;
+    print_result(&result, mode.uses_stdout());
+    Ok(())
+}
+
+/// Sidecar mode: each line of `file` is a mode and its arguments (shell quoting). A
+/// regular file is read once; a named pipe is reopened after each writer closes it, so
+/// `kubectl exec … -- sh -c 'echo backup_files /data t1 > /cmd'` drives a running
+/// sidecar, until a line `exit`.
+pub async fn command_from_file(file: &Path, settings: &ClientSettings) -> Result<(), ClientError> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_fifo = std::fs::metadata(file)
+        .map_err(|e| ClientError::io(file.display(), e))?
+        .file_type()
+        .is_fifo();
+    let mut last: Result<(), ClientError> = Ok(());
+    loop {
+        let path = file.to_path_buf();
+        let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path))
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))?
+            .map_err(|e| ClientError::io(file.display(), e))?;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            if line == "exit" {
+                return last;
+            }
+            let Some(args) = shlex::split(line) else {
+                eprintln!("datamover-client: error: cannot parse the line '{line}': check its quoting");
+                last = Err(usage("bad command line"));
+                continue;
+            };
+            let outcome = match parse(&args) {
+                Ok(Mode::CommandFromFile { .. }) => Err(usage("command_from_file cannot be nested")),
+                Ok(mode) => {
+                    let r = async {
+                        let mut conn = connect::connect(settings).await?;
+                        run_one(&mut conn, &mode).await
+                    }
+                    .await;
+                    r.map(|v| print_result(&v, mode.uses_stdout()))
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &outcome {
+                eprintln!("datamover-client: error: {e}");
+            }
+            last = outcome;
+        }
+        if !is_fifo {
+            return last;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn modes_and_aliases() {
+        assert_eq!(
+            parse(&s(&["fs_backup", "/d", "t"])).unwrap(),
+            Mode::BackupFiles { path: "/d".into(), tag: "t".into() }
+        );
+        assert_eq!(
+            parse(&s(&["backup_stream", "/p/dump.fifo"])).unwrap(),
+            Mode::BackupStream { file: "/p/dump.fifo".into(), tag: "dump.fifo".into() }
+        );
+        assert_eq!(
+            parse(&s(&["stream_restore", "-"])).unwrap(),
+            Mode::RestoreStream { file: "-".into(), spec: "stdin".into() }
+        );
+        assert!(matches!(parse(&s(&["nope"])), Err(ClientError::Usage(_))));
+        assert!(matches!(parse(&s(&["backup_files", "/d"])), Err(ClientError::Usage(_))));
+        assert!(matches!(parse(&s(&[])), Err(ClientError::Usage(_))));
+    }
+}

@@ -1,0 +1,28 @@
+//! # datamover-repo: the repository, server side only
+//!
+//! Layers, from the bottom:
+//!
+//! - [`store`]: the narrow storage trait [`Store`](store::Store), keyed by
+//!   [`FileType`](store::FileType) and name, with two implementations: a local directory
+//!   ([`store::FsStore`], the embedded default) and S3 ([`store::S3Store`], aws-sdk-s3).
+//!   Nothing above this trait knows which one it talks to.
+//! - [`crypto`]: the master key (Argon2id from the repository password, parameters in the
+//!   repository's `config` object), zstd compression and XChaCha20-Poly1305 sealing of
+//!   every object but `config`.
+//! - [`Repository`]: packs (many chunks per object of several MiB, with an encrypted
+//!   trailer listing them), the in-memory chunk index rebuilt from `index/` objects, and
+//!   snapshots. Chunk ids are keyed per tenant; every index entry records its tenant.
+//!
+//! Object layout: `config`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`.
+
+pub mod crypto;
+mod error;
+mod index;
+mod pack;
+mod repository;
+mod snapshot;
+pub mod store;
+
+pub use error::RepoError;
+pub use repository::{Repository, RepositoryOptions};
+pub use snapshot::{SnapshotFile, SnapshotKindName};

@@ -1,0 +1,498 @@
+//! The repository: chunks in packs, the index, snapshots.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use datamover_core::catalog::CatalogDecoder;
+use datamover_core::chunk::{ChunkId, ChunkIdKey, ChunkerParams};
+use prost::Message;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, KdfParams, Keys};
+use crate::index::{Index, IndexFile, PackEntries};
+use crate::pack::PackBuilder;
+use crate::snapshot::SnapshotFile;
+use crate::store::{FileType, Store};
+use crate::RepoError;
+
+const KEY_CHECK: &[u8] = b"datamover repository key check v1";
+
+/// Tuning of a repository.
+#[derive(Debug, Clone)]
+pub struct RepositoryOptions {
+    /// A pack is written once it holds this many bytes.
+    pub pack_size: usize,
+    pub compression_level: i32,
+    /// Packs kept in memory for reads (restores read packs mostly in order).
+    pub pack_cache_packs: usize,
+    /// Argon2id memory for a new repository.
+    pub kdf_memory_kib: u32,
+    /// An index object is written after this many packs even before a commit.
+    pub packs_per_index: usize,
+}
+
+impl Default for RepositoryOptions {
+    fn default() -> Self {
+        RepositoryOptions {
+            pack_size: 8 * 1024 * 1024,
+            compression_level: 3,
+            pack_cache_packs: 4,
+            kdf_memory_kib: 64 * 1024,
+            packs_per_index: 32,
+        }
+    }
+}
+
+/// The `config` object: plain JSON, since it holds what is needed to derive the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RepoConfig {
+    version: u32,
+    id: String,
+    kdf: KdfParams,
+    chunker_min: u32,
+    chunker_avg: u32,
+    chunker_max: u32,
+    /// Sealed [`KEY_CHECK`], hex: opening it proves the password.
+    key_check: String,
+}
+
+struct Writer {
+    pack: PackBuilder,
+    /// Packs written whose entries are not yet in an index object.
+    unindexed: Vec<PackEntries>,
+}
+
+/// What [`Repository::add_chunks`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AddResult {
+    pub stored: u64,
+    pub stored_bytes: u64,
+    pub already_present: u64,
+}
+
+pub struct Repository {
+    store: Arc<dyn Store>,
+    keys: Keys,
+    opts: RepositoryOptions,
+    chunker: ChunkerParams,
+    index: RwLock<Index>,
+    writer: tokio::sync::Mutex<Writer>,
+    snapshots: Mutex<HashMap<String, SnapshotFile>>,
+    pack_cache: Mutex<lru::LruCache<String, Bytes>>,
+}
+
+fn poisoned<T>(_: T) -> RepoError {
+    RepoError::Task("a lock was poisoned by a panic".into())
+}
+
+impl Repository {
+    /// Opens the repository in `store`, creating it if the store is empty.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        password: &[u8],
+        opts: RepositoryOptions,
+    ) -> Result<Arc<Repository>, RepoError> {
+        store.check().await?;
+        let config = match store.read(FileType::Config, "").await {
+            Ok(bytes) => serde_json::from_slice::<RepoConfig>(&bytes)
+                .map_err(|e| RepoError::BadConfig(e.to_string()))?,
+            Err(e) if e.is_not_found() => Self::init(&store, password, &opts).await?,
+            Err(e) => return Err(e.into()),
+        };
+        let kdf = config.kdf.clone();
+        let pw = password.to_vec();
+        let keys = tokio::task::spawn_blocking(move || Keys::derive(&pw, &kdf))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))??;
+        let check = hex::decode(&config.key_check)
+            .map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        match keys.open(&check, "config") {
+            Ok(v) if v == KEY_CHECK => {}
+            _ => return Err(RepoError::WrongPassword),
+        }
+        let chunker = ChunkerParams {
+            min_size: config.chunker_min,
+            avg_size: config.chunker_avg,
+            max_size: config.chunker_max,
+        };
+        chunker
+            .validate()
+            .map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        let cache = NonZeroUsize::new(opts.pack_cache_packs.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let repo = Arc::new(Repository {
+            store,
+            keys,
+            opts,
+            chunker,
+            index: RwLock::new(Index::default()),
+            writer: tokio::sync::Mutex::new(Writer {
+                pack: PackBuilder::default(),
+                unindexed: Vec::new(),
+            }),
+            snapshots: Mutex::new(HashMap::new()),
+            pack_cache: Mutex::new(lru::LruCache::new(cache)),
+        });
+        repo.refresh_index().await?;
+        tracing::info!(
+            location = %repo.store.location(),
+            repository = %config.id,
+            chunks = repo.index.read().map_err(poisoned)?.len(),
+            "repository open"
+        );
+        Ok(repo)
+    }
+
+    async fn init(
+        store: &Arc<dyn Store>,
+        password: &[u8],
+        opts: &RepositoryOptions,
+    ) -> Result<RepoConfig, RepoError> {
+        let kdf = KdfParams {
+            memory_kib: opts.kdf_memory_kib,
+            ..KdfParams::new_random()
+        };
+        let k2 = kdf.clone();
+        let pw = password.to_vec();
+        let keys = tokio::task::spawn_blocking(move || Keys::derive(&pw, &k2))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))??;
+        let mut id = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut id);
+        let p = ChunkerParams::DEFAULT;
+        let config = RepoConfig {
+            version: 1,
+            id: hex::encode(id),
+            kdf,
+            chunker_min: p.min_size,
+            chunker_avg: p.avg_size,
+            chunker_max: p.max_size,
+            key_check: hex::encode(keys.seal(KEY_CHECK)),
+        };
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        store.write(FileType::Config, "", Bytes::from(json)).await?;
+        // Two servers may initialise at once: whatever config won is the one to use.
+        let bytes = store.read(FileType::Config, "").await?;
+        let stored: RepoConfig =
+            serde_json::from_slice(&bytes).map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        tracing::info!(location = %store.location(), repository = %stored.id, "repository created");
+        Ok(stored)
+    }
+
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    /// Checks the store answers (for readiness).
+    pub async fn check(&self) -> Result<(), RepoError> {
+        self.store.check().await.map_err(Into::into)
+    }
+
+    pub fn chunker_params(&self) -> ChunkerParams {
+        self.chunker
+    }
+
+    pub fn chunk_id_key(&self, tenant: &str) -> ChunkIdKey {
+        self.keys.chunk_id_key(tenant)
+    }
+
+    /// Loads index objects not seen yet (written by this or another server).
+    pub async fn refresh_index(&self) -> Result<(), RepoError> {
+        let names = self.store.list(FileType::Index).await?;
+        for name in names {
+            if self.index.read().map_err(poisoned)?.loaded_files.contains(&name) {
+                continue;
+            }
+            let sealed = self.store.read(FileType::Index, &name).await?;
+            let what = format!("index/{name}");
+            let raw = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
+            let file = IndexFile::decode(raw.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
+            let mut ix = self.index.write().map_err(poisoned)?;
+            for p in &file.packs {
+                ix.add_pack(p);
+            }
+            ix.loaded_files.insert(name);
+        }
+        Ok(())
+    }
+
+    /// Indexes (into `ids`) of the chunks this tenant must send.
+    pub fn find_missing(&self, tenant: &str, ids: &[ChunkId]) -> Result<Vec<u32>, RepoError> {
+        let ix = self.index.read().map_err(poisoned)?;
+        Ok(ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| !ix.is_stored(tenant, id) && !ix.is_pending(tenant, id))
+            .map(|(i, _)| i as u32)
+            .collect())
+    }
+
+    /// Verifies, compresses, encrypts and packs chunks. Idempotent: a chunk stored or being
+    /// stored (by any session) is skipped, so racing writers store it once.
+    pub async fn add_chunks(
+        self: &Arc<Self>,
+        tenant: &str,
+        chunks: Vec<(ChunkId, Bytes)>,
+    ) -> Result<AddResult, RepoError> {
+        let mut result = AddResult::default();
+        let mut todo = Vec::with_capacity(chunks.len());
+        {
+            let mut ix = self.index.write().map_err(poisoned)?;
+            for (id, data) in chunks {
+                if ix.reserve(tenant, id) {
+                    todo.push((id, data));
+                } else {
+                    result.already_present += 1;
+                }
+            }
+        }
+        if todo.is_empty() {
+            return Ok(result);
+        }
+        let reserved: Vec<ChunkId> = todo.iter().map(|(id, _)| *id).collect();
+        let outcome = self.seal_and_pack(tenant, todo, &mut result).await;
+        if outcome.is_err() {
+            // Whatever did not reach a written pack is free for another attempt.
+            let mut ix = self.index.write().map_err(poisoned)?;
+            for id in &reserved {
+                if !ix.is_stored(tenant, id) {
+                    ix.unreserve(id);
+                }
+            }
+        }
+        outcome.map(|()| result)
+    }
+
+    async fn seal_and_pack(
+        self: &Arc<Self>,
+        tenant: &str,
+        todo: Vec<(ChunkId, Bytes)>,
+        result: &mut AddResult,
+    ) -> Result<(), RepoError> {
+        let key = self.keys.chunk_id_key(tenant);
+        let me = Arc::clone(self);
+        let level = self.opts.compression_level;
+        let sealed = tokio::task::spawn_blocking(move || {
+            todo.into_iter()
+                .map(|(id, data)| {
+                    if key.id(&data) != id {
+                        return Err(RepoError::ChunkMismatch(id.to_hex()));
+                    }
+                    Ok((id, crypto::pack_blob(&me.keys, &data, level), data.len()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))??;
+        let mut w = self.writer.lock().await;
+        for (id, blob, raw) in sealed {
+            w.pack.add(&id, tenant, &blob, raw);
+            result.stored += 1;
+            result.stored_bytes += blob.len() as u64;
+            if w.pack.len() >= self.opts.pack_size {
+                self.write_pack(&mut w).await?;
+            }
+        }
+        if w.unindexed.len() >= self.opts.packs_per_index {
+            self.write_index(&mut w).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_pack(&self, w: &mut Writer) -> Result<(), RepoError> {
+        if w.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(&mut w.pack);
+        let ids: Vec<ChunkId> = pack.ids().collect();
+        let (name, bytes, entries) = pack.finish(&self.keys);
+        let len = bytes.len();
+        if let Err(e) = self.store.write(FileType::Pack, &name, bytes).await {
+            let mut ix = self.index.write().map_err(poisoned)?;
+            for id in &ids {
+                ix.unreserve(id);
+            }
+            return Err(e.into());
+        }
+        tracing::debug!(pack = %name, bytes = len, chunks = ids.len(), "pack written");
+        self.index.write().map_err(poisoned)?.add_pack(&entries);
+        w.unindexed.push(entries);
+        Ok(())
+    }
+
+    async fn write_index(&self, w: &mut Writer) -> Result<(), RepoError> {
+        if w.unindexed.is_empty() {
+            return Ok(());
+        }
+        let file = IndexFile {
+            packs: std::mem::take(&mut w.unindexed),
+        };
+        let plain = file.encode_to_vec();
+        let sealed = crypto::pack_blob(&self.keys, &plain, 3);
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        if let Err(e) = self
+            .store
+            .write(FileType::Index, &name, Bytes::from(sealed))
+            .await
+        {
+            w.unindexed = file.packs;
+            return Err(e.into());
+        }
+        self.index
+            .write()
+            .map_err(poisoned)?
+            .loaded_files
+            .insert(name);
+        Ok(())
+    }
+
+    /// Writes the open pack and an index object for every pack written so far.
+    pub async fn flush(&self) -> Result<(), RepoError> {
+        let mut w = self.writer.lock().await;
+        self.write_pack(&mut w).await?;
+        self.write_index(&mut w).await
+    }
+
+    async fn pack_bytes(&self, name: &str) -> Result<Bytes, RepoError> {
+        if let Some(b) = self.pack_cache.lock().map_err(poisoned)?.get(name) {
+            return Ok(b.clone());
+        }
+        let bytes = self.store.read(FileType::Pack, name).await?;
+        self.pack_cache
+            .lock()
+            .map_err(poisoned)?
+            .put(name.to_string(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Reads a chunk and checks it against its id.
+    pub async fn read_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Bytes, RepoError> {
+        let found = self
+            .index
+            .read()
+            .map_err(poisoned)?
+            .find(tenant, id)
+            .ok_or_else(|| RepoError::MissingChunk(id.to_hex()))?;
+        let pack = self.pack_bytes(&found.pack).await?;
+        let (start, end) = (found.offset as usize, found.offset as usize + found.length as usize);
+        let what = format!("chunk {} in pack {}", id.to_hex(), found.pack);
+        let sealed = pack
+            .get(start..end)
+            .ok_or_else(|| RepoError::corrupt(&what, "pack is shorter than its index says"))?;
+        let data = crypto::unpack_blob(&self.keys, sealed, found.raw_length as usize, &what)?;
+        if self.keys.chunk_id_key(tenant).id(&data) != *id {
+            return Err(RepoError::corrupt(&what, "content does not match its id"));
+        }
+        Ok(Bytes::from(data))
+    }
+
+    /// The chunk ids a catalog refers to (catalog chunks included) that are not stored.
+    pub async fn missing_references(
+        &self,
+        tenant: &str,
+        catalog: &[ChunkId],
+    ) -> Result<Vec<ChunkId>, RepoError> {
+        let mut missing = Vec::new();
+        let mut decoder = CatalogDecoder::new();
+        for cid in catalog {
+            let data = match self.read_chunk(tenant, cid).await {
+                Ok(d) => d,
+                Err(RepoError::MissingChunk(_)) => {
+                    missing.push(*cid);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            decoder.push(&data);
+            let ix = self.index.read().map_err(poisoned)?;
+            while let Some(node) = decoder
+                .next_node()
+                .map_err(|e| RepoError::corrupt("catalog", e))?
+            {
+                for c in &node.chunks {
+                    let id = ChunkId::from_slice(c).map_err(|e| RepoError::corrupt("catalog", e))?;
+                    if !ix.is_stored(tenant, &id) {
+                        missing.push(id);
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            decoder
+                .finish()
+                .map_err(|e| RepoError::corrupt("catalog", e))?;
+        }
+        Ok(missing)
+    }
+
+    /// Writes a snapshot record; returns it with its id.
+    pub async fn save_snapshot(&self, mut snap: SnapshotFile) -> Result<SnapshotFile, RepoError> {
+        let json = serde_json::to_vec(&snap).map_err(|e| RepoError::Task(e.to_string()))?;
+        let name = blake3::hash(&json).to_hex().to_string();
+        let sealed = crypto::pack_blob(&self.keys, &json, 3);
+        self.store
+            .write(FileType::Snapshot, &name, Bytes::from(sealed))
+            .await?;
+        snap.id = name.clone();
+        self.snapshots
+            .lock()
+            .map_err(poisoned)?
+            .insert(name, snap.clone());
+        Ok(snap)
+    }
+
+    /// All snapshots of a tenant, oldest first.
+    pub async fn list_snapshots(&self, tenant: &str) -> Result<Vec<SnapshotFile>, RepoError> {
+        let names = self.store.list(FileType::Snapshot).await?;
+        let mut out = Vec::new();
+        for name in names {
+            let cached = self.snapshots.lock().map_err(poisoned)?.get(&name).cloned();
+            let snap = match cached {
+                Some(s) => s,
+                None => {
+                    let sealed = match self.store.read(FileType::Snapshot, &name).await {
+                        Ok(s) => s,
+                        Err(e) if e.is_not_found() => continue, // deleted meanwhile
+                        Err(e) => return Err(e.into()),
+                    };
+                    let what = format!("snapshots/{name}");
+                    let json = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
+                    let mut s: SnapshotFile =
+                        serde_json::from_slice(&json).map_err(|e| RepoError::corrupt(&what, e))?;
+                    s.id = name.clone();
+                    self.snapshots
+                        .lock()
+                        .map_err(poisoned)?
+                        .insert(name.clone(), s.clone());
+                    s
+                }
+            };
+            if snap.tenant == tenant {
+                out.push(snap);
+            }
+        }
+        out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// The latest snapshot with tag `spec`, or the snapshot whose id starts with `spec`.
+    pub async fn find_snapshot(&self, tenant: &str, spec: &str) -> Result<SnapshotFile, RepoError> {
+        let all = self.list_snapshots(tenant).await?;
+        if let Some(s) = all.iter().rev().find(|s| s.tag == spec) {
+            return Ok(s.clone());
+        }
+        if spec.len() >= 6 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let spec = spec.to_ascii_lowercase();
+            let matches: Vec<&SnapshotFile> = all.iter().filter(|s| s.id.starts_with(&spec)).collect();
+            match matches.len() {
+                1 => return Ok(matches[0].clone()),
+                0 => {}
+                _ => return Err(RepoError::AmbiguousSnapshot(spec)),
+            }
+        }
+        Err(RepoError::SnapshotNotFound(spec.to_string()))
+    }
+}

@@ -1,0 +1,25 @@
+//! # datamover-server: the DatamoverServer
+//!
+//! The only process that holds storage credentials, the repository password and the TLS
+//! key. Clients reach it over `datamover-v1` (gRPC over TLS) with a per-client credential.
+//!
+//! - [`settings`]: the spec's inputs: `PROTOCOLS`, `/etc/config/<key>`,
+//!   `/etc/secrets/<secret>/<key>`, all under `DATAMOVER_ROOT` when set.
+//! - [`credentials`]: `/etc/client_credentials/<client_id>`, token or PHC hash, and the
+//!   check of a caller's credential.
+//! - [`tls`]: the given or a generated certificate and its fingerprint, written to
+//!   `/etc/server/data`.
+//! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`].
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` on a plaintext port.
+//! - [`run`]: wiring, readiness and graceful shutdown.
+
+pub mod credentials;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod run;
+pub mod service;
+pub mod settings;
+pub mod tls;
+
+pub use error::ServerError;

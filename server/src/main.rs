@@ -1,0 +1,71 @@
+//! `datamover-server`: runs with no arguments inside a pod; see the README and SPEC.
+
+use std::process::ExitCode;
+
+use datamover_server::settings::Settings;
+
+const USAGE: &str = "datamover-server: the DatamoverServer
+
+Runs with no arguments. Inputs (under $DATAMOVER_ROOT when set):
+  PROTOCOLS                         name:port items (default datamover-v1:51515)
+  /etc/config/<key>                 storage location: type, path, bucket, prefix, region, endpoint
+  /etc/secrets/<secret>/<key>       repo-password, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ca.crt, tls.crt, tls.key
+  /etc/client_credentials/<client>  one credential (token or $argon2id$ hash) per client
+Outputs:
+  /etc/server/data                  the TLS certificate's SHA-256 fingerprint (hex)
+  DATAMOVER_HTTP_ADDR (0.0.0.0:8080) /healthz /readyz /metrics
+Other environment: DATAMOVER_LOG_FORMAT=json, DATAMOVER_LISTEN_HOST, DATAMOVER_TLS_NAMES, RUST_LOG";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--version" | "-V") => {
+            println!("datamover-server {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("datamover-server: unexpected argument '{other}': it takes none (see --help)");
+            return ExitCode::from(2);
+        }
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let settings = match Settings::load(|k| std::env::var(k).ok()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("datamover-server: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    init_tracing(settings.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("datamover-server: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(datamover_server::run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("datamover-server: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,aws=warn,h2=warn,tower=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

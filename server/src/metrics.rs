@@ -1,0 +1,66 @@
+//! Prometheus metrics.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub operations: IntCounterVec,
+    pub bytes_received: IntCounter,
+    pub bytes_stored: IntCounter,
+    pub chunks_stored: IntCounter,
+    pub chunks_deduplicated: IntCounter,
+    pub bytes_restored: IntCounter,
+    pub active_sessions: IntGauge,
+    pub clients: IntGauge,
+    pub credential_reloads: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let operations = IntCounterVec::new(
+            Opts::new("datamover_operations_total", "Operations by kind and outcome"),
+            &["operation", "outcome"],
+        )?;
+        let c = |name: &str, help: &str| IntCounter::new(name, help);
+        let m = Metrics {
+            operations,
+            bytes_received: c("datamover_bytes_received_total", "Chunk bytes received from clients")?,
+            bytes_stored: c("datamover_bytes_stored_total", "Bytes written to packs (compressed, encrypted)")?,
+            chunks_stored: c("datamover_chunks_stored_total", "Chunks written to packs")?,
+            chunks_deduplicated: c("datamover_chunks_deduplicated_total", "Chunks received that were already stored")?,
+            bytes_restored: c("datamover_bytes_restored_total", "File bytes sent to restoring clients")?,
+            active_sessions: IntGauge::new("datamover_active_sessions", "Open backup sessions")?,
+            clients: IntGauge::new("datamover_clients", "Known clients")?,
+            credential_reloads: c("datamover_credential_reloads_total", "Reloads of the client credentials")?,
+            registry,
+        };
+        m.registry.register(Box::new(m.operations.clone()))?;
+        for counter in [
+            &m.bytes_received,
+            &m.bytes_stored,
+            &m.chunks_stored,
+            &m.chunks_deduplicated,
+            &m.bytes_restored,
+            &m.credential_reloads,
+        ] {
+            m.registry.register(Box::new(counter.clone()))?;
+        }
+        m.registry.register(Box::new(m.active_sessions.clone()))?;
+        m.registry.register(Box::new(m.clients.clone()))?;
+        Ok(m)
+    }
+
+    pub fn op(&self, operation: &str, ok: bool) {
+        self.operations
+            .with_label_values(&[operation, if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,215 @@
+//! Wiring: storage, repository, TLS, credentials, listeners, readiness and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use datamover_proto::v1::datamover_server::DatamoverServer;
+use datamover_repo::store::{FsStore, S3Store, Store, StoreError};
+use datamover_repo::{RepoError, Repository, RepositoryOptions};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::credentials::{CredentialStore, load_dir};
+use crate::http::{ProbeState, router};
+use crate::metrics::Metrics;
+use crate::service::DatamoverService;
+use crate::settings::{Settings, StorageSettings};
+use crate::{ServerError, tls};
+
+/// How long in-flight operations may finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How often the credentials directory is read again.
+const CREDENTIAL_RESCAN: Duration = Duration::from_secs(1);
+
+async fn open_repository(settings: &Settings) -> Result<Arc<Repository>, ServerError> {
+    let store: Arc<dyn Store> = match &settings.storage {
+        StorageSettings::Filesystem(p) => Arc::new(FsStore::new(p)),
+        StorageSettings::S3(o) => Arc::new(
+            S3Store::new(o.clone()).map_err(|e| ServerError::Storage(RepoError::Store(e)))?,
+        ),
+    };
+    let attempts = settings.startup_attempts.max(1);
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=attempts {
+        match Repository::open(
+            Arc::clone(&store),
+            &settings.repo_password,
+            RepositoryOptions::default(),
+        )
+        .await
+        {
+            Ok(repo) => return Ok(repo),
+            Err(RepoError::Store(StoreError::Unreachable { location, detail }))
+                if attempt < attempts =>
+            {
+                tracing::warn!(%location, %detail, attempt, "storage unreachable, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(ServerError::Storage(e)),
+        }
+    }
+    Err(ServerError::Config("storage retries exhausted".into()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<(), ServerError> {
+    let metrics = Arc::new(
+        Metrics::new().map_err(|e| ServerError::Config(format!("metrics: {e}")))?,
+    );
+    tracing::info!(storage = %settings.storage.describe(), "opening repository");
+    let repo = open_repository(&settings).await?;
+    let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;
+
+    let cred_dir = settings.paths.etc("client_credentials");
+    let creds = Arc::new(CredentialStore::new(load_dir(&cred_dir)));
+    metrics.clients.set(creds.len() as i64);
+    if creds.is_empty() {
+        tracing::warn!(dir = %cred_dir.display(), "no client credentials yet: no client can connect until one is added");
+    }
+    {
+        let mut ids: Vec<String> = creds.snapshot().keys().cloned().collect();
+        ids.sort();
+        tracing::info!(clients = ?ids, "client credentials loaded");
+    }
+    spawn_credential_rescan(Arc::clone(&creds), cred_dir, Arc::clone(&metrics));
+
+    let grpc_addr = format!("{}:{}", settings.listen_host, settings.port);
+    let grpc_listener = TcpListener::bind(&grpc_addr)
+        .await
+        .map_err(|e| ServerError::Listen {
+            addr: grpc_addr.clone(),
+            error: e.to_string(),
+        })?;
+    let http_listener = TcpListener::bind(&settings.http_addr)
+        .await
+        .map_err(|e| ServerError::Listen {
+            addr: settings.http_addr.clone(),
+            error: e.to_string(),
+        })?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let probe = ProbeState {
+        ready: Arc::clone(&ready),
+        metrics: Arc::clone(&metrics),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, router(probe)).await {
+            tracing::error!(error = %e, "probe listener failed");
+        }
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<DatamoverServer<DatamoverService>>()
+        .await;
+    let service = DatamoverServer::new(DatamoverService::new(
+        Arc::clone(&repo),
+        Arc::clone(&creds),
+        Arc::clone(&metrics),
+    ))
+    .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+
+    let mut builder = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)))
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        builder
+            .add_service(health_service)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let data_path = settings.paths.etc("server/data");
+    tls::write_server_data(&data_path, &tls.fingerprint)?;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        address = %grpc_addr,
+        probes = %settings.http_addr,
+        fingerprint = %tls.fingerprint.to_hex(),
+        server_data = %data_path.display(),
+        "datamover-server ready"
+    );
+    spawn_storage_check(Arc::clone(&repo), Arc::clone(&ready));
+
+    let mut server = server;
+    tokio::select! {
+        res = &mut server => {
+            return match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ServerError::Listen { addr: grpc_addr, error: e.to_string() }),
+                Err(e) => Err(ServerError::Listen { addr: grpc_addr, error: e.to_string() }),
+            };
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: no new calls; in-flight calls may finish");
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+        tracing::warn!("in-flight calls did not finish in time; their backups are not committed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_credential_rescan(
+    creds: Arc<CredentialStore>,
+    dir: std::path::PathBuf,
+    metrics: Arc<Metrics>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CREDENTIAL_RESCAN);
+        loop {
+            tick.tick().await;
+            let dir2 = dir.clone();
+            let Ok(new) = tokio::task::spawn_blocking(move || load_dir(&dir2)).await else {
+                continue;
+            };
+            let (added, removed, changed) = creds.replace(new);
+            if !(added.is_empty() && removed.is_empty() && changed.is_empty()) {
+                metrics.credential_reloads.inc();
+                metrics.clients.set(creds.len() as i64);
+                tracing::info!(?added, ?removed, rotated = ?changed, "client credentials changed");
+            }
+        }
+    });
+}
+
+fn spawn_storage_check(repo: Arc<Repository>, ready: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tick.tick().await;
+            let ok = repo.check().await;
+            if let Err(e) = &ok {
+                tracing::warn!(error = %e, "storage check failed: not ready");
+            }
+            ready.store(ok.is_ok(), Ordering::Relaxed);
+        }
+    });
+}
