@@ -4,8 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/datamover/v1/datamover.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_build::configure()
-        .bytes(["."])
-        .compile_fds(fds)?;
+    tonic_build::configure().bytes(["."]).compile_fds(fds)?;
     Ok(())
 }

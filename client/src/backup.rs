@@ -58,7 +58,10 @@ impl Emitter {
     }
 
     /// Chunks everything `reader` yields; returns the ids and the byte count.
-    pub fn chunk_reader(&mut self, reader: impl Read) -> Result<(Vec<ChunkId>, u64), std::io::Error> {
+    pub fn chunk_reader(
+        &mut self,
+        reader: impl Read,
+    ) -> Result<(Vec<ChunkId>, u64), std::io::Error> {
         let mut ids = Vec::new();
         let mut total = 0u64;
         let chunker = Chunker::new(reader, self.params).map_err(std::io::Error::other)?;
@@ -124,7 +127,11 @@ impl CatalogWriter {
             fastcdc::v2020::FastCDC::new(&self.buf, p.min_size, p.avg_size, p.max_size)
                 .map(|c| (c.offset, c.length))
                 .collect();
-        let keep = if all { cuts.len() } else { cuts.len().saturating_sub(1) };
+        let keep = if all {
+            cuts.len()
+        } else {
+            cuts.len().saturating_sub(1)
+        };
         let mut out = Vec::with_capacity(keep);
         let mut end = 0;
         for (off, len) in cuts.into_iter().take(keep) {
@@ -160,7 +167,9 @@ impl PrevCatalog {
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 fn node_from(path: Vec<u8>, m: &std::fs::Metadata, ty: NodeType) -> Node {
@@ -183,7 +192,10 @@ fn sorted_entries(dir: &Path) -> Result<Vec<std::ffi::OsString>, ClientError> {
     let rd = std::fs::read_dir(dir).map_err(|e| ClientError::io(dir.display(), e))?;
     let mut names = Vec::new();
     for e in rd {
-        names.push(e.map_err(|e| ClientError::io(dir.display(), e))?.file_name());
+        names.push(
+            e.map_err(|e| ClientError::io(dir.display(), e))?
+                .file_name(),
+        );
     }
     names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(names)
@@ -247,8 +259,7 @@ fn visit(
         node.chunks = ids.iter().map(|id| Bytes::copy_from_slice(&id.0)).collect();
         em.stats.bytes += total;
     }
-    em.node(&node)
-        .map(|()| false)
+    em.node(&node).map(|()| false)
 }
 
 /// Walks `root` depth-first in sorted order (the catalog's order).
@@ -263,8 +274,11 @@ fn walk(root: &Path, em: &mut Emitter, mut prev: Option<PrevCatalog>) -> Result<
         return Ok(());
     }
     // Each level holds its sorted names; depth is bounded by the file system.
-    let mut stack: Vec<(PathBuf, Vec<u8>, std::vec::IntoIter<std::ffi::OsString>)> =
-        vec![(root.to_path_buf(), Vec::new(), sorted_entries(root)?.into_iter())];
+    let mut stack: Vec<(PathBuf, Vec<u8>, std::vec::IntoIter<std::ffi::OsString>)> = vec![(
+        root.to_path_buf(),
+        Vec::new(),
+        sorted_entries(root)?.into_iter(),
+    )];
     while let Some((dir, rel_dir, names)) = stack.last_mut() {
         let Some(name) = names.next() else {
             stack.pop();
@@ -306,23 +320,27 @@ async fn upload(
         let mut batch: Vec<(ChunkId, Bytes)> = Vec::new();
         let mut batch_bytes = 0usize;
         let Some(first) = rx.recv().await else { break };
-        let mut push = |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>| {
-            if seen.insert(item.0) {
-                batch_bytes += item.1.len();
-                batch.push(item);
-            }
-        };
-        push(first, &mut batch);
+        let mut push =
+            |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>, bytes: &mut usize| {
+                if seen.insert(item.0) {
+                    *bytes += item.1.len();
+                    batch.push(item);
+                }
+            };
+        push(first, &mut batch, &mut batch_bytes);
         while batch.len() < QUERY_BATCH && batch_bytes < datamover_proto::BATCH_BYTES {
             match rx.try_recv() {
-                Ok(item) => push(item, &mut batch),
+                Ok(item) => push(item, &mut batch, &mut batch_bytes),
                 Err(_) => break,
             }
         }
         if batch.is_empty() {
             continue;
         }
-        let ids = batch.iter().map(|(id, _)| Bytes::copy_from_slice(&id.0)).collect();
+        let ids = batch
+            .iter()
+            .map(|(id, _)| Bytes::copy_from_slice(&id.0))
+            .collect();
         let missing = api
             .find_missing(v1::FindMissingRequest {
                 session_id: session.clone(),
@@ -338,7 +356,9 @@ async fn upload(
         let mut msg_bytes = 0usize;
         for i in missing {
             let Some((id, data)) = batch.get(i as usize) else {
-                return Err(ClientError::Server("server named a chunk that was not asked about".into()));
+                return Err(ClientError::Server(
+                    "server named a chunk that was not asked about".into(),
+                ));
             };
             msg_bytes += data.len();
             chunks_sent += 1;
@@ -350,10 +370,17 @@ async fn upload(
             });
             if msg_bytes >= datamover_proto::BATCH_BYTES {
                 msg_bytes = 0;
-                if ptx.send(std::mem::replace(&mut msg, v1::PutChunksRequest {
-                    session_id: session.clone(),
-                    chunks: Vec::new(),
-                })).await.is_err() {
+                if ptx
+                    .send(std::mem::replace(
+                        &mut msg,
+                        v1::PutChunksRequest {
+                            session_id: session.clone(),
+                            chunks: Vec::new(),
+                        },
+                    ))
+                    .await
+                    .is_err()
+                {
                     stream_closed = true;
                     break 'outer;
                 }
@@ -367,7 +394,9 @@ async fn upload(
     drop(ptx);
     match put.await {
         Ok(Ok(_)) if !stream_closed => Ok((chunks_sent, bytes_sent)),
-        Ok(Ok(_)) => Err(ClientError::Server("the server closed the upload early".into())),
+        Ok(Ok(_)) => Err(ClientError::Server(
+            "the server closed the upload early".into(),
+        )),
         Ok(Err(status)) => Err(status.into()),
         Err(e) => Err(ClientError::Server(format!("upload task failed: {e}"))),
     }
@@ -390,7 +419,9 @@ fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
         };
         while let Some(msg) = stream.next().await {
             let Ok(msg) = msg else {
-                tracing::warn!("previous snapshot catalog ended early; reading the remaining files");
+                tracing::warn!(
+                    "previous snapshot catalog ended early; reading the remaining files"
+                );
                 return;
             };
             for n in msg.nodes {
@@ -415,7 +446,8 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         Input::Tree(p) => (SnapshotKind::Files, p.display().to_string()),
         Input::Stream { file, .. } => (
             SnapshotKind::Stream,
-            file.as_ref().map_or("-".to_string(), |f| f.display().to_string()),
+            file.as_ref()
+                .map_or("-".to_string(), |f| f.display().to_string()),
         ),
     };
     let begin = conn
@@ -455,10 +487,16 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
             Input::Stream { file, name } => {
                 let reader: Box<dyn Read> = match &file {
                     None => Box::new(std::io::stdin().lock()),
-                    Some(p) => Box::new(File::open(p).map_err(|e| ClientError::io(p.display(), e))?),
+                    Some(p) => {
+                        Box::new(File::open(p).map_err(|e| ClientError::io(p.display(), e))?)
+                    }
                 };
-                let what = file.as_ref().map_or("stdin".to_string(), |f| f.display().to_string());
-                let (ids, total) = em.chunk_reader(reader).map_err(|e| ClientError::io(&what, e))?;
+                let what = file
+                    .as_ref()
+                    .map_or("stdin".to_string(), |f| f.display().to_string());
+                let (ids, total) = em
+                    .chunk_reader(reader)
+                    .map_err(|e| ClientError::io(&what, e))?;
                 em.stats.files = 1;
                 em.stats.bytes = total;
                 let now = SystemTime::now()
@@ -492,7 +530,10 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         .api
         .commit_backup(v1::CommitBackupRequest {
             session_id: begin.session_id,
-            catalog: catalog.iter().map(|id| Bytes::copy_from_slice(&id.0)).collect(),
+            catalog: catalog
+                .iter()
+                .map(|id| Bytes::copy_from_slice(&id.0))
+                .collect(),
             stats: Some(stats),
         })
         .await?
@@ -507,10 +548,17 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
 }
 
 /// `backup_files <path> <tag>`.
-pub async fn backup_files(conn: &mut Conn, path: &Path, tag: &str) -> Result<BackupResult, ClientError> {
+pub async fn backup_files(
+    conn: &mut Conn,
+    path: &Path,
+    tag: &str,
+) -> Result<BackupResult, ClientError> {
     std::fs::symlink_metadata(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ClientError::NotFound(format!("{} does not exist: give the directory to back up", path.display()))
+            ClientError::NotFound(format!(
+                "{} does not exist: give the directory to back up",
+                path.display()
+            ))
         } else {
             ClientError::io(path.display(), e)
         }
@@ -520,7 +568,11 @@ pub async fn backup_files(conn: &mut Conn, path: &Path, tag: &str) -> Result<Bac
 }
 
 /// `backup_stream <filename|-> [tag]`.
-pub async fn backup_stream(conn: &mut Conn, input: &str, tag: &str) -> Result<BackupResult, ClientError> {
+pub async fn backup_stream(
+    conn: &mut Conn,
+    input: &str,
+    tag: &str,
+) -> Result<BackupResult, ClientError> {
     let file = (input != "-").then(|| PathBuf::from(input));
     if let Some(f) = &file {
         if !f.exists() {
@@ -559,9 +611,10 @@ mod tests {
         for n in &nodes {
             encode_node(n, &mut whole);
         }
-        let expected: Vec<Vec<u8>> = fastcdc::v2020::FastCDC::new(&whole, p.min_size, p.avg_size, p.max_size)
-            .map(|c| whole[c.offset..c.offset + c.length].to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> =
+            fastcdc::v2020::FastCDC::new(&whole, p.min_size, p.avg_size, p.max_size)
+                .map(|c| whole[c.offset..c.offset + c.length].to_vec())
+                .collect();
         let mut w = CatalogWriter::default();
         let mut got = Vec::new();
         for n in &nodes {

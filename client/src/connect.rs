@@ -169,7 +169,11 @@ pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
         .map_err(|_| ClientError::Config(format!("'{host}' is not a valid server name")))?
         .to_owned();
     // TLS is done by the connector below, so the URI's scheme is plain http.
-    let uri_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let uri_host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
     let endpoint = Endpoint::from_shared(format!("http://{uri_host}:{port}"))
         .map_err(|e| ClientError::Config(format!("server address: {e}")))?
         .connect_timeout(Duration::from_secs(10))

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
+use crate::ClientError;
 use crate::backup::{self, BackupResult};
 use crate::connect::{self, Conn};
 use crate::restore::{self, RestoreResult};
 use crate::settings::ClientSettings;
-use crate::ClientError;
 
 pub const USAGE: &str = "usage: datamover-client <mode> <args>
   backup_files <path> <tag>          back up a directory tree            (alias fs_backup)
@@ -86,13 +86,17 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ("backup_stream" | "stream_backup", [file, rest @ ..]) if rest.len() <= 1 => {
             Ok(Mode::BackupStream {
                 file: nonempty(file, "file")?,
-                tag: rest.first().map_or_else(|| stream_tag(file), |t| t.to_string()),
+                tag: rest
+                    .first()
+                    .map_or_else(|| stream_tag(file), |t| t.to_string()),
             })
         }
         ("restore_stream" | "stream_restore", [file, rest @ ..]) if rest.len() <= 1 => {
             Ok(Mode::RestoreStream {
                 file: nonempty(file, "file")?,
-                spec: rest.first().map_or_else(|| stream_tag(file), |t| t.to_string()),
+                spec: rest
+                    .first()
+                    .map_or_else(|| stream_tag(file), |t| t.to_string()),
             })
         }
         ("list" | "snapshots", rest) if rest.len() <= 1 => Ok(Mode::List {
@@ -246,17 +250,25 @@ pub async fn command_from_file(file: &Path, settings: &ClientSettings) -> Result
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?
             .map_err(|e| ClientError::io(file.display(), e))?;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             if line == "exit" {
                 return last;
             }
             let Some(args) = shlex::split(line) else {
-                eprintln!("datamover-client: error: cannot parse the line '{line}': check its quoting");
+                eprintln!(
+                    "datamover-client: error: cannot parse the line '{line}': check its quoting"
+                );
                 last = Err(usage("bad command line"));
                 continue;
             };
             let outcome = match parse(&args) {
-                Ok(Mode::CommandFromFile { .. }) => Err(usage("command_from_file cannot be nested")),
+                Ok(Mode::CommandFromFile { .. }) => {
+                    Err(usage("command_from_file cannot be nested"))
+                }
                 Ok(mode) => {
                     let r = async {
                         let mut conn = connect::connect(settings).await?;
@@ -290,18 +302,30 @@ mod tests {
     fn modes_and_aliases() {
         assert_eq!(
             parse(&s(&["fs_backup", "/d", "t"])).unwrap(),
-            Mode::BackupFiles { path: "/d".into(), tag: "t".into() }
+            Mode::BackupFiles {
+                path: "/d".into(),
+                tag: "t".into()
+            }
         );
         assert_eq!(
             parse(&s(&["backup_stream", "/p/dump.fifo"])).unwrap(),
-            Mode::BackupStream { file: "/p/dump.fifo".into(), tag: "dump.fifo".into() }
+            Mode::BackupStream {
+                file: "/p/dump.fifo".into(),
+                tag: "dump.fifo".into()
+            }
         );
         assert_eq!(
             parse(&s(&["stream_restore", "-"])).unwrap(),
-            Mode::RestoreStream { file: "-".into(), spec: "stdin".into() }
+            Mode::RestoreStream {
+                file: "-".into(),
+                spec: "stdin".into()
+            }
         );
         assert!(matches!(parse(&s(&["nope"])), Err(ClientError::Usage(_))));
-        assert!(matches!(parse(&s(&["backup_files", "/d"])), Err(ClientError::Usage(_))));
+        assert!(matches!(
+            parse(&s(&["backup_files", "/d"])),
+            Err(ClientError::Usage(_))
+        ));
         assert!(matches!(parse(&s(&[])), Err(ClientError::Usage(_))));
     }
 }

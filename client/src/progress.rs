@@ -43,7 +43,11 @@ impl Reporter {
         if !enabled {
             return Reporter { task: None, tty };
         }
-        let every = if tty { Duration::from_millis(500) } else { Duration::from_secs(10) };
+        let every = if tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(10)
+        };
         let started = Instant::now();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

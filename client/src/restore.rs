@@ -39,7 +39,10 @@ pub struct RestoreResult {
 }
 
 fn mtime(ns: i64) -> filetime::FileTime {
-    filetime::FileTime::from_unix_time(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000) as u32)
+    filetime::FileTime::from_unix_time(
+        ns.div_euclid(1_000_000_000),
+        ns.rem_euclid(1_000_000_000) as u32,
+    )
 }
 
 fn is_root() -> bool {
@@ -64,7 +67,10 @@ impl Drop for OpenFile {
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.dm-tmp-{:08x}", rand::random::<u32>()))
 }
 
@@ -128,7 +134,10 @@ impl TreeWriter {
         let Some(mut f) = self.current.take() else {
             return Ok(());
         };
-        let file = f.file.as_ref().ok_or_else(|| ClientError::Io("file already closed".into()))?;
+        let file = f
+            .file
+            .as_ref()
+            .ok_or_else(|| ClientError::Io("file already closed".into()))?;
         if f.written != f.node.size {
             return Err(ClientError::Corrupt(format!(
                 "{}: the snapshot holds {} bytes but {} were received; run verify on the repository",
@@ -161,7 +170,9 @@ impl TreeWriter {
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode & 0o7777))
             .map_err(|e| ClientError::io(&what, e))?;
-        filetime::set_file_mtime(path, mtime(node.mtime_ns)).map_err(|e| ClientError::io(&what, e))
+        // utimensat without opening: opening a FIFO would wait for a peer.
+        let t = mtime(node.mtime_ns);
+        filetime::set_symlink_file_times(path, t, t).map_err(|e| ClientError::io(&what, e))
     }
 
     /// Leaves the directories that `rel` is not inside of.
@@ -236,8 +247,11 @@ impl TreeWriter {
                 if std::fs::symlink_metadata(&dest).is_ok() {
                     std::fs::remove_file(&dest).map_err(|e| ClientError::io(&what, e))?;
                 }
-                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(node.mode & 0o777))
-                    .map_err(|e| ClientError::io(&what, std::io::Error::from(e)))?;
+                nix::unistd::mkfifo(
+                    &dest,
+                    nix::sys::stat::Mode::from_bits_truncate(node.mode & 0o777),
+                )
+                .map_err(|e| ClientError::io(&what, std::io::Error::from(e)))?;
                 self.set_dir_meta(&dest, &node)?;
                 self.result.other += 1;
             }
@@ -253,11 +267,13 @@ impl TreeWriter {
         if self.skip_data {
             return Ok(());
         }
-        let f = self
-            .current
+        let f = self.current.as_mut().ok_or_else(|| {
+            ClientError::Corrupt("file data without a file in the restore stream".into())
+        })?;
+        let file = f
+            .file
             .as_mut()
-            .ok_or_else(|| ClientError::Corrupt("file data without a file in the restore stream".into()))?;
-        let file = f.file.as_mut().ok_or_else(|| ClientError::Io("file already closed".into()))?;
+            .ok_or_else(|| ClientError::Io("file already closed".into()))?;
         file.write_all(data)
             .map_err(|e| ClientError::io(f.dest.display(), e))?;
         f.written += data.len() as u64;
@@ -380,7 +396,14 @@ enum Msg {
 async fn open(
     conn: &mut Conn,
     spec: &str,
-) -> Result<(v1::Snapshot, Vec<v1::RestoreItem>, tonic::Streaming<v1::RestoreResponse>), ClientError> {
+) -> Result<
+    (
+        v1::Snapshot,
+        Vec<v1::RestoreItem>,
+        tonic::Streaming<v1::RestoreResponse>,
+    ),
+    ClientError,
+> {
     let mut stream = conn
         .api
         .restore(v1::RestoreRequest {
@@ -399,9 +422,9 @@ async fn open(
         .next()
         .await
         .ok_or_else(|| ClientError::Server("the server sent an empty restore".into()))??;
-    let snapshot = first
-        .snapshot
-        .ok_or_else(|| ClientError::Server("the server's restore did not start with the snapshot".into()))?;
+    let snapshot = first.snapshot.ok_or_else(|| {
+        ClientError::Server("the server's restore did not start with the snapshot".into())
+    })?;
     Ok((snapshot, first.items, stream))
 }
 
@@ -432,7 +455,11 @@ async fn pump(
 }
 
 /// `restore_files <path> <tag|id>`.
-pub async fn restore_files(conn: &mut Conn, target: &Path, spec: &str) -> Result<RestoreResult, ClientError> {
+pub async fn restore_files(
+    conn: &mut Conn,
+    target: &Path,
+    spec: &str,
+) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
     let (snapshot, first, stream) = open(conn, spec).await?;
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target.display(), e))?;
@@ -462,7 +489,11 @@ pub async fn restore_files(conn: &mut Conn, target: &Path, spec: &str) -> Result
 }
 
 /// `restore_stream <filename|-> [tag|id]`.
-pub async fn restore_stream(conn: &mut Conn, output: &str, spec: &str) -> Result<RestoreResult, ClientError> {
+pub async fn restore_stream(
+    conn: &mut Conn,
+    output: &str,
+    spec: &str,
+) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
     let (snapshot, first, stream) = open(conn, spec).await?;
     if snapshot.kind != v1::SnapshotKind::Stream as i32 {
@@ -483,10 +514,13 @@ pub async fn restore_stream(conn: &mut Conn, output: &str, spec: &str) -> Result
             match m {
                 Msg::Node(n) if expected.is_none() => expected = Some(n.size),
                 Msg::Node(_) => {
-                    return Err(ClientError::Corrupt("a stream snapshot holds more than one stream".into()));
+                    return Err(ClientError::Corrupt(
+                        "a stream snapshot holds more than one stream".into(),
+                    ));
                 }
                 Msg::Data(d) => {
-                    sink.write(&d).map_err(|e| ClientError::io(&output_name, e))?;
+                    sink.write(&d)
+                        .map_err(|e| ClientError::io(&output_name, e))?;
                     written += d.len() as u64;
                     counters.add_bytes(d.len() as u64);
                 }
@@ -498,7 +532,8 @@ pub async fn restore_stream(conn: &mut Conn, output: &str, spec: &str) -> Result
                 expected.unwrap_or(0)
             )));
         }
-        sink.finish().map_err(|e| ClientError::io(&output_name, e))?;
+        sink.finish()
+            .map_err(|e| ClientError::io(&output_name, e))?;
         Ok(written)
     });
     let pumped = pump(first, stream, tx).await;

@@ -123,14 +123,18 @@ pub fn read_client_secret(
         .trim()
         .to_string();
     if token.is_empty() {
-        return Err(ClientError::Auth(format!("the credential file {id} is empty")));
+        return Err(ClientError::Auth(format!(
+            "the credential file {id} is empty"
+        )));
     }
     Ok((id, token))
 }
 
 impl ClientSettings {
     pub fn load(env: impl Fn(&str) -> Option<String>) -> Result<ClientSettings, ClientError> {
-        let root = env("DATAMOVER_ROOT").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let root = env("DATAMOVER_ROOT")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
         let protos = protocols::parse(env("PROTOCOLS").as_deref())
             .map_err(|e| ClientError::Config(e.to_string()))?;
         let port = protos
@@ -164,7 +168,11 @@ impl ClientSettings {
         )?;
         let ca_pem = find_secret_key(&etc(&root, "secrets"), "ca.crt");
         let hostname = env("DATAMOVER_HOSTNAME")
-            .or_else(|| hostname::get().ok().map(|h| h.to_string_lossy().into_owned()))
+            .or_else(|| {
+                hostname::get()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned())
+            })
             .unwrap_or_default();
         Ok(ClientSettings {
             host,
@@ -187,7 +195,8 @@ fn find_secret_key(dir: &Path, key: &str) -> Option<Vec<u8>> {
         .map(|e| e.path())
         .collect();
     dirs.sort();
-    dirs.into_iter().find_map(|d| std::fs::read(d.join(key)).ok())
+    dirs.into_iter()
+        .find_map(|d| std::fs::read(d.join(key)).ok())
 }
 
 #[cfg(test)]
@@ -219,6 +228,9 @@ mod tests {
         );
         std::fs::write(d.path().join("edge-2"), "t2").unwrap();
         assert!(read_client_secret(d.path(), None).is_err());
-        assert_eq!(read_client_secret(d.path(), Some("edge-2")).unwrap().1, "t2");
+        assert_eq!(
+            read_client_secret(d.path(), Some("edge-2")).unwrap().1,
+            "t2"
+        );
     }
 }

@@ -25,10 +25,8 @@ impl ChunkerParams {
     pub fn validate(&self) -> Result<(), ChunkError> {
         let ok = (fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX)
             .contains(&self.min_size)
-            && (fastcdc::v2020::AVERAGE_MIN..=fastcdc::v2020::AVERAGE_MAX)
-                .contains(&self.avg_size)
-            && (fastcdc::v2020::MAXIMUM_MIN..=fastcdc::v2020::MAXIMUM_MAX)
-                .contains(&self.max_size)
+            && (fastcdc::v2020::AVERAGE_MIN..=fastcdc::v2020::AVERAGE_MAX).contains(&self.avg_size)
+            && (fastcdc::v2020::MAXIMUM_MIN..=fastcdc::v2020::MAXIMUM_MAX).contains(&self.max_size)
             && self.min_size <= self.avg_size
             && self.avg_size <= self.max_size;
         if ok {

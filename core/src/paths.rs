@@ -71,10 +71,7 @@ mod tests {
     fn order_is_depth_first() {
         let mut v: Vec<&[u8]> = vec![b"a.txt", b"a/b", b"a", b"b", b"a/b/c", b"a/a"];
         v.sort_by(|x, y| walk_order(x, y));
-        assert_eq!(
-            v,
-            vec![&b"a"[..], b"a/a", b"a/b", b"a/b/c", b"a.txt", b"b"]
-        );
+        assert_eq!(v, vec![&b"a"[..], b"a/a", b"a/b", b"a/b/c", b"a.txt", b"b"]);
     }
 
     #[test]

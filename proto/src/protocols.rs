@@ -11,9 +11,7 @@ pub struct Protocol {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtocolsError {
-    #[error(
-        "PROTOCOLS item '{0}' is not of the form name:port (for example datamover-v1:51515)"
-    )]
+    #[error("PROTOCOLS item '{0}' is not of the form name:port (for example datamover-v1:51515)")]
     Malformed(String),
     #[error("PROTOCOLS item '{item}' has an invalid port: use a number from 1 to 65535")]
     BadPort { item: String },
@@ -30,7 +28,11 @@ pub fn parse(value: Option<&str>) -> Result<Vec<Protocol>, ProtocolsError> {
         }]);
     };
     let mut out = Vec::new();
-    for item in value.split([';', ',']).map(str::trim).filter(|s| !s.is_empty()) {
+    for item in value
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let (name, port) = item
             .rsplit_once(':')
             .ok_or_else(|| ProtocolsError::Malformed(item.to_string()))?;
@@ -82,12 +84,18 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert!(matches!(parse(Some("nope")), Err(ProtocolsError::Malformed(_))));
+        assert!(matches!(
+            parse(Some("nope")),
+            Err(ProtocolsError::Malformed(_))
+        ));
         assert!(matches!(
             parse(Some("a:70000")),
             Err(ProtocolsError::BadPort { .. })
         ));
-        assert!(matches!(parse(Some("a:0")), Err(ProtocolsError::BadPort { .. })));
+        assert!(matches!(
+            parse(Some("a:0")),
+            Err(ProtocolsError::BadPort { .. })
+        ));
         assert_eq!(parse(Some(" ; ")), Err(ProtocolsError::Empty));
     }
 }

@@ -61,7 +61,8 @@ impl Keys {
         let salt = hex::decode(&kdf.salt).map_err(|e| RepoError::BadConfig(e.to_string()))?;
         let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
             .map_err(|e| RepoError::BadConfig(e.to_string()))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut master = [0u8; 32];
         argon
             .hash_password_into(password, &salt, &mut master)
@@ -82,7 +83,10 @@ impl Keys {
         let mut material = Vec::with_capacity(32 + tenant.len());
         material.extend_from_slice(&self.master);
         material.extend_from_slice(tenant.as_bytes());
-        ChunkIdKey::new(blake3::derive_key("datamover v1 tenant chunk id", &material))
+        ChunkIdKey::new(blake3::derive_key(
+            "datamover v1 tenant chunk id",
+            &material,
+        ))
     }
 
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
@@ -144,7 +148,12 @@ pub fn pack_blob(keys: &Keys, data: &[u8], level: i32) -> Vec<u8> {
 }
 
 /// Open, then decompress.
-pub fn unpack_blob(keys: &Keys, sealed: &[u8], raw_len: usize, what: &str) -> Result<Vec<u8>, RepoError> {
+pub fn unpack_blob(
+    keys: &Keys,
+    sealed: &[u8],
+    raw_len: usize,
+    what: &str,
+) -> Result<Vec<u8>, RepoError> {
     let z = keys.open(sealed, what)?;
     decompress(&z, raw_len, what)
 }

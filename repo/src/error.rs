@@ -10,13 +10,19 @@ pub enum RepoError {
          to the password the repository was created with"
     )]
     WrongPassword,
-    #[error("repository object {what} is corrupt or was tampered with ({why}); run verify and restore from another snapshot if it persists")]
+    #[error(
+        "repository object {what} is corrupt or was tampered with ({why}); run verify and restore from another snapshot if it persists"
+    )]
     Corrupt { what: String, why: String },
-    #[error("the repository config is unreadable ({0}); check that the storage location points at a datamover repository")]
+    #[error(
+        "the repository config is unreadable ({0}); check that the storage location points at a datamover repository"
+    )]
     BadConfig(String),
     #[error("chunk {0} is not in the repository; run the backup again to store it")]
     MissingChunk(String),
-    #[error("no snapshot matches '{0}' for this client; run `datamover-client list` to see the available tags and ids")]
+    #[error(
+        "no snapshot matches '{0}' for this client; run `datamover-client list` to see the available tags and ids"
+    )]
     SnapshotNotFound(String),
     #[error("'{0}' matches several snapshots; give more characters of the snapshot id")]
     AmbiguousSnapshot(String),

@@ -26,7 +26,9 @@ impl PackBuilder {
     }
 
     pub fn ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        self.blobs.iter().filter_map(|b| ChunkId::from_slice(&b.id).ok())
+        self.blobs
+            .iter()
+            .filter_map(|b| ChunkId::from_slice(&b.id).ok())
     }
 
     pub fn add(&mut self, id: &ChunkId, tenant: &str, sealed: &[u8], raw_length: usize) {

@@ -11,12 +11,12 @@ use prost::Message;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use crate::RepoError;
 use crate::crypto::{self, KdfParams, Keys};
 use crate::index::{Index, IndexFile, PackEntries};
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
 use crate::store::{FileType, Store};
-use crate::RepoError;
 
 const KEY_CHECK: &[u8] = b"datamover repository key check v1";
 
@@ -107,8 +107,8 @@ impl Repository {
         let keys = tokio::task::spawn_blocking(move || Keys::derive(&pw, &kdf))
             .await
             .map_err(|e| RepoError::Task(e.to_string()))??;
-        let check = hex::decode(&config.key_check)
-            .map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        let check =
+            hex::decode(&config.key_check).map_err(|e| RepoError::BadConfig(e.to_string()))?;
         match keys.open(&check, "config") {
             Ok(v) if v == KEY_CHECK => {}
             _ => return Err(RepoError::WrongPassword),
@@ -171,8 +171,8 @@ impl Repository {
             chunker_max: p.max_size,
             key_check: hex::encode(keys.seal(KEY_CHECK)),
         };
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| RepoError::BadConfig(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig(e.to_string()))?;
         store.write(FileType::Config, "", Bytes::from(json)).await?;
         // Two servers may initialise at once: whatever config won is the one to use.
         let bytes = store.read(FileType::Config, "").await?;
@@ -203,13 +203,20 @@ impl Repository {
     pub async fn refresh_index(&self) -> Result<(), RepoError> {
         let names = self.store.list(FileType::Index).await?;
         for name in names {
-            if self.index.read().map_err(poisoned)?.loaded_files.contains(&name) {
+            if self
+                .index
+                .read()
+                .map_err(poisoned)?
+                .loaded_files
+                .contains(&name)
+            {
                 continue;
             }
             let sealed = self.store.read(FileType::Index, &name).await?;
             let what = format!("index/{name}");
             let raw = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
-            let file = IndexFile::decode(raw.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
+            let file =
+                IndexFile::decode(raw.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
             let mut ix = self.index.write().map_err(poisoned)?;
             for p in &file.packs {
                 ix.add_pack(p);
@@ -377,7 +384,10 @@ impl Repository {
             .find(tenant, id)
             .ok_or_else(|| RepoError::MissingChunk(id.to_hex()))?;
         let pack = self.pack_bytes(&found.pack).await?;
-        let (start, end) = (found.offset as usize, found.offset as usize + found.length as usize);
+        let (start, end) = (
+            found.offset as usize,
+            found.offset as usize + found.length as usize,
+        );
         let what = format!("chunk {} in pack {}", id.to_hex(), found.pack);
         let sealed = pack
             .get(start..end)
@@ -413,7 +423,8 @@ impl Repository {
                 .map_err(|e| RepoError::corrupt("catalog", e))?
             {
                 for c in &node.chunks {
-                    let id = ChunkId::from_slice(c).map_err(|e| RepoError::corrupt("catalog", e))?;
+                    let id =
+                        ChunkId::from_slice(c).map_err(|e| RepoError::corrupt("catalog", e))?;
                     if !ix.is_stored(tenant, &id) {
                         missing.push(id);
                     }
@@ -486,7 +497,8 @@ impl Repository {
         }
         if spec.len() >= 6 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
             let spec = spec.to_ascii_lowercase();
-            let matches: Vec<&SnapshotFile> = all.iter().filter(|s| s.id.starts_with(&spec)).collect();
+            let matches: Vec<&SnapshotFile> =
+                all.iter().filter(|s| s.id.starts_with(&spec)).collect();
             match matches.len() {
                 1 => return Ok(matches[0].clone()),
                 0 => {}

@@ -40,8 +40,14 @@ impl Credential {
 
 /// Strips surrounding whitespace (a trailing newline from `echo` is common).
 pub fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -99,13 +105,27 @@ impl CredentialStore {
     }
 
     /// Replaces the clients; returns (added, removed, changed) client ids.
-    pub fn replace(&self, new: HashMap<String, Credential>) -> (Vec<String>, Vec<String>, Vec<String>) {
+    pub fn replace(
+        &self,
+        new: HashMap<String, Credential>,
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
         let old = self.snapshot();
-        let mut added: Vec<String> = new.keys().filter(|k| !old.contains_key(*k)).cloned().collect();
-        let mut removed: Vec<String> = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+        let mut added: Vec<String> = new
+            .keys()
+            .filter(|k| !old.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .cloned()
+            .collect();
         let mut changed: Vec<String> = new
             .iter()
-            .filter(|(k, v)| old.get(*k).is_some_and(|o| o.fingerprint() != v.fingerprint()))
+            .filter(|(k, v)| {
+                old.get(*k)
+                    .is_some_and(|o| o.fingerprint() != v.fingerprint())
+            })
             .map(|(k, _)| k.clone())
             .collect();
         added.sort();
@@ -165,7 +185,11 @@ impl CredentialStore {
                     let ok = tokio::task::spawn_blocking(move || {
                         use argon2::password_hash::{PasswordHash, PasswordVerifier};
                         PasswordHash::new(&phc)
-                            .map(|h| argon2::Argon2::default().verify_password(&presented, &h).is_ok())
+                            .map(|h| {
+                                argon2::Argon2::default()
+                                    .verify_password(&presented, &h)
+                                    .is_ok()
+                            })
                             .unwrap_or(false)
                     })
                     .await

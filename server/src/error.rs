@@ -1,8 +1,8 @@
 //! Server errors: fatal start-up errors (exit codes) and the mapping of repository errors
 //! to gRPC status codes.
 
-use datamover_repo::store::StoreError;
 use datamover_repo::RepoError;
+use datamover_repo::store::StoreError;
 use tonic::Status;
 
 /// Fatal errors at start: each is one line saying what to fix.

@@ -19,20 +19,38 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let operations = IntCounterVec::new(
-            Opts::new("datamover_operations_total", "Operations by kind and outcome"),
+            Opts::new(
+                "datamover_operations_total",
+                "Operations by kind and outcome",
+            ),
             &["operation", "outcome"],
         )?;
         let c = |name: &str, help: &str| IntCounter::new(name, help);
         let m = Metrics {
             operations,
-            bytes_received: c("datamover_bytes_received_total", "Chunk bytes received from clients")?,
-            bytes_stored: c("datamover_bytes_stored_total", "Bytes written to packs (compressed, encrypted)")?,
+            bytes_received: c(
+                "datamover_bytes_received_total",
+                "Chunk bytes received from clients",
+            )?,
+            bytes_stored: c(
+                "datamover_bytes_stored_total",
+                "Bytes written to packs (compressed, encrypted)",
+            )?,
             chunks_stored: c("datamover_chunks_stored_total", "Chunks written to packs")?,
-            chunks_deduplicated: c("datamover_chunks_deduplicated_total", "Chunks received that were already stored")?,
-            bytes_restored: c("datamover_bytes_restored_total", "File bytes sent to restoring clients")?,
+            chunks_deduplicated: c(
+                "datamover_chunks_deduplicated_total",
+                "Chunks received that were already stored",
+            )?,
+            bytes_restored: c(
+                "datamover_bytes_restored_total",
+                "File bytes sent to restoring clients",
+            )?,
             active_sessions: IntGauge::new("datamover_active_sessions", "Open backup sessions")?,
             clients: IntGauge::new("datamover_clients", "Known clients")?,
-            credential_reloads: c("datamover_credential_reloads_total", "Reloads of the client credentials")?,
+            credential_reloads: c(
+                "datamover_credential_reloads_total",
+                "Reloads of the client credentials",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.operations.clone()))?;

@@ -72,9 +72,8 @@ async fn shutdown_signal() {
 
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> Result<(), ServerError> {
-    let metrics = Arc::new(
-        Metrics::new().map_err(|e| ServerError::Config(format!("metrics: {e}")))?,
-    );
+    let metrics =
+        Arc::new(Metrics::new().map_err(|e| ServerError::Config(format!("metrics: {e}")))?);
     tracing::info!(storage = %settings.storage.describe(), "opening repository");
     let repo = open_repository(&settings).await?;
     let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;
@@ -99,12 +98,13 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
             addr: grpc_addr.clone(),
             error: e.to_string(),
         })?;
-    let http_listener = TcpListener::bind(&settings.http_addr)
-        .await
-        .map_err(|e| ServerError::Listen {
-            addr: settings.http_addr.clone(),
-            error: e.to_string(),
-        })?;
+    let http_listener =
+        TcpListener::bind(&settings.http_addr)
+            .await
+            .map_err(|e| ServerError::Listen {
+                addr: settings.http_addr.clone(),
+                error: e.to_string(),
+            })?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let probe = ProbeState {
@@ -117,7 +117,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         }
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<DatamoverServer<DatamoverService>>()
         .await;
@@ -130,8 +130,12 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
 
     let mut builder = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)))
+        .tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+        )
         .map_err(|e| ServerError::Tls(e.to_string()))?
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -72,8 +72,8 @@ impl DatamoverService {
         }
     }
 
-    async fn auth<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        authenticate(&self.creds, req.metadata()).await
+    async fn auth(&self, meta: &tonic::metadata::MetadataMap) -> Result<Identity, Status> {
+        authenticate(&self.creds, meta).await
     }
 
     fn sessions(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Session>>, Status> {
@@ -120,7 +120,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::HelloRequest>,
     ) -> Result<Response<v1::HelloResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let p = self.repo.chunker_params();
         Ok(Response::new(v1::HelloResponse {
             server_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -141,13 +141,17 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::BeginBackupRequest>,
     ) -> Result<Response<v1::BeginBackupResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let r = req.into_inner();
         check_tag(&r.tag)?;
         let kind = match v1::SnapshotKind::try_from(r.kind) {
             Ok(v1::SnapshotKind::Files) => SnapshotKindName::Files,
             Ok(v1::SnapshotKind::Stream) => SnapshotKindName::Stream,
-            _ => return Err(Status::invalid_argument("snapshot kind must be files or stream")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "snapshot kind must be files or stream",
+                ));
+            }
         };
         let parent = self
             .repo
@@ -196,7 +200,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::FindMissingRequest>,
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let r = req.into_inner();
         self.touch(&id, &r.session_id)?;
         let ids = parse_ids(&r.ids)?;
@@ -208,7 +212,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<Streaming<v1::PutChunksRequest>>,
     ) -> Result<Response<v1::PutChunksResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let mut stream = req.into_inner();
         let mut out = v1::PutChunksResponse::default();
         while let Some(msg) = stream.next().await {
@@ -229,7 +233,9 @@ impl Datamover for DatamoverService {
                 .map_err(status)?;
             self.metrics.chunks_stored.inc_by(added.stored);
             self.metrics.bytes_stored.inc_by(added.stored_bytes);
-            self.metrics.chunks_deduplicated.inc_by(added.already_present);
+            self.metrics
+                .chunks_deduplicated
+                .inc_by(added.already_present);
             out.chunks_stored += added.stored;
             out.bytes_stored += added.stored_bytes;
             out.chunks_already_present += added.already_present;
@@ -241,7 +247,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::CommitBackupRequest>,
     ) -> Result<Response<v1::CommitBackupResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let r = req.into_inner();
         self.touch(&id, &r.session_id)?;
         let session = {
@@ -308,7 +314,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::ListSnapshotsRequest>,
     ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let tag = req.into_inner().tag;
         let snapshots = self
             .repo
@@ -328,7 +334,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::ReadCatalogRequest>,
     ) -> Result<Response<Self::ReadCatalogStream>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let spec = req.into_inner().snapshot_id;
         let snap = self.find_snapshot(&id, &spec).await?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -372,7 +378,7 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        let id = self.auth(&req).await?;
+        let id = self.auth(req.metadata()).await?;
         let spec = req.into_inner().snapshot;
         let snap = self.find_snapshot(&id, &spec).await?;
         tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, "restore started");

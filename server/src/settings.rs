@@ -120,7 +120,11 @@ fn text(bytes: &[u8]) -> String {
 impl Settings {
     /// Reads the environment (through `env`) and the mounted files.
     pub fn load(env: impl Fn(&str) -> Option<String>) -> Result<Settings, ServerError> {
-        let paths = Paths::new(env("DATAMOVER_ROOT").filter(|s| !s.is_empty()).map(PathBuf::from));
+        let paths = Paths::new(
+            env("DATAMOVER_ROOT")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        );
 
         let protos = protocols::parse(env("PROTOCOLS").as_deref())
             .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -137,7 +141,10 @@ impl Settings {
             }
         }
         let port = port.ok_or_else(|| {
-            ServerError::Config(format!("PROTOCOLS does not list {}", datamover_proto::PROTOCOL_NAME))
+            ServerError::Config(format!(
+                "PROTOCOLS does not list {}",
+                datamover_proto::PROTOCOL_NAME
+            ))
         })?;
 
         let config: BTreeMap<String, String> = read_mount(&paths.etc("config"))
@@ -187,7 +194,8 @@ impl Settings {
             (None, None) => None,
             _ => {
                 return Err(ServerError::Config(
-                    "a TLS secret needs both tls.crt and tls.key (a kubernetes.io/tls secret)".into(),
+                    "a TLS secret needs both tls.crt and tls.key (a kubernetes.io/tls secret)"
+                        .into(),
                 ));
             }
         };
@@ -231,7 +239,13 @@ impl Settings {
         let kind = config
             .get("type")
             .map(|s| s.to_ascii_lowercase())
-            .unwrap_or_else(|| if obc { "s3".into() } else { "filesystem".into() });
+            .unwrap_or_else(|| {
+                if obc {
+                    "s3".into()
+                } else {
+                    "filesystem".into()
+                }
+            });
         match kind.as_str() {
             "filesystem" | "fs" | "local" => {
                 let path = config
@@ -299,7 +313,8 @@ impl Settings {
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| {
                         ServerError::Config(
-                            "the storage secret has AWS_ACCESS_KEY_ID but no AWS_SECRET_ACCESS_KEY".into(),
+                            "the storage secret has AWS_ACCESS_KEY_ID but no AWS_SECRET_ACCESS_KEY"
+                                .into(),
                         )
                     })?;
                 Ok(StorageSettings::S3(S3Options {
@@ -374,7 +389,9 @@ mod tests {
         let e = load(&d, &[]).unwrap_err().to_string();
         assert!(e.contains("repo-password"), "{e}");
         let d = setup(&[("etc/secrets/repo/repo-password", "pw")]);
-        let e = load(&d, &[("PROTOCOLS", "datamover-v1:1;kopia:2")]).unwrap_err().to_string();
+        let e = load(&d, &[("PROTOCOLS", "datamover-v1:1;kopia:2")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'kopia'"), "{e}");
     }
 

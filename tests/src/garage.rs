@@ -11,9 +11,13 @@
 //! dropped.
 //!
 //! The binary is found with [`garage_binary`] (env `GARAGE_BIN`, then `PATH`,
-//! then `~/.cargo/bin/garage`); `scripts/ensure-garage.sh` installs it.
+//! then `$CARGO_HOME/bin/garage`, then `~/.cargo/bin/garage`);
+//! `scripts/ensure-garage.sh` installs it.
 //!
-//! Only std + `tempfile`; every wait is bounded.
+//! Only std + `tempfile`; every wait is bounded. Unix only.
+//!
+//! Server log: `<tempdir>/garage.log` (`RUST_LOG` for it comes from
+//! `GARAGE_RUST_LOG`, default `info`); start errors include an excerpt of it.
 //!
 //! CLI output formats relied upon (Garage v2.5):
 //! * `garage node id -q` prints `<64 hex node id>@<rpc_public_addr>`;
@@ -24,6 +28,9 @@
 //!   fallback: `garage key info <ID> --secret-key` prints only the secret.
 //! * The other commands (`layout assign`, `layout apply --version 1`,
 //!   `bucket create`, `bucket allow`) are only checked for exit status 0.
+
+// Not every test binary uses every helper.
+#![allow(dead_code)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -46,6 +53,10 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 /// bind (another process grabbed a port between picking and binding).
 const START_ATTEMPTS: usize = 3;
 const POLL: Duration = Duration::from_millis(100);
+/// How much of the end of the server log is scanned for errors.
+const LOG_SCAN_BYTES: u64 = 256 * 1024;
+/// Lines of the server log tail included in error messages.
+const LOG_TAIL_LINES: usize = 30;
 
 pub const DEFAULT_BUCKET: &str = "datamover";
 pub const REGION: &str = "garage";
@@ -91,7 +102,12 @@ pub fn garage_binary() -> Option<PathBuf> {
         candidates.push(PathBuf::from(ch).join("bin").join("garage"));
     }
     if let Some(home) = std::env::var_os("HOME").filter(|p| !p.is_empty()) {
-        candidates.push(PathBuf::from(home).join(".cargo").join("bin").join("garage"));
+        candidates.push(
+            PathBuf::from(home)
+                .join(".cargo")
+                .join("bin")
+                .join("garage"),
+        );
     }
     candidates.into_iter().find(|p| is_executable(p))
 }
@@ -118,9 +134,7 @@ impl Garage {
                 ),
                 _ => "not in GARAGE_BIN, PATH or ~/.cargo/bin".to_string(),
             };
-            format!(
-                "garage binary not found ({hint}); install it with scripts/ensure-garage.sh"
-            )
+            format!("garage binary not found ({hint}); install it with scripts/ensure-garage.sh")
         })?;
 
         let mut last_err = String::new();
@@ -186,6 +200,7 @@ s3_region = "{REGION}"
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("GARAGE_RUST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -278,7 +293,12 @@ s3_region = "{REGION}"
                 return Err(e);
             }
             let last = match http_probe(addr) {
-                Ok(()) => return Ok(()),
+                // Re-check the log: if Garage's S3 listener failed to bind,
+                // whatever answered is another process.
+                Ok(()) => match self.api_listener_failure() {
+                    Some(e) => return Err(e),
+                    None => return Ok(()),
+                },
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
@@ -293,7 +313,8 @@ s3_region = "{REGION}"
 
     /// Creates another bucket, accessible (read/write/owner) by the same key.
     pub fn create_bucket(&self, name: &str) -> Result<(), String> {
-        self.step(&["bucket", "create", name]).map_err(StartError::into_msg)?;
+        self.step(&["bucket", "create", name])
+            .map_err(StartError::into_msg)?;
         self.allow(name).map_err(StartError::into_msg)
     }
 
@@ -302,9 +323,10 @@ s3_region = "{REGION}"
         &self.log_path
     }
 
-    /// Last lines of the server log (for diagnostics in failing tests).
+    /// Excerpt of the server log for diagnostics: panic messages and ERROR
+    /// lines, then the last lines.
     pub fn log_tail(&self) -> String {
-        tail_file(&self.log_path, 40)
+        log_excerpt(&read_tail(&self.log_path, LOG_SCAN_BYTES))
     }
 
     /// Temp dir holding config, metadata, data and logs.
@@ -390,6 +412,7 @@ s3_region = "{REGION}"
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(out))
                 .stderr(Stdio::from(err))
+                .env("NO_COLOR", "1")
                 .env("RUST_LOG", "warn");
             scrub_garage_env(&mut cmd);
             let mut child = cmd
@@ -432,8 +455,12 @@ s3_region = "{REGION}"
         result
     }
 
-    /// If the server process has exited, returns an error with the log tail.
+    /// If the server process has exited, or its S3 listener failed, returns
+    /// an error with a log excerpt.
     fn check_alive(&self, when: &str) -> Option<StartError> {
+        if let Some(e) = self.api_listener_failure() {
+            return Some(e);
+        }
         let polled = self
             .child
             .lock()
@@ -444,12 +471,34 @@ s3_region = "{REGION}"
             Ok(None) => return None,
             Err(e) => return Some(fatal(format!("garage: cannot poll server process: {e}"))),
         };
-        let tail = self.log_tail();
+        let log = read_tail(&self.log_path, LOG_SCAN_BYTES);
         let msg = format!(
-            "garage server exited ({status}) {when}; log {}:\n{tail}",
-            self.log_path.display()
+            "garage server exited ({status}) {when}; log {}:\n{}",
+            self.log_path.display(),
+            log_excerpt(&log)
         );
-        if tail.contains("Address already in use") || tail.contains("os error 98") {
+        if is_addr_in_use(&log) {
+            Some(StartError::PortClash(msg))
+        } else {
+            Some(fatal(msg))
+        }
+    }
+
+    /// When the S3 listener can't start (e.g. the port was taken), Garage
+    /// logs `ERROR garage::server: S3 API server exited with error: ...` and
+    /// stops answering RPCs, but the process does not exit.
+    fn api_listener_failure(&self) -> Option<StartError> {
+        let log = read_tail(&self.log_path, LOG_SCAN_BYTES);
+        let line = log
+            .lines()
+            .find(|l| l.contains("API server exited with error"))?;
+        let msg = format!(
+            "garage: API listener failed: {}\n--- garage log ({}) ---\n{}",
+            line.trim(),
+            self.log_path.display(),
+            log_excerpt(&log)
+        );
+        if is_addr_in_use(line) {
             Some(StartError::PortClash(msg))
         } else {
             Some(fatal(msg))
@@ -605,19 +654,45 @@ fn read_lossy(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Last `lines` lines of a file (reads at most the last 64 KiB).
-fn tail_file(p: &Path, lines: usize) -> String {
+/// Last `max` bytes of a file, lossily decoded.
+fn read_tail(p: &Path, max: u64) -> String {
     let mut f = match File::open(p) {
         Ok(f) => f,
         Err(e) => return format!("(cannot open {}: {e})", p.display()),
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
     let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+    if f.seek(SeekFrom::Start(len.saturating_sub(max))).is_err() || f.read_to_end(&mut buf).is_err()
+    {
         return format!("(cannot read {})", p.display());
     }
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Panic message lines and ERROR lines (which a panic backtrace would push
+/// out of a plain tail), followed by the last LOG_TAIL_LINES lines.
+fn log_excerpt(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut important = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains("panicked at") {
+            important.extend(lines[i..(i + 2).min(lines.len())].iter().copied());
+        } else if l.contains(" ERROR ") {
+            important.push(l);
+        }
+    }
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    important.retain(|l| !tail.contains(l));
+    important.truncate(20);
+    let mut out = String::new();
+    if !important.is_empty() {
+        out.push_str(&important.join("\n"));
+        out.push_str("\n[...]\n");
+    }
+    out.push_str(&tail.join("\n"));
+    out
+}
+
+fn is_addr_in_use(text: &str) -> bool {
+    text.contains("Address already in use") || text.contains("os error 98")
 }

@@ -59,7 +59,11 @@ fn write(path: &Path, content: &[u8]) {
 /// Where the server keeps its repository.
 pub enum Storage<'a> {
     Filesystem,
-    S3 { garage: &'a Garage, bucket: &'a str, prefix: &'a str },
+    S3 {
+        garage: &'a Garage,
+        bucket: &'a str,
+        prefix: &'a str,
+    },
 }
 
 /// A running `datamover-server`.
@@ -79,19 +83,36 @@ impl Server {
         Self::start_in(root, storage, clients)
     }
 
-    pub fn start_in(root: tempfile::TempDir, storage: Storage<'_>, clients: &[(&str, &str)]) -> Server {
+    pub fn start_in(
+        root: tempfile::TempDir,
+        storage: Storage<'_>,
+        clients: &[(&str, &str)],
+    ) -> Server {
         let r = root.path();
-        write(&r.join("etc/secrets/repo/repo-password"), b"correct horse battery staple");
+        write(
+            &r.join("etc/secrets/repo/repo-password"),
+            b"correct horse battery staple",
+        );
         match storage {
             Storage::Filesystem => {}
-            Storage::S3 { garage, bucket, prefix } => {
+            Storage::S3 {
+                garage,
+                bucket,
+                prefix,
+            } => {
                 write(&r.join("etc/config/type"), b"s3");
                 write(&r.join("etc/config/bucket"), bucket.as_bytes());
                 write(&r.join("etc/config/prefix"), prefix.as_bytes());
                 write(&r.join("etc/config/endpoint"), garage.endpoint.as_bytes());
                 write(&r.join("etc/config/region"), garage.region.as_bytes());
-                write(&r.join("etc/secrets/s3/AWS_ACCESS_KEY_ID"), garage.access_key.as_bytes());
-                write(&r.join("etc/secrets/s3/AWS_SECRET_ACCESS_KEY"), garage.secret_key.as_bytes());
+                write(
+                    &r.join("etc/secrets/s3/AWS_ACCESS_KEY_ID"),
+                    garage.access_key.as_bytes(),
+                );
+                write(
+                    &r.join("etc/secrets/s3/AWS_SECRET_ACCESS_KEY"),
+                    garage.secret_key.as_bytes(),
+                );
             }
         }
         for (id, cred) in clients {
@@ -133,7 +154,10 @@ impl Server {
             .env("DATAMOVER_ROOT", self.root.path())
             .env("PROTOCOLS", format!("datamover-v1:{}", self.port))
             .env("DATAMOVER_LISTEN_HOST", "127.0.0.1")
-            .env("DATAMOVER_HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
+            .env(
+                "DATAMOVER_HTTP_ADDR",
+                format!("127.0.0.1:{}", self.http_port),
+            )
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -149,12 +173,20 @@ impl Server {
                 }
             }
             if let Ok(fp) = std::fs::read_to_string(&data) {
-                if fp.len() == 64 && self.http_get("/readyz").is_some_and(|(code, _)| code == 200) {
+                if fp.len() == 64
+                    && self
+                        .http_get("/readyz")
+                        .is_some_and(|(code, _)| code == 200)
+                {
                     self.fingerprint = fp;
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "server not ready in 90 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server not ready in 90 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -164,11 +196,18 @@ impl Server {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut resp = String::new();
         s.read_to_string(&mut resp).ok()?;
         let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Some((code, body))
     }
 
@@ -194,7 +233,10 @@ impl Server {
     }
 
     pub fn set_client(&self, id: &str, credential: &str) {
-        write(&self.root.path().join("etc/client_credentials").join(id), credential.as_bytes());
+        write(
+            &self.root.path().join("etc/client_credentials").join(id),
+            credential.as_bytes(),
+        );
     }
 
     /// A client environment with credential `credential` for `id`, pinned to this server.
@@ -226,11 +268,23 @@ pub struct Client {
 impl Client {
     pub fn new(server: &Server, id: &str, credential: &str) -> Client {
         let root = tempfile::tempdir().expect("tempdir");
-        write(&root.path().join("etc/client-secret").join(id), credential.as_bytes());
+        write(
+            &root.path().join("etc/client-secret").join(id),
+            credential.as_bytes(),
+        );
         let env = vec![
-            ("DATAMOVER_ROOT".to_string(), root.path().display().to_string()),
-            ("SERVER_URL".to_string(), format!("127.0.0.1:{}", server.port)),
-            ("PROTOCOLS".to_string(), format!("datamover-v1:{}", server.port)),
+            (
+                "DATAMOVER_ROOT".to_string(),
+                root.path().display().to_string(),
+            ),
+            (
+                "SERVER_URL".to_string(),
+                format!("127.0.0.1:{}", server.port),
+            ),
+            (
+                "PROTOCOLS".to_string(),
+                format!("datamover-v1:{}", server.port),
+            ),
             ("SERVER_DATA".to_string(), server.fingerprint.clone()),
             ("DATAMOVER_PROGRESS".to_string(), "0".to_string()),
             ("DATAMOVER_CONNECT_ATTEMPTS".to_string(), "1".to_string()),
@@ -268,7 +322,12 @@ impl Client {
     /// Runs and asserts success; returns the JSON result.
     pub fn ok(&self, args: &[&str]) -> serde_json::Value {
         let r = self.run(args);
-        assert!(r.success(), "datamover-client {args:?} failed: {}\n{}", r.code, r.stderr);
+        assert!(
+            r.success(),
+            "datamover-client {args:?} failed: {}\n{}",
+            r.code,
+            r.stderr
+        );
         r.json()
     }
 }
@@ -298,7 +357,8 @@ impl Run {
     /// The JSON result: the last stdout line.
     pub fn json(&self) -> serde_json::Value {
         let line = self.stdout.lines().last().unwrap_or("");
-        serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line:?}\n{}", self.stderr))
+        serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line:?}\n{}", self.stderr))
     }
 }
 
@@ -339,14 +399,33 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         );
         assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
         if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&pa).ok(), std::fs::read_link(&pb).ok(), "{}", rel.display());
+            assert_eq!(
+                std::fs::read_link(&pa).ok(),
+                std::fs::read_link(&pb).ok(),
+                "{}",
+                rel.display()
+            );
             continue;
         }
-        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {}", rel.display());
+        assert_eq!(
+            ma.mode() & 0o7777,
+            mb.mode() & 0o7777,
+            "mode of {}",
+            rel.display()
+        );
         assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", rel.display());
-        assert_eq!(ma.mtime_nsec(), mb.mtime_nsec(), "mtime ns of {}", rel.display());
+        assert_eq!(
+            ma.mtime_nsec(),
+            mb.mtime_nsec(),
+            "mtime ns of {}",
+            rel.display()
+        );
         if ma.is_file() {
-            assert!(std::fs::read(&pa).ok() == std::fs::read(&pb).ok(), "content of {}", rel.display());
+            assert!(
+                std::fs::read(&pa).ok() == std::fs::read(&pb).ok(),
+                "content of {}",
+                rel.display()
+            );
         }
     }
 }

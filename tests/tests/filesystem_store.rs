@@ -13,18 +13,41 @@ fn make_tree(root: &Path) {
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
     std::fs::write(root.join("hello.txt"), b"hello world\n").unwrap();
     std::fs::write(root.join("empty-file"), b"").unwrap();
-    std::fs::write(root.join("docs/big.bin"), random_bytes(1, 3 * 1024 * 1024 + 17)).unwrap();
-    std::fs::write(root.join("docs/nested/text.md"), "lorem ipsum ".repeat(50_000)).unwrap();
+    std::fs::write(
+        root.join("docs/big.bin"),
+        random_bytes(1, 3 * 1024 * 1024 + 17),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("docs/nested/text.md"),
+        "lorem ipsum ".repeat(50_000),
+    )
+    .unwrap();
     std::fs::write(root.join("docs/nested/deeper/x"), b"x").unwrap();
     std::fs::write(root.join("a.txt"), b"sorts after a/ in bytes").unwrap();
     std::fs::create_dir(root.join("a")).unwrap();
     std::fs::write(root.join("a/b"), b"inside a").unwrap();
-    std::fs::set_permissions(root.join("hello.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
-    std::fs::set_permissions(root.join("docs/nested"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(
+        root.join("hello.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("docs/nested"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
     symlink("hello.txt", root.join("link-to-hello")).unwrap();
     symlink("/nonexistent/target", root.join("dangling")).unwrap();
-    nix::unistd::mkfifo(&root.join("a-fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-    for (i, p) in ["hello.txt", "docs/big.bin", "docs/nested", "empty-dir"].iter().enumerate() {
+    nix::unistd::mkfifo(
+        &root.join("a-fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    for (i, p) in ["hello.txt", "docs/big.bin", "docs/nested", "empty-dir"]
+        .iter()
+        .enumerate()
+    {
         let t = filetime::FileTime::from_unix_time(1_600_000_000 + i as i64, 123_456_789);
         filetime::set_file_mtime(root.join(p), t).unwrap();
     }
@@ -36,7 +59,10 @@ fn phase_outputs(stdout: &str) -> Vec<(String, String)> {
         .filter_map(|l| l.strip_prefix("###Phase-output###: "))
         .map(|j| {
             let v: serde_json::Value = serde_json::from_str(j).unwrap();
-            (v["key"].as_str().unwrap().to_string(), v["value"].as_str().unwrap().to_string())
+            (
+                v["key"].as_str().unwrap().to_string(),
+                v["value"].as_str().unwrap().to_string(),
+            )
         })
         .collect()
 }
@@ -54,7 +80,10 @@ fn files_round_trip_incremental_and_list() {
     let first = run.json();
     let outputs = phase_outputs(&run.stdout);
     let id = first["snapshot_id"].as_str().unwrap().to_string();
-    assert!(outputs.contains(&("snapshot_id".to_string(), id.clone())), "{outputs:?}");
+    assert!(
+        outputs.contains(&("snapshot_id".to_string(), id.clone())),
+        "{outputs:?}"
+    );
     assert_eq!(first["tag"], "daily");
     assert_eq!(first["files"], 7);
     assert!(first["bytes_sent"].as_u64().unwrap() > 3 * 1024 * 1024);
@@ -72,7 +101,10 @@ fn files_round_trip_incremental_and_list() {
     let second = client.ok(&["backup_files", src.to_str().unwrap(), "daily"]);
     let bytes = second["bytes"].as_u64().unwrap();
     assert_eq!(second["files_unchanged"], second["files"]);
-    assert!(second["bytes_sent"].as_u64().unwrap() * 100 < bytes, "{second}");
+    assert!(
+        second["bytes_sent"].as_u64().unwrap() * 100 < bytes,
+        "{second}"
+    );
 
     // A changed file is read again.
     std::fs::write(src.join("hello.txt"), b"hello again\n").unwrap();
@@ -80,7 +112,10 @@ fn files_round_trip_incremental_and_list() {
     assert_eq!(third["files_unchanged"].as_u64().unwrap(), 6);
     let out3 = work.path().join("restored3");
     client.ok(&["restore_files", out3.to_str().unwrap(), "daily"]);
-    assert_eq!(std::fs::read(out3.join("hello.txt")).unwrap(), b"hello again\n");
+    assert_eq!(
+        std::fs::read(out3.join("hello.txt")).unwrap(),
+        b"hello again\n"
+    );
 
     let list = client.ok(&["list", "daily"]);
     assert_eq!(list["count"], 3);
@@ -94,13 +129,20 @@ fn files_round_trip_incremental_and_list() {
                 stack.push(e.path());
             } else {
                 let data = std::fs::read(e.path()).unwrap();
-                assert!(!data.windows(11).any(|w| w == b"lorem ipsum"), "plaintext in {:?}", e.path());
+                assert!(
+                    !data.windows(11).any(|w| w == b"lorem ipsum"),
+                    "plaintext in {:?}",
+                    e.path()
+                );
             }
         }
     }
     let (code, metrics) = server.http_get("/metrics").unwrap();
     assert_eq!(code, 200);
-    assert!(metrics.contains("datamover_operations_total{operation=\"backup\",outcome=\"ok\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("datamover_operations_total{operation=\"backup\",outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
     assert_eq!(server.http_get("/healthz").unwrap().0, 200);
 }
 
@@ -119,7 +161,10 @@ fn one_byte_change_in_a_100_mib_file_sends_under_1_mib() {
     std::fs::write(src.join("big"), &data).unwrap();
     let second = client.ok(&["backup_files", src.to_str().unwrap(), "big"]);
     let sent = second["bytes_sent"].as_u64().unwrap();
-    assert!(sent < 1024 * 1024, "sent {sent} bytes for a one-byte change");
+    assert!(
+        sent < 1024 * 1024,
+        "sent {sent} bytes for a one-byte change"
+    );
     let out = work.path().join("out");
     client.ok(&["restore_files", out.to_str().unwrap(), "big"]);
     assert!(std::fs::read(out.join("big")).unwrap() == data);
@@ -143,7 +188,11 @@ fn streams_through_named_pipes_and_stdio() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let mut writer = Command::new("sh")
         .arg("-c")
-        .arg(format!("cat '{}' > '{}'", payload.display(), fifo.display()))
+        .arg(format!(
+            "cat '{}' > '{}'",
+            payload.display(),
+            fifo.display()
+        ))
         .spawn()
         .unwrap();
     let b = client.ok(&["backup_stream", fifo.to_str().unwrap(), "pg"]);
@@ -156,7 +205,11 @@ fn streams_through_named_pipes_and_stdio() {
     let restored = work.path().join("restored.sql");
     let mut reader = Command::new("sh")
         .arg("-c")
-        .arg(format!("cat '{}' > '{}'", rfifo.display(), restored.display()))
+        .arg(format!(
+            "cat '{}' > '{}'",
+            rfifo.display(),
+            restored.display()
+        ))
         .spawn()
         .unwrap();
     client.ok(&["restore_stream", rfifo.to_str().unwrap(), "pg"]);
@@ -177,8 +230,16 @@ fn streams_through_named_pipes_and_stdio() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout == content, "stdout differs ({} bytes)", out.stdout.len());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == content,
+        "stdout differs ({} bytes)",
+        out.stdout.len()
+    );
     // The result went to stderr so stdout holds only the stream.
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"snapshot_id\""));
 
@@ -219,12 +280,19 @@ fn bad_credentials_pins_and_tags_fail_clearly_without_transfer() {
     let target = work.path().join("never-created");
     let r = client.run(&["restore_files", target.to_str().unwrap(), "no-such-tag"]);
     assert_eq!(r.code, 4, "{}", r.stderr);
-    assert!(r.stderr.contains("no-such-tag") && r.stderr.contains("list"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no-such-tag") && r.stderr.contains("list"),
+        "{}",
+        r.stderr
+    );
     assert!(!target.exists(), "a failed restore created its target");
 
     // None of that sent a byte of data.
     let metrics = server.http_get("/metrics").unwrap().1;
-    assert!(metrics.contains("datamover_bytes_received_total 0"), "{metrics}");
+    assert!(
+        metrics.contains("datamover_bytes_received_total 0"),
+        "{metrics}"
+    );
 
     // A base64 form of the right fingerprint works (as Kanister hands it over).
     let mut b64 = server.client("client-a", TOKEN);
@@ -236,7 +304,12 @@ fn bad_credentials_pins_and_tags_fail_clearly_without_transfer() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(server.fingerprint.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(server.fingerprint.as_bytes())
+            .unwrap();
         String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
     };
     b64.set_env("SERVER_DATA", &encoded);

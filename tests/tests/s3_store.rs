@@ -8,14 +8,20 @@ use datamover_tests::{Garage, Server, Storage, assert_same_tree, garage, random_
 fn all_modes_against_garage() {
     if garage::garage_binary().is_none() {
         if std::env::var_os("CI").is_some() {
-            panic!("garage is not installed: the test command installs it (scripts/ensure-garage.sh)");
+            panic!(
+                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
+            );
         }
         eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
         return;
     }
     let g = Garage::start().expect("start garage");
     let server = Server::start(
-        Storage::S3 { garage: &g, bucket: &g.bucket, prefix: "team-a/repo" },
+        Storage::S3 {
+            garage: &g,
+            bucket: &g.bucket,
+            prefix: "team-a/repo",
+        },
         &[("edge-1", "edge-token")],
     );
     let client = server.client("edge-1", "edge-token");
@@ -25,7 +31,11 @@ fn all_modes_against_garage() {
     let src = work.path().join("src");
     std::fs::create_dir_all(src.join("sub/empty")).unwrap();
     for i in 0..200 {
-        std::fs::write(src.join(format!("sub/small-{i}")), format!("file number {i}\n").repeat(i + 1)).unwrap();
+        std::fs::write(
+            src.join(format!("sub/small-{i}")),
+            format!("file number {i}\n").repeat(i + 1),
+        )
+        .unwrap();
     }
     std::fs::write(src.join("large"), random_bytes(11, 20 * 1024 * 1024)).unwrap();
     std::os::unix::fs::symlink("large", src.join("link")).unwrap();
@@ -45,7 +55,11 @@ fn all_modes_against_garage() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let mut writer = Command::new("sh")
         .arg("-c")
-        .arg(format!("cat '{}' > '{}'", payload.display(), fifo.display()))
+        .arg(format!(
+            "cat '{}' > '{}'",
+            payload.display(),
+            fifo.display()
+        ))
         .spawn()
         .unwrap();
     client.ok(&["backup_stream", fifo.to_str().unwrap(), "dump"]);
@@ -55,7 +69,11 @@ fn all_modes_against_garage() {
     let restored = work.path().join("restored");
     let mut reader = Command::new("sh")
         .arg("-c")
-        .arg(format!("cat '{}' > '{}'", rfifo.display(), restored.display()))
+        .arg(format!(
+            "cat '{}' > '{}'",
+            rfifo.display(),
+            restored.display()
+        ))
         .spawn()
         .unwrap();
     client.ok(&["restore_stream", rfifo.to_str().unwrap(), "dump"]);
@@ -69,8 +87,16 @@ fn all_modes_against_garage() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = client.command(&["restore_stream", "-", "stdin-dump"]).stdin(Stdio::null()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = client
+        .command(&["restore_stream", "-", "stdin-dump"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout == content);
 
     // Unknown tag: clear error.

@@ -69,6 +69,7 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
             ..Default::default()
         },
         file_node("link/escape-through-symlink", &[cid_b.clone()], 6),
+        file_node("prelink/escape-through-existing-link", &[cid_b.clone()], 6),
         file_node("inside.txt", &[cid_b.clone()], 6),
     ];
     for n in &nodes {
@@ -77,8 +78,14 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
     let catalog = Bytes::from(catalog);
     let catalog_id = conn.key.id(&catalog);
     let chunks = vec![
-        v1::Chunk { id: cid_b.clone(), data: content },
-        v1::Chunk { id: Bytes::copy_from_slice(&catalog_id.0), data: catalog },
+        v1::Chunk {
+            id: cid_b.clone(),
+            data: content,
+        },
+        v1::Chunk {
+            id: Bytes::copy_from_slice(&catalog_id.0),
+            data: catalog,
+        },
     ];
     let msg = v1::PutChunksRequest {
         session_id: begin.session_id.clone(),
@@ -106,22 +113,55 @@ fn malicious_snapshot_paths_restore_nothing_outside_the_target() {
     std::fs::create_dir(&outside).unwrap();
     let target = work.path().join("a/b/target");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(commit_crafted(&server, "evil", "crafted", outside.to_str().unwrap()));
+    rt.block_on(commit_crafted(
+        &server,
+        "evil",
+        "crafted",
+        outside.to_str().unwrap(),
+    ));
+
+    // The target already holds a symlink pointing outside it.
+    std::fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("prelink")).unwrap();
 
     let client = server.client("evil", TOKEN);
     let r = client.run(&["restore_files", target.to_str().unwrap(), "crafted"]);
     assert!(r.success(), "{}", r.stderr);
     let result = r.json();
-    assert_eq!(result["skipped"], 4, "{result}");
-    assert_eq!(std::fs::read(target.join("inside.txt")).unwrap(), b"pwned\n");
-    // The symlink itself is restored (last), but nothing was written through it.
-    assert_eq!(std::fs::read_link(target.join("link")).unwrap(), outside);
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the target");
-    for p in ["a/b/escape-dotdot", "a/escape-nested", "escape-nested", "a/b/target/escape-absolute"] {
+    // Three unsafe names, the write below the existing symlink, and the snapshot's
+    // symlink "link", which would have to replace the directory its own later entry made.
+    assert_eq!(result["skipped"], 5, "{result}");
+    assert_eq!(
+        std::fs::read(target.join("inside.txt")).unwrap(),
+        b"pwned\n"
+    );
+    // Snapshot symlinks are created last, so "link/…" was written to a real directory
+    // inside the target, never through the link.
+    assert!(
+        std::fs::symlink_metadata(target.join("link"))
+            .unwrap()
+            .is_dir()
+    );
+    assert!(target.join("link/escape-through-symlink").is_file());
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote outside the target"
+    );
+    for p in [
+        "a/b/escape-dotdot",
+        "a/escape-nested",
+        "escape-nested",
+        "a/b/target/escape-absolute",
+    ] {
         assert!(!work.path().join(p).exists(), "{p} exists");
     }
     // Only the target's own entries exist under a/b.
-    let names: Vec<_> = std::fs::read_dir(work.path().join("a/b")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(work.path().join("a/b"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("target")]);
 }
 
@@ -135,7 +175,10 @@ fn a_backup_interrupted_by_sigterm_commits_no_snapshot() {
     // A writer that sends some data, then stalls with the pipe open.
     let mut writer = Command::new("sh")
         .arg("-c")
-        .arg(format!("(head -c 3000000 /dev/urandom; sleep 30) > '{}'", fifo.display()))
+        .arg(format!(
+            "(head -c 3000000 /dev/urandom; sleep 30) > '{}'",
+            fifo.display()
+        ))
         .spawn()
         .unwrap();
     let backup = client
@@ -150,7 +193,10 @@ fn a_backup_interrupted_by_sigterm_commits_no_snapshot() {
     let out = backup.wait_with_output().unwrap();
     let _ = writer.kill();
     let _ = writer.wait();
-    assert!(!out.status.success(), "the interrupted backup reported success");
+    assert!(
+        !out.status.success(),
+        "the interrupted backup reported success"
+    );
     server.spawn();
     let client = server.client("c", "tok");
     let list = client.ok(&["list"]);
@@ -173,7 +219,10 @@ fn server_with(files: &[(&str, &str)], env: &[(&str, &str)]) -> (i32, String) {
         cmd.env(k, v);
     }
     let out = cmd.stdin(Stdio::null()).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -215,7 +264,11 @@ fn server_refuses_bad_configuration_with_one_clear_line() {
 fn a_wrong_repository_password_is_refused() {
     let mut server = Server::start(Storage::Filesystem, &[("c", "tok")]);
     server.stop(nix::sys::signal::Signal::SIGTERM);
-    std::fs::write(server.root.path().join("etc/secrets/repo/repo-password"), "another").unwrap();
+    std::fs::write(
+        server.root.path().join("etc/secrets/repo/repo-password"),
+        "another",
+    )
+    .unwrap();
     let out = Command::new(bin("datamover-server"))
         .env("DATAMOVER_ROOT", server.root.path())
         .env("DATAMOVER_LISTEN_HOST", "127.0.0.1")

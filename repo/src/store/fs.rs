@@ -33,7 +33,9 @@ impl FsStore {
                 }
             }
             ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StoreError::NoSpace(what),
-            _ if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) => {
+            _ if e.raw_os_error() == Some(libc::ENOSPC)
+                || e.raw_os_error() == Some(libc::EDQUOT) =>
+            {
                 StoreError::NoSpace(what)
             }
             _ => StoreError::Other {
@@ -176,7 +178,12 @@ mod tests {
             &s.read_range(FileType::Pack, "abcdef", 2, 3).await.unwrap()[..],
             b"234"
         );
-        assert!(s.read(FileType::Index, "nope").await.unwrap_err().is_not_found());
+        assert!(
+            s.read(FileType::Index, "nope")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
         s.remove(FileType::Pack, "abcdef").await.unwrap();
         assert!(s.list(FileType::Pack).await.unwrap().is_empty());
         assert!(s.list(FileType::Config).await.unwrap().is_empty());

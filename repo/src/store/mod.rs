@@ -54,11 +54,17 @@ impl FileType {
 pub enum StoreError {
     #[error("{0} does not exist in the store")]
     NotFound(String),
-    #[error("the storage is full while writing {0}: free space or grow the volume/bucket quota, then retry")]
+    #[error(
+        "the storage is full while writing {0}: free space or grow the volume/bucket quota, then retry"
+    )]
     NoSpace(String),
-    #[error("the storage denied access to {what} ({detail}): check the storage credentials and their permissions on the bucket or directory")]
+    #[error(
+        "the storage denied access to {what} ({detail}): check the storage credentials and their permissions on the bucket or directory"
+    )]
     AccessDenied { what: String, detail: String },
-    #[error("the storage at {location} is unreachable ({detail}): check the endpoint, network and that the bucket exists")]
+    #[error(
+        "the storage at {location} is unreachable ({detail}): check the endpoint, network and that the bucket exists"
+    )]
     Unreachable { location: String, detail: String },
     #[error("storage error on {what}: {detail}")]
     Other { what: String, detail: String },

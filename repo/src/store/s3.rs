@@ -71,7 +71,9 @@ impl S3Store {
         let mut builder = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(
-                opts.region.clone().unwrap_or_else(|| "us-east-1".to_string()),
+                opts.region
+                    .clone()
+                    .unwrap_or_else(|| "us-east-1".to_string()),
             ))
             .credentials_provider(creds)
             .force_path_style(opts.path_style)
@@ -134,13 +136,9 @@ impl S3Store {
         let status = e.raw_response().map(|r| r.status().as_u16());
         let code = e.code().unwrap_or("").to_string();
         let detail = match &e {
-            SdkError::ServiceError(se) => format!(
-                "{} {}",
-                code,
-                se.err().message().unwrap_or("")
-            )
-            .trim()
-            .to_string(),
+            SdkError::ServiceError(se) => format!("{} {}", code, se.err().message().unwrap_or(""))
+                .trim()
+                .to_string(),
             other => {
                 // Walk the source chain: the useful part (connection refused, DNS) is deep.
                 let mut msg = other.to_string();
@@ -187,14 +185,12 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| {
-                match self.map(e, "") {
-                    StoreError::NotFound(_) => StoreError::Unreachable {
-                        location: self.location.clone(),
-                        detail: format!("bucket {} does not exist", self.bucket),
-                    },
-                    other => other,
-                }
+            .map_err(|e| match self.map(e, "") {
+                StoreError::NotFound(_) => StoreError::Unreachable {
+                    location: self.location.clone(),
+                    detail: format!("bucket {} does not exist", self.bucket),
+                },
+                other => other,
             })?;
         Ok(())
     }
