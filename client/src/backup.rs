@@ -574,13 +574,13 @@ pub async fn backup_stream(
     tag: &str,
 ) -> Result<BackupResult, ClientError> {
     let file = (input != "-").then(|| PathBuf::from(input));
-    if let Some(f) = &file {
-        if !f.exists() {
-            return Err(ClientError::NotFound(format!(
-                "{} does not exist: create the named pipe (mkfifo) or give a file, or - for stdin",
-                f.display()
-            )));
-        }
+    if let Some(f) = &file
+        && !f.exists()
+    {
+        return Err(ClientError::NotFound(format!(
+            "{} does not exist: create the named pipe (mkfifo) or give a file, or - for stdin",
+            f.display()
+        )));
     }
     let name = file
         .as_ref()

@@ -37,10 +37,10 @@ impl Fingerprint {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(value)
             .map_err(|_| FingerprintError)?;
-        if let Ok(text) = std::str::from_utf8(&decoded) {
-            if let Some(fp) = Self::parse_hex(text.trim()) {
-                return Ok(fp);
-            }
+        if let Ok(text) = std::str::from_utf8(&decoded)
+            && let Some(fp) = Self::parse_hex(text.trim())
+        {
+            return Ok(fp);
         }
         <[u8; 32]>::try_from(decoded.as_slice())
             .map(Fingerprint)

@@ -116,13 +116,13 @@ impl Keys {
 
 /// Compresses with zstd unless that does not make it smaller.
 pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
-    if let Ok(z) = zstd::bulk::compress(data, level) {
-        if z.len() + 1 < data.len() {
-            let mut out = Vec::with_capacity(z.len() + 1);
-            out.push(1);
-            out.extend_from_slice(&z);
-            return out;
-        }
+    if let Ok(z) = zstd::bulk::compress(data, level)
+        && z.len() + 1 < data.len()
+    {
+        let mut out = Vec::with_capacity(z.len() + 1);
+        out.push(1);
+        out.extend_from_slice(&z);
+        return out;
     }
     let mut out = Vec::with_capacity(data.len() + 1);
     out.push(0);

@@ -86,12 +86,15 @@ pub struct Identity {
     pub tenant: String,
 }
 
+/// A successful PHC check: (fingerprint of the stored hash, BLAKE3 of the token).
+type PhcProof = ([u8; 32], [u8; 32]);
+
 /// The current set of clients; swapped whole on reload.
 #[derive(Default)]
 pub struct CredentialStore {
     clients: RwLock<Arc<HashMap<String, Credential>>>,
     /// (client id, credential fingerprint) -> hash of the token that verified against a PHC.
-    phc_verified: RwLock<HashMap<String, ([u8; 32], [u8; 32])>>,
+    phc_verified: RwLock<HashMap<String, PhcProof>>,
 }
 
 const UNAUTHENTICATED: &str = "the server does not accept this client's credential: check that /etc/client-secret/<client_id> holds the credential the server has for that client id in its client_credentials secret";
@@ -194,10 +197,8 @@ impl CredentialStore {
                     })
                     .await
                     .unwrap_or(false);
-                    if ok {
-                        if let Ok(mut m) = self.phc_verified.write() {
-                            m.insert(client_id.to_string(), (fp, token_hash));
-                        }
+                    if ok && let Ok(mut m) = self.phc_verified.write() {
+                        m.insert(client_id.to_string(), (fp, token_hash));
                     }
                     ok
                 }

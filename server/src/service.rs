@@ -167,14 +167,13 @@ impl Datamover for DatamoverService {
         {
             let mut s = self.sessions()?;
             s.retain(|_, v| v.last_used.elapsed() < SESSION_IDLE);
-            if s.len() >= MAX_SESSIONS {
-                if let Some(oldest) = s
+            if s.len() >= MAX_SESSIONS
+                && let Some(oldest) = s
                     .iter()
                     .min_by_key(|(_, v)| v.last_used)
                     .map(|(k, _)| k.clone())
-                {
-                    s.remove(&oldest);
-                }
+            {
+                s.remove(&oldest);
             }
             s.insert(
                 session_id.clone(),

@@ -46,10 +46,10 @@ pub fn read_mount(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             continue;
         }
         let path = entry.path();
-        if path.is_file() {
-            if let Ok(content) = std::fs::read(&path) {
-                out.insert(name, content);
-            }
+        if path.is_file()
+            && let Ok(content) = std::fs::read(&path)
+        {
+            out.insert(name, content);
         }
     }
     out
@@ -287,12 +287,12 @@ impl Settings {
                     }
                     _ => None,
                 };
-                if let Some(v) = config.get("skipSSLVerify") {
-                    if truthy(v) == Some(true) {
-                        return Err(ServerError::Config(
+                if let Some(v) = config.get("skipSSLVerify")
+                    && truthy(v) == Some(true)
+                {
+                    return Err(ServerError::Config(
                             "skipSSLVerify=true is not supported: the server never talks to storage unverified; mount the endpoint's CA certificate as ca.crt in a secret instead".into(),
                         ));
-                    }
                 }
                 let path_style = config
                     .get("pathStyle")

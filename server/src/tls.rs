@@ -33,10 +33,10 @@ pub fn load_or_generate(
         });
     }
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    if let Ok(h) = std::env::var("HOSTNAME") {
-        if !h.is_empty() {
-            sans.push(h);
-        }
+    if let Ok(h) = std::env::var("HOSTNAME")
+        && !h.is_empty()
+    {
+        sans.push(h);
     }
     sans.extend(names.iter().cloned());
     sans.dedup();

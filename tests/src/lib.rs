@@ -167,20 +167,19 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("datamover-server exited with {status}:\n{}", self.log());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("datamover-server exited with {status}:\n{}", self.log());
             }
-            if let Ok(fp) = std::fs::read_to_string(&data) {
-                if fp.len() == 64
-                    && self
-                        .http_get("/readyz")
-                        .is_some_and(|(code, _)| code == 200)
-                {
-                    self.fingerprint = fp;
-                    return;
-                }
+            if let Ok(fp) = std::fs::read_to_string(&data)
+                && fp.len() == 64
+                && self
+                    .http_get("/readyz")
+                    .is_some_and(|(code, _)| code == 200)
+            {
+                self.fingerprint = fp;
+                return;
             }
             assert!(
                 Instant::now() < deadline,

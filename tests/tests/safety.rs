@@ -28,13 +28,13 @@ fn settings(server: &Server, id: &str) -> ClientSettings {
     }
 }
 
-fn file_node(path: &str, chunks: &[Bytes], size: u64) -> Node {
+fn file_node(path: &str, chunk: &Bytes, size: u64) -> Node {
     Node {
         path: Bytes::copy_from_slice(path.as_bytes()),
         r#type: NodeType::File as i32,
         mode: 0o644,
         size,
-        chunks: chunks.to_vec(),
+        chunks: vec![chunk.clone()],
         ..Default::default()
     }
 }
@@ -59,18 +59,18 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
     let cid_b = Bytes::copy_from_slice(&cid.0);
     let mut catalog = Vec::new();
     let nodes = vec![
-        file_node("../escape-dotdot", &[cid_b.clone()], 6),
-        file_node(&format!("{outside}/escape-absolute"), &[cid_b.clone()], 6),
-        file_node("ok/../../escape-nested", &[cid_b.clone()], 6),
+        file_node("../escape-dotdot", &cid_b, 6),
+        file_node(&format!("{outside}/escape-absolute"), &cid_b, 6),
+        file_node("ok/../../escape-nested", &cid_b, 6),
         Node {
             path: Bytes::from_static(b"link"),
             r#type: NodeType::Symlink as i32,
             link_target: Bytes::copy_from_slice(outside.as_bytes()),
             ..Default::default()
         },
-        file_node("link/escape-through-symlink", &[cid_b.clone()], 6),
-        file_node("prelink/escape-through-existing-link", &[cid_b.clone()], 6),
-        file_node("inside.txt", &[cid_b.clone()], 6),
+        file_node("link/escape-through-symlink", &cid_b, 6),
+        file_node("prelink/escape-through-existing-link", &cid_b, 6),
+        file_node("inside.txt", &cid_b, 6),
     ];
     for n in &nodes {
         encode_node(n, &mut catalog);
