@@ -312,14 +312,24 @@ async fn upload(
 ) -> Result<(u64, u64), ClientError> {
     let (ptx, prx) = mpsc::channel::<v1::PutChunksRequest>(4);
     let mut put_api = api.clone();
-    let put = tokio::spawn(async move { put_api.put_chunks(ReceiverStream::new(prx)).await });
+    let mut put = tokio::spawn(async move { put_api.put_chunks(ReceiverStream::new(prx)).await });
+    // The server may end the upload at any time (revocation, shutdown, error): watch
+    // for that while waiting for chunks, so a stalled input cannot hide it.
+    let mut put_done = None;
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
     let mut stream_closed = false;
     'outer: loop {
         let mut batch: Vec<(ChunkId, Bytes)> = Vec::new();
         let mut batch_bytes = 0usize;
-        let Some(first) = rx.recv().await else { break };
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            res = &mut put => {
+                put_done = Some(res);
+                break;
+            }
+        };
+        let Some(first) = first else { break };
         let mut push =
             |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>, bytes: &mut usize| {
                 if seen.insert(item.0) {
@@ -392,7 +402,14 @@ async fn upload(
         }
     }
     drop(ptx);
-    match put.await {
+    let finished = match put_done {
+        Some(res) => {
+            stream_closed = true;
+            res
+        }
+        None => put.await,
+    };
+    match finished {
         Ok(Ok(_)) if !stream_closed => Ok((chunks_sent, bytes_sent)),
         Ok(Ok(_)) => Err(ClientError::Server(
             "the server closed the upload early".into(),
@@ -481,7 +498,7 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         counters,
         stats: v1::BackupStats::default(),
     };
-    let produced = tokio::task::spawn_blocking(move || {
+    let mut producer = tokio::task::spawn_blocking(move || {
         match input {
             Input::Tree(root) => walk(&root, &mut em, prev)?,
             Input::Stream { file, name } => {
@@ -515,15 +532,29 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
             }
         }
         em.finish()
-    })
-    .await
-    .map_err(|e| ClientError::Io(format!("backup worker failed: {e}")));
+    });
+    let mut uploader = uploader;
+    // An upload that fails (server error, revocation) ends the backup at once, even while
+    // the producer waits for input (a stalled pipe); the producer's thread is abandoned.
+    let (produced, uploaded) = tokio::select! {
+        u = &mut uploader => {
+            let u = u.map_err(|e| ClientError::Server(format!("upload task failed: {e}")))?;
+            if let Err(e) = u {
+                return Err(e);
+            }
+            (producer.await, u)
+        }
+        p = &mut producer => {
+            let u = uploader
+                .await
+                .map_err(|e| ClientError::Server(format!("upload task failed: {e}")))?;
+            (p, u)
+        }
+    };
     // The uploader's error (server side) explains a producer stopped by a closed queue.
-    let uploaded = uploader
-        .await
-        .map_err(|e| ClientError::Server(format!("upload task failed: {e}")))?;
-    let (catalog, mut stats) = produced??;
     let (chunks_sent, bytes_sent) = uploaded?;
+    let (catalog, mut stats) =
+        produced.map_err(|e| ClientError::Io(format!("backup worker failed: {e}")))??;
     stats.chunks_sent = chunks_sent;
     stats.bytes_sent = bytes_sent;
     let snapshot = conn

@@ -63,6 +63,7 @@ impl ClientError {
             Code::Unauthenticated => ClientError::Auth(format!("authentication failed: {msg}")),
             Code::PermissionDenied => ClientError::Auth(format!("not allowed: {msg}")),
             Code::NotFound => ClientError::NotFound(msg),
+            Code::InvalidArgument => ClientError::Usage(msg),
             Code::ResourceExhausted => ClientError::NoSpace(msg),
             Code::DataLoss => ClientError::Corrupt(msg),
             Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {

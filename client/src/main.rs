@@ -48,7 +48,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(modes::run(mode, &settings)) {
+    let result = runtime.block_on(modes::run(mode, &settings));
+    // Do not wait for a worker blocked on a pipe that nobody writes to any more.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

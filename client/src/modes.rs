@@ -17,6 +17,7 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
   backup_stream <file|-> [tag]       back up a named pipe, file or stdin (alias stream_backup)
   restore_stream <file|-> [tag|id]   restore a stream into a pipe, file or stdout (alias stream_restore)
   list [tag]                         list snapshots as JSON
+  delete <snapshot-id>               delete one snapshot (id or unique prefix, never a tag)
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
 
@@ -27,6 +28,7 @@ pub enum Mode {
     BackupStream { file: String, tag: String },
     RestoreStream { file: String, spec: String },
     List { tag: Option<String> },
+    Delete { id: String },
     CommandFromFile { file: PathBuf },
 }
 
@@ -38,6 +40,7 @@ impl Mode {
             Mode::BackupStream { .. } => "backup_stream",
             Mode::RestoreStream { .. } => "restore_stream",
             Mode::List { .. } => "list",
+            Mode::Delete { .. } => "delete",
             Mode::CommandFromFile { .. } => "command_from_file",
         }
     }
@@ -102,13 +105,16 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ("list" | "snapshots", rest) if rest.len() <= 1 => Ok(Mode::List {
             tag: rest.first().map(|t| t.to_string()),
         }),
+        ("delete" | "forget_snapshot", [id]) => Ok(Mode::Delete {
+            id: nonempty(id, "snapshot id")?,
+        }),
         ("command_from_file" | "fs_sidecar", [file]) => Ok(Mode::CommandFromFile {
             file: PathBuf::from(nonempty(file, "file")?),
         }),
         (
             "backup_files" | "fs_backup" | "restore_files" | "fs_restore" | "backup_stream"
             | "stream_backup" | "restore_stream" | "stream_restore" | "list" | "snapshots"
-            | "command_from_file" | "fs_sidecar",
+            | "command_from_file" | "fs_sidecar" | "delete" | "forget_snapshot",
             _,
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
@@ -217,6 +223,24 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
             m.insert("count".into(), json!(items.len()));
             m.insert("snapshots".into(), Value::Array(items));
             Ok(Value::Object(m))
+        }
+        Mode::Delete { id } => {
+            let snap = conn
+                .api
+                .delete_snapshot(datamover_proto::v1::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                })
+                .await
+                .map_err(|s| match s.code() {
+                    tonic::Code::NotFound => ClientError::NotFound(format!(
+                        "no snapshot with id '{id}' for this client: run `datamover-client list` to see the ids; nothing was deleted"
+                    )),
+                    _ => ClientError::from_status(s),
+                })?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            Ok(json!({"mode": "delete", "snapshot_id": snap.id, "tag": snap.tag, "deleted": true}))
         }
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }

@@ -495,16 +495,33 @@ impl Repository {
         if let Some(s) = all.iter().rev().find(|s| s.tag == spec) {
             return Ok(s.clone());
         }
-        if spec.len() >= 6 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let spec = spec.to_ascii_lowercase();
-            let matches: Vec<&SnapshotFile> =
-                all.iter().filter(|s| s.id.starts_with(&spec)).collect();
-            match matches.len() {
-                1 => return Ok(matches[0].clone()),
-                0 => {}
-                _ => return Err(RepoError::AmbiguousSnapshot(spec)),
-            }
-        }
-        Err(RepoError::SnapshotNotFound(spec.to_string()))
+        find_by_id(&all, spec)
     }
+
+    /// Deletes a snapshot of `tenant` given its id or a unique prefix (never a tag).
+    pub async fn delete_snapshot(
+        &self,
+        tenant: &str,
+        id_prefix: &str,
+    ) -> Result<SnapshotFile, RepoError> {
+        let all = self.list_snapshots(tenant).await?;
+        let snap = find_by_id(&all, id_prefix)?;
+        self.store.remove(FileType::Snapshot, &snap.id).await?;
+        self.snapshots.lock().map_err(poisoned)?.remove(&snap.id);
+        Ok(snap)
+    }
+}
+
+/// The snapshot whose id starts with `spec` (at least 6 hex digits, unique).
+fn find_by_id(all: &[SnapshotFile], spec: &str) -> Result<SnapshotFile, RepoError> {
+    if spec.len() >= 6 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let spec = spec.to_ascii_lowercase();
+        let matches: Vec<&SnapshotFile> = all.iter().filter(|s| s.id.starts_with(&spec)).collect();
+        match matches.len() {
+            1 => return Ok(matches[0].clone()),
+            0 => {}
+            _ => return Err(RepoError::AmbiguousSnapshot(spec)),
+        }
+    }
+    Err(RepoError::SnapshotNotFound(spec.to_string()))
 }

@@ -1,18 +1,25 @@
 //! Client credentials: `/etc/client_credentials/<client_id>`, one file per client, holding
-//! a token or a PHC hash (`$argon2id$…`) of it.
+//! a token or a PHC hash (`$argon2id$…`) of it; and the check of a caller against them.
+//!
+//! The set is swapped whole on reload. Every swap bumps a generation that in-flight
+//! streams watch, so a revoked or rotated credential stops them at once.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 use tonic::Status;
+
+use crate::access::{Access, Op, Role};
 
 /// A client's stored credential.
 #[derive(Clone)]
 pub enum Credential {
     Token(Vec<u8>),
-    /// A PHC string; verified with Argon2, results cached by a hash of the token.
+    /// A PHC string; verified with Argon2, successes cached by a hash of the token.
     Phc(String),
 }
 
@@ -30,6 +37,7 @@ impl Credential {
         Some(Credential::Token(trimmed.to_vec()))
     }
 
+    /// Identifies the stored credential (to notice rotation), never logged.
     fn fingerprint(&self) -> [u8; 32] {
         match self {
             Credential::Token(t) => *blake3::hash(t).as_bytes(),
@@ -61,7 +69,7 @@ pub fn valid_client_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Reads the credentials directory. Unreadable or empty files are skipped with a warning.
+/// Reads the credentials directory. Empty files and bad names are skipped with a warning.
 pub fn load_dir(dir: &Path) -> HashMap<String, Credential> {
     let mut out = HashMap::new();
     for (name, content) in crate::settings::read_mount(dir) {
@@ -84,96 +92,234 @@ pub fn load_dir(dir: &Path) -> HashMap<String, Credential> {
 pub struct Identity {
     pub client_id: String,
     pub tenant: String,
+    pub role: Role,
+    /// Which stored credential authenticated it (rotation invalidates it).
+    credential: [u8; 32],
+}
+
+impl Identity {
+    /// PERMISSION_DENIED unless the role allows `op`.
+    pub fn require(&self, op: Op) -> Result<(), Status> {
+        if self.role.allows(op) {
+            return Ok(());
+        }
+        let (what, needs) = match op {
+            Op::Backup => ("back up", "append or full"),
+            Op::Restore => ("restore", "read or full"),
+            Op::Delete => ("delete snapshots", "full"),
+            Op::List => ("list snapshots", "read"),
+        };
+        Err(Status::permission_denied(format!(
+            "client '{}' has role {} and may not {what}; ask the operator for role {needs} (config key 'roles' of the DatamoverServer)",
+            self.client_id, self.role
+        )))
+    }
 }
 
 /// A successful PHC check: (fingerprint of the stored hash, BLAKE3 of the token).
 type PhcProof = ([u8; 32], [u8; 32]);
 
-/// The current set of clients; swapped whole on reload.
+/// Slows down peers that keep presenting wrong credentials.
 #[derive(Default)]
-pub struct CredentialStore {
-    clients: RwLock<Arc<HashMap<String, Credential>>>,
-    /// (client id, credential fingerprint) -> hash of the token that verified against a PHC.
-    phc_verified: RwLock<HashMap<String, PhcProof>>,
+pub struct FailureLimiter {
+    peers: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
-const UNAUTHENTICATED: &str = "the server does not accept this client's credential: check that /etc/client-secret/<client_id> holds the credential the server has for that client id in its client_credentials secret";
+/// Free failures before slowing down; entries are forgotten after this long.
+const FREE_FAILURES: u32 = 3;
+const FAILURE_MEMORY: Duration = Duration::from_secs(600);
+const MAX_PEERS: usize = 10_000;
+
+impl FailureLimiter {
+    /// Records a failure; returns how long to delay the answer.
+    pub fn failed(&self, peer: IpAddr) -> Duration {
+        let Ok(mut peers) = self.peers.lock() else {
+            return Duration::ZERO;
+        };
+        if peers.len() >= MAX_PEERS {
+            peers.retain(|_, (_, t)| t.elapsed() < FAILURE_MEMORY);
+            if peers.len() >= MAX_PEERS {
+                peers.clear();
+            }
+        }
+        let e = peers.entry(peer).or_insert((0, Instant::now()));
+        if e.1.elapsed() > FAILURE_MEMORY {
+            e.0 = 0;
+        }
+        e.0 += 1;
+        e.1 = Instant::now();
+        Self::delay(e.0)
+    }
+
+    /// The delay after `failures` failures in a row: none for the first few, then doubling
+    /// from 100 ms up to 5 s.
+    pub fn delay(failures: u32) -> Duration {
+        if failures <= FREE_FAILURES {
+            return Duration::ZERO;
+        }
+        let exp = (failures - FREE_FAILURES - 1).min(6);
+        Duration::from_millis(100 << exp).min(Duration::from_secs(5))
+    }
+
+    pub fn succeeded(&self, peer: IpAddr) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.remove(&peer);
+        }
+    }
+}
+
+struct Clients {
+    creds: HashMap<String, Credential>,
+    access: Access,
+}
+
+/// The current clients, tenants and roles.
+pub struct CredentialStore {
+    current: RwLock<Arc<Clients>>,
+    phc_verified: RwLock<HashMap<String, PhcProof>>,
+    generation: tokio::sync::watch::Sender<u64>,
+    limiter: FailureLimiter,
+}
+
+const UNAUTHENTICATED: &str = "the server does not accept this client's credential: check that /etc/client-secret/<client_id> holds the credential the server has for that client id in its client_credentials secret (it may have been rotated or revoked)";
+
+/// What a reload changed (client ids only, never credentials).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub rotated: Vec<String>,
+    pub access_changed: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.rotated.is_empty()
+            && !self.access_changed
+    }
+}
 
 impl CredentialStore {
-    pub fn new(clients: HashMap<String, Credential>) -> Self {
+    pub fn new(creds: HashMap<String, Credential>, access: Access) -> Self {
         CredentialStore {
-            clients: RwLock::new(Arc::new(clients)),
+            current: RwLock::new(Arc::new(Clients { creds, access })),
             phc_verified: RwLock::new(HashMap::new()),
+            generation: tokio::sync::watch::channel(0).0,
+            limiter: FailureLimiter::default(),
         }
     }
 
-    /// Replaces the clients; returns (added, removed, changed) client ids.
-    pub fn replace(
-        &self,
-        new: HashMap<String, Credential>,
-    ) -> (Vec<String>, Vec<String>, Vec<String>) {
-        let old = self.snapshot();
-        let mut added: Vec<String> = new
-            .keys()
-            .filter(|k| !old.contains_key(*k))
-            .cloned()
-            .collect();
-        let mut removed: Vec<String> = old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect();
-        let mut changed: Vec<String> = new
-            .iter()
-            .filter(|(k, v)| {
-                old.get(*k)
-                    .is_some_and(|o| o.fingerprint() != v.fingerprint())
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        added.sort();
-        removed.sort();
-        changed.sort();
-        if let Ok(mut w) = self.clients.write() {
-            *w = Arc::new(new);
-        }
-        if let Ok(mut w) = self.phc_verified.write() {
-            w.retain(|k, _| !removed.contains(k) && !changed.contains(k));
-        }
-        (added, removed, changed)
-    }
-
-    pub fn snapshot(&self) -> Arc<HashMap<String, Credential>> {
-        self.clients
+    fn clients(&self) -> Arc<Clients> {
+        self.current
             .read()
             .map(|g| Arc::clone(&g))
-            .unwrap_or_default()
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    /// Replaces clients and access rules; returns what changed.
+    pub fn replace(&self, creds: HashMap<String, Credential>, access: Access) -> Changes {
+        let old = self.clients();
+        let mut c = Changes {
+            added: creds
+                .keys()
+                .filter(|k| !old.creds.contains_key(*k))
+                .cloned()
+                .collect(),
+            removed: old
+                .creds
+                .keys()
+                .filter(|k| !creds.contains_key(*k))
+                .cloned()
+                .collect(),
+            rotated: creds
+                .iter()
+                .filter(|(k, v)| {
+                    old.creds
+                        .get(*k)
+                        .is_some_and(|o| o.fingerprint() != v.fingerprint())
+                })
+                .map(|(k, _)| k.clone())
+                .collect(),
+            access_changed: old.access != access,
+        };
+        c.added.sort();
+        c.removed.sort();
+        c.rotated.sort();
+        if c.is_empty() {
+            return c;
+        }
+        if let Ok(mut w) = self.current.write() {
+            *w = Arc::new(Clients { creds, access });
+        }
+        if let Ok(mut w) = self.phc_verified.write() {
+            w.retain(|k, _| !c.removed.contains(k) && !c.rotated.contains(k));
+        }
+        self.generation.send_modify(|g| *g += 1);
+        c
+    }
+
+    pub fn client_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.clients().creds.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 
     pub fn len(&self) -> usize {
-        self.snapshot().len()
+        self.clients().creds.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Is `client_id` still a known client?
-    pub fn contains(&self, client_id: &str) -> bool {
-        self.snapshot().contains_key(client_id)
+    /// Is this identity still valid: same credential, same tenant and role?
+    pub fn is_current(&self, id: &Identity) -> bool {
+        let c = self.clients();
+        c.creds
+            .get(&id.client_id)
+            .is_some_and(|cred| cred.fingerprint() == id.credential)
+            && c.access.tenant(&id.client_id) == id.tenant
+            && c.access.role(&id.client_id) == id.role
+    }
+
+    /// UNAUTHENTICATED if the identity was revoked or rotated since it was checked.
+    pub fn still_valid(&self, id: &Identity) -> Result<(), Status> {
+        if self.is_current(id) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "this client's credential or role was revoked or changed during the operation; nothing was committed",
+            ))
+        }
+    }
+
+    /// Resolves when `id` stops being valid (for aborting in-flight streams).
+    pub async fn revoked(&self, id: &Identity) {
+        let mut rx = self.generation.subscribe();
+        loop {
+            if !self.is_current(id) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Checks a presented credential.
     pub async fn verify(&self, client_id: &str, presented: &[u8]) -> Result<Identity, Status> {
-        let cred = self
-            .snapshot()
+        let clients = self.clients();
+        let cred = clients
+            .creds
             .get(client_id)
             .cloned()
             .ok_or_else(|| Status::unauthenticated(UNAUTHENTICATED))?;
+        let fp = cred.fingerprint();
         let ok = match &cred {
             Credential::Token(t) => bool::from(t.as_slice().ct_eq(presented)),
             Credential::Phc(phc) => {
-                let fp = cred.fingerprint();
                 let token_hash = *blake3::hash(presented).as_bytes();
                 let cached = self
                     .phc_verified
@@ -187,13 +333,11 @@ impl CredentialStore {
                     let presented = presented.to_vec();
                     let ok = tokio::task::spawn_blocking(move || {
                         use argon2::password_hash::{PasswordHash, PasswordVerifier};
-                        PasswordHash::new(&phc)
-                            .map(|h| {
-                                argon2::Argon2::default()
-                                    .verify_password(&presented, &h)
-                                    .is_ok()
-                            })
-                            .unwrap_or(false)
+                        PasswordHash::new(&phc).is_ok_and(|h| {
+                            argon2::Argon2::default()
+                                .verify_password(&presented, &h)
+                                .is_ok()
+                        })
                     })
                     .await
                     .unwrap_or(false);
@@ -209,59 +353,125 @@ impl CredentialStore {
         }
         Ok(Identity {
             client_id: client_id.to_string(),
-            tenant: client_id.to_string(),
+            tenant: clients.access.tenant(client_id),
+            role: clients.access.role(client_id),
+            credential: fp,
         })
     }
-}
 
-/// Reads the caller's id and credential from request metadata and checks them.
-pub async fn authenticate(
-    store: &CredentialStore,
-    meta: &tonic::metadata::MetadataMap,
-) -> Result<Identity, Status> {
-    let client_id = meta
-        .get(datamover_proto::CLIENT_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| valid_client_id(s))
-        .ok_or_else(|| {
-            Status::unauthenticated(
-                "no client id in the request: mount the client's credential secret at /etc/client-secret",
-            )
-        })?;
-    let token = meta
-        .get(datamover_proto::AUTHORIZATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("no credential in the request"))?;
-    store.verify(client_id, token.as_bytes()).await
+    /// Reads the caller's id and credential from request metadata and checks them;
+    /// failures from one peer are answered more and more slowly.
+    pub async fn authenticate(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Identity, Status> {
+        let result = async {
+            let client_id = meta
+                .get(datamover_proto::CLIENT_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| valid_client_id(s))
+                .ok_or_else(|| {
+                    Status::unauthenticated(
+                        "no client id in the request: mount the client's credential secret at /etc/client-secret",
+                    )
+                })?;
+            let token = meta
+                .get(datamover_proto::AUTHORIZATION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| Status::unauthenticated("no credential in the request"))?;
+            self.verify(client_id, token.as_bytes()).await
+        }
+        .await;
+        if let Some(peer) = peer {
+            match &result {
+                Ok(_) => self.limiter.succeeded(peer),
+                Err(_) => {
+                    let delay = self.limiter.failed(peer);
+                    if !delay.is_zero() {
+                        tracing::warn!(%peer, delay_ms = delay.as_millis() as u64, "repeated authentication failures: slowing down");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+        result
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn store(pairs: &[(&str, &[u8])]) -> HashMap<String, Credential> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Credential::parse(v).unwrap()))
+            .collect()
+    }
+
     #[tokio::test]
-    async fn token_and_phc() {
+    async fn token_phc_rotation_and_revocation() {
         use argon2::password_hash::{PasswordHasher, SaltString};
         let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
         let phc = argon2::Argon2::default()
             .hash_password(b"s3cret", &salt)
             .unwrap()
             .to_string();
-        let mut m = HashMap::new();
-        m.insert("a".to_string(), Credential::parse(b"tok\n").unwrap());
-        m.insert("b".to_string(), Credential::parse(phc.as_bytes()).unwrap());
-        let s = CredentialStore::new(m);
-        assert!(s.verify("a", b"tok").await.is_ok());
+        let s = CredentialStore::new(
+            store(&[("a", b"tok\n"), ("b", phc.as_bytes())]),
+            Access::default(),
+        );
+        let a = s.verify("a", b"tok").await.unwrap();
+        assert_eq!(a.tenant, "a");
+        assert_eq!(a.role, Role::Full);
         assert!(s.verify("a", b"tok2").await.is_err());
         assert!(s.verify("b", b"s3cret").await.is_ok());
         assert!(s.verify("b", b"s3cret").await.is_ok()); // cached
         assert!(s.verify("b", b"wrong").await.is_err());
         assert!(s.verify("c", b"tok").await.is_err());
-        let (added, removed, _) = s.replace(HashMap::new());
-        assert!(added.is_empty());
-        assert_eq!(removed, vec!["a", "b"]);
+
+        // Rotation: the old identity is no longer current, the old token fails.
+        let c = s.replace(
+            store(&[("a", b"new"), ("b", phc.as_bytes())]),
+            Access::default(),
+        );
+        assert_eq!(c.rotated, vec!["a"]);
+        assert!(!s.is_current(&a));
         assert!(s.verify("a", b"tok").await.is_err());
+        assert!(s.verify("a", b"new").await.is_ok());
+
+        // Revocation wakes a waiter.
+        let b = s.verify("b", b"s3cret").await.unwrap();
+        let s = Arc::new(s);
+        let s2 = Arc::clone(&s);
+        let waiter = tokio::spawn(async move { s2.revoked(&b).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        let c = s.replace(store(&[("a", b"new")]), Access::default());
+        assert_eq!(c.removed, vec!["b"]);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn failures_slow_down() {
+        assert_eq!(FailureLimiter::delay(1), Duration::ZERO);
+        assert_eq!(FailureLimiter::delay(3), Duration::ZERO);
+        assert_eq!(FailureLimiter::delay(4), Duration::from_millis(100));
+        assert_eq!(FailureLimiter::delay(5), Duration::from_millis(200));
+        assert_eq!(FailureLimiter::delay(100), Duration::from_secs(5));
+        let l = FailureLimiter::default();
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.failed(peer).is_zero());
+        }
+        assert!(!l.failed(peer).is_zero());
+        l.succeeded(peer);
+        assert!(l.failed(peer).is_zero());
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!
 //! - [`settings`]: the spec's inputs: `PROTOCOLS`, `/etc/config/<key>`,
 //!   `/etc/secrets/<secret>/<key>`, all under `DATAMOVER_ROOT` when set.
-//! - [`credentials`]: `/etc/client_credentials/<client_id>`, token or PHC hash, and the
-//!   check of a caller's credential.
+//! - [`credentials`]: `/etc/client_credentials/<client_id>`, token or PHC hash, the check
+//!   of a caller's credential, and the slowdown of repeated failures.
+//! - [`access`]: tenants and roles (`append`, `read`, `full`, `admin`) from `/etc/config`.
+//! - [`reload`]: live reload of credentials and access rules (inotify plus a rescan).
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
 //! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`].
@@ -17,10 +19,12 @@
 // add noise to the handlers.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
 pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod run;
 pub mod service;
 pub mod settings;

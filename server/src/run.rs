@@ -14,14 +14,13 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::credentials::{CredentialStore, load_dir};
 use crate::http::{ProbeState, router};
 use crate::metrics::Metrics;
+use crate::reload;
 use crate::service::DatamoverService;
 use crate::settings::{Settings, StorageSettings};
 use crate::{ServerError, tls};
 
 /// How long in-flight operations may finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-/// How often the credentials directory is read again.
-const CREDENTIAL_RESCAN: Duration = Duration::from_secs(1);
 
 async fn open_repository(settings: &Settings) -> Result<Arc<Repository>, ServerError> {
     let store: Arc<dyn Store> = match &settings.storage {
@@ -79,17 +78,22 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;
 
     let cred_dir = settings.paths.etc("client_credentials");
-    let creds = Arc::new(CredentialStore::new(load_dir(&cred_dir)));
+    let config_dir = settings.paths.etc("config");
+    let creds = Arc::new(CredentialStore::new(
+        load_dir(&cred_dir),
+        reload::load_access(&config_dir),
+    ));
     metrics.clients.set(creds.len() as i64);
     if creds.is_empty() {
         tracing::warn!(dir = %cred_dir.display(), "no client credentials yet: no client can connect until one is added");
     }
-    {
-        let mut ids: Vec<String> = creds.snapshot().keys().cloned().collect();
-        ids.sort();
-        tracing::info!(clients = ?ids, "client credentials loaded");
-    }
-    spawn_credential_rescan(Arc::clone(&creds), cred_dir, Arc::clone(&metrics));
+    tracing::info!(clients = ?creds.client_ids(), "client credentials loaded");
+    reload::spawn(
+        Arc::clone(&creds),
+        cred_dir,
+        config_dir,
+        Arc::clone(&metrics),
+    );
 
     let grpc_addr = format!("{}:{}", settings.listen_host, settings.port);
     let grpc_listener = TcpListener::bind(&grpc_addr)
@@ -179,29 +183,6 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn spawn_credential_rescan(
-    creds: Arc<CredentialStore>,
-    dir: std::path::PathBuf,
-    metrics: Arc<Metrics>,
-) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CREDENTIAL_RESCAN);
-        loop {
-            tick.tick().await;
-            let dir2 = dir.clone();
-            let Ok(new) = tokio::task::spawn_blocking(move || load_dir(&dir2)).await else {
-                continue;
-            };
-            let (added, removed, changed) = creds.replace(new);
-            if !(added.is_empty() && removed.is_empty() && changed.is_empty()) {
-                metrics.credential_reloads.inc();
-                metrics.clients.set(creds.len() as i64);
-                tracing::info!(?added, ?removed, rotated = ?changed, "client credentials changed");
-            }
-        }
-    });
 }
 
 fn spawn_storage_check(repo: Arc<Repository>, ready: Arc<AtomicBool>) {

@@ -16,7 +16,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::credentials::{CredentialStore, Identity, authenticate};
+use crate::access::Op;
+use crate::credentials::{CredentialStore, Identity};
 use crate::error::status;
 use crate::metrics::Metrics;
 
@@ -47,6 +48,10 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
 }
 
+fn peer<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
+    req.remote_addr().map(|a| a.ip())
+}
+
 fn parse_ids(ids: &[Bytes]) -> Result<Vec<ChunkId>, Status> {
     ids.iter()
         .map(|b| ChunkId::from_slice(b).map_err(|e| Status::invalid_argument(e.to_string())))
@@ -72,8 +77,12 @@ impl DatamoverService {
         }
     }
 
-    async fn auth(&self, meta: &tonic::metadata::MetadataMap) -> Result<Identity, Status> {
-        authenticate(&self.creds, meta).await
+    async fn auth(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Identity, Status> {
+        self.creds.authenticate(meta, peer).await
     }
 
     fn sessions(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Session>>, Status> {
@@ -97,13 +106,7 @@ impl DatamoverService {
     }
 
     fn still_authorized(&self, id: &Identity) -> Result<(), Status> {
-        if self.creds.contains(&id.client_id) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "this client's credential was revoked during the operation",
-            ))
-        }
+        self.creds.still_valid(id)
     }
 
     async fn find_snapshot(&self, id: &Identity, spec: &str) -> Result<SnapshotFile, Status> {
@@ -120,13 +123,13 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::HelloRequest>,
     ) -> Result<Response<v1::HelloResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
         let p = self.repo.chunker_params();
         Ok(Response::new(v1::HelloResponse {
             server_version: env!("CARGO_PKG_VERSION").to_string(),
             client_id: id.client_id.clone(),
             tenant: id.tenant.clone(),
-            role: "full".to_string(),
+            role: id.role.to_string(),
             chunk_id_key: Bytes::copy_from_slice(self.repo.chunk_id_key(&id.tenant).as_bytes()),
             chunker: Some(v1::ChunkerParams {
                 min_size: p.min_size,
@@ -141,7 +144,8 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::BeginBackupRequest>,
     ) -> Result<Response<v1::BeginBackupResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Backup)?;
         let r = req.into_inner();
         check_tag(&r.tag)?;
         let kind = match v1::SnapshotKind::try_from(r.kind) {
@@ -199,7 +203,8 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::FindMissingRequest>,
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Backup)?;
         let r = req.into_inner();
         self.touch(&id, &r.session_id)?;
         let ids = parse_ids(&r.ids)?;
@@ -211,12 +216,23 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<Streaming<v1::PutChunksRequest>>,
     ) -> Result<Response<v1::PutChunksResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Backup)?;
         let mut stream = req.into_inner();
         let mut out = v1::PutChunksResponse::default();
-        while let Some(msg) = stream.next().await {
+        loop {
+            // A revoked or rotated credential ends the upload at once.
+            let next = tokio::select! {
+                m = stream.next() => m,
+                _ = self.creds.revoked(&id) => {
+                    tracing::warn!(client = %id.client_id, "credential revoked during an upload: aborted");
+                    return Err(Status::unauthenticated(
+                        "this client's credential was revoked during the backup; nothing was committed",
+                    ));
+                }
+            };
+            let Some(msg) = next else { break };
             let msg = msg?;
-            self.still_authorized(&id)?;
             self.touch(&id, &msg.session_id)?;
             let mut chunks = Vec::with_capacity(msg.chunks.len());
             for c in msg.chunks {
@@ -246,7 +262,8 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::CommitBackupRequest>,
     ) -> Result<Response<v1::CommitBackupResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Backup)?;
         let r = req.into_inner();
         self.touch(&id, &r.session_id)?;
         let session = {
@@ -313,7 +330,8 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::ListSnapshotsRequest>,
     ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::List)?;
         let tag = req.into_inner().tag;
         let snapshots = self
             .repo
@@ -333,7 +351,10 @@ impl Datamover for DatamoverService {
         &self,
         req: Request<v1::ReadCatalogRequest>,
     ) -> Result<Response<Self::ReadCatalogStream>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        if id.require(Op::Backup).is_err() {
+            id.require(Op::Restore)?;
+        }
         let spec = req.into_inner().snapshot_id;
         let snap = self.find_snapshot(&id, &spec).await?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -371,21 +392,44 @@ impl Datamover for DatamoverService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn delete_snapshot(
+        &self,
+        req: Request<v1::DeleteSnapshotRequest>,
+    ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Delete)?;
+        let spec = req.into_inner().snapshot_id;
+        if spec.len() < 8 {
+            return Err(Status::invalid_argument(
+                "give the snapshot id (at least 8 characters) to delete; tags are not accepted, so a typo cannot delete the wrong snapshot",
+            ));
+        }
+        let result = self.repo.delete_snapshot(&id.tenant, &spec).await;
+        self.metrics.op("delete", result.is_ok());
+        let snap = result.map_err(status)?;
+        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, "snapshot deleted");
+        Ok(Response::new(v1::DeleteSnapshotResponse {
+            snapshot: Some(snap.to_proto()),
+        }))
+    }
+
     type RestoreStream = ReceiverStream<Result<v1::RestoreResponse, Status>>;
 
     async fn restore(
         &self,
         req: Request<v1::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        let id = self.auth(req.metadata()).await?;
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Restore)?;
         let spec = req.into_inner().snapshot;
         let snap = self.find_snapshot(&id, &spec).await?;
         tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, "restore started");
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let repo = Arc::clone(&self.repo);
         let metrics = Arc::clone(&self.metrics);
+        let creds = Arc::clone(&self.creds);
         tokio::spawn(async move {
-            let result = restore_stream(&repo, &id, &snap, &tx, &metrics).await;
+            let result = restore_stream(&repo, &creds, &id, &snap, &tx, &metrics).await;
             metrics.op("restore", result.is_ok());
             if let Err(e) = result {
                 tracing::warn!(client = %id.client_id, error = %e.message(), "restore failed");
@@ -424,6 +468,7 @@ fn catalog_ids(snap: &SnapshotFile) -> Result<Vec<ChunkId>, Status> {
 /// about [`datamover_proto::BATCH_BYTES`].
 async fn restore_stream(
     repo: &Repository,
+    creds: &CredentialStore,
     id: &Identity,
     snap: &SnapshotFile,
     tx: &mpsc::Sender<Result<v1::RestoreResponse, Status>>,
@@ -441,6 +486,7 @@ async fn restore_stream(
             size += $len;
             if size >= datamover_proto::BATCH_BYTES {
                 size = 0;
+                creds.still_valid(id)?;
                 if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
                     return Ok(()); // the client went away
                 }
