@@ -1,0 +1,653 @@
+//! # datamover-bench
+//!
+//! Runs datamover, restic and rclone side by side against one Garage on loopback, on the
+//! same deterministic data, alternating the tools' order between repetitions, and prints
+//! medians and ratios (ours / theirs). Started by `scripts/bench.sh`, which builds the
+//! release binaries and installs restic, rclone and Garage when missing.
+//!
+//! Measured per run: wall time; CPU time (user + system, from `wait4`) of the tool's
+//! process and, for datamover, of the server during the run; peak RSS of each process
+//! (`ru_maxrss`; for the long-running server, `VmHWM` reset before each run); bytes added
+//! to the bucket under the tool's prefix.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use datamover_tests::{Garage, Server, Storage};
+use rand::{Rng, RngCore, SeedableRng};
+
+type Res<T> = Result<T, String>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Tool {
+    Datamover,
+    Restic,
+    Rclone,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Datamover => "datamover",
+            Tool::Restic => "restic",
+            Tool::Rclone => "rclone",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scenario {
+    First,
+    Unchanged,
+    Changed,
+    Restore,
+    StreamBackup,
+    StreamRestore,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::First => "first full backup",
+            Scenario::Unchanged => "unchanged re-backup",
+            Scenario::Changed => "backup after 1% of files changed",
+            Scenario::Restore => "full restore",
+            Scenario::StreamBackup => "stream backup (named pipe)",
+            Scenario::StreamRestore => "stream restore",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Copy, Default, Debug)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    rss_mib: f64,
+    server_cpu: f64,
+    server_rss_mib: f64,
+    uploaded_mib: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Spawns `cmd`, waits with `wait4`, returns (wall s, cpu s, max rss MiB).
+fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
+    let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    if cmd.get_program() != "sh" {
+        cmd.stderr(log.reopen().map_err(|e| e.to_string())?);
+    }
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = start.elapsed().as_secs_f64();
+    if r < 0 {
+        return Err(format!("{what}: wait4 failed"));
+    }
+    std::mem::forget(child);
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let err = std::fs::read_to_string(log.path()).unwrap_or_default();
+        return Err(format!("{what} failed ({status}): {}", err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")));
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as f64 / 1024.0))
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; index 11 and 12 after the ')' and state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn proc_hwm_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |k| k / 1024.0)
+}
+
+fn reset_hwm(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+// ---------------------------------------------------------------------------------------
+// Data sets, deterministic from a seed.
+
+const WORDS: &[&str] = &[
+    "backup", "restore", "chunk", "server", "client", "tenant", "volume", "kanister", "pod",
+    "storage", "object", "bucket", "snapshot", "stream", "pipe", "index", "pack", "the", "of",
+    "and", "to", "data", "device", "edge", "sync", "error", "retry", "metrics", "config",
+];
+
+fn text(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        out.extend_from_slice(WORDS[rng.gen_range(0..WORDS.len())].as_bytes());
+        out.push(if rng.gen_bool(0.1) { b'\n' } else { b' ' });
+        if rng.gen_bool(0.05) {
+            out.extend_from_slice(format!("{}", rng.r#gen::<u32>()).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Half compressible: alternating 64 KiB of text and of random bytes.
+fn half_compressible(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(64 * 1024);
+        if (out.len() / (64 * 1024)) % 2 == 0 {
+            out.extend(text(rng, n));
+        } else {
+            let mut b = vec![0u8; n];
+            rng.fill_bytes(&mut b);
+            out.extend(b);
+        }
+    }
+    out
+}
+
+/// (a) About 1 GiB: 20,000 small text files, 300 medium, 3 large half-compressible.
+fn make_mixed(root: &Path, seed: u64, scale: f64) -> Res<Vec<PathBuf>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut files = Vec::new();
+    let small = (20_000.0 * scale) as usize;
+    for i in 0..small {
+        let dir = root.join(format!("small/d{:03}", i % 200));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let p = dir.join(format!("f{i:05}.txt"));
+        let len = rng.gen_range(512..10_000);
+        std::fs::write(&p, text(&mut rng, len)).map_err(|e| e.to_string())?;
+        files.push(p);
+    }
+    std::fs::create_dir_all(root.join("medium")).map_err(|e| e.to_string())?;
+    for i in 0..((300.0 * scale) as usize).max(1) {
+        let p = root.join(format!("medium/m{i:03}.bin"));
+        let len = rng.gen_range(512 * 1024..2 * 1024 * 1024);
+        std::fs::write(&p, half_compressible(&mut rng, len)).map_err(|e| e.to_string())?;
+        files.push(p);
+    }
+    std::fs::create_dir_all(root.join("large")).map_err(|e| e.to_string())?;
+    for i in 0..3 {
+        let p = root.join(format!("large/l{i}.img"));
+        let len = (180.0 * 1024.0 * 1024.0 * scale) as usize;
+        std::fs::write(&p, half_compressible(&mut rng, len)).map_err(|e| e.to_string())?;
+        files.push(p);
+    }
+    Ok(files)
+}
+
+/// Changes 1% of the files: a line appended to each.
+fn change_one_percent(files: &[PathBuf], seed: u64) -> Res<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = (files.len() / 100).max(1);
+    for _ in 0..n {
+        let p = &files[rng.gen_range(0..files.len())];
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).map_err(|e| e.to_string())?;
+        writeln!(f, "changed {}", rng.r#gen::<u64>()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn list_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn du_bytes(root: &Path) -> u64 {
+    list_files(root).iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// The tools.
+
+struct Bench {
+    garage: Garage,
+    work: PathBuf,
+    rclone_env: Vec<(String, String)>,
+    results: BTreeMap<(String, Scenario, Tool), Vec<Sample>>,
+    floors: BTreeMap<String, (f64, f64)>,
+}
+
+impl Bench {
+    fn rclone(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("rclone");
+        c.args(args).envs(self.rclone_env.iter().map(|(k, v)| (k, v)));
+        // Garage on loopback is plain HTTP; a CA bundle from the environment only breaks it.
+        c.env_remove("AWS_CA_BUNDLE");
+        c.stdin(Stdio::null()).stdout(Stdio::null());
+        c
+    }
+
+    /// Bytes stored under a prefix of the bucket.
+    fn stored(&self, prefix: &str) -> f64 {
+        let out = self
+            .rclone(&["size", "--json", &format!("garage:{}/{prefix}", self.garage.bucket)])
+            .stdout(Stdio::piped())
+            .output();
+        out.ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["bytes"].as_f64())
+            .unwrap_or(0.0)
+    }
+
+    fn restic(&self, prefix: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("restic");
+        let cache = self.work.join("restic-cache");
+        c.args(["-o", "s3.region=garage", "-o", "s3.bucket-lookup=path", "-q", "--cache-dir"])
+            .arg(cache)
+            .args(args)
+            .env("RESTIC_REPOSITORY", format!("s3:{}/{}/{prefix}", self.garage.endpoint, self.garage.bucket))
+            .env("RESTIC_PASSWORD", "bench-password")
+            .env("AWS_ACCESS_KEY_ID", &self.garage.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.garage.secret_key)
+            .env_remove("AWS_CA_BUNDLE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        c
+    }
+
+    fn record(&mut self, ds: &str, sc: Scenario, tool: Tool, s: Sample) {
+        eprintln!(
+            "  {:<10} {:<34} wall {:>7.2}s cpu {:>7.2}s rss {:>6.0} MiB{} up {:>8.1} MiB",
+            tool.name(),
+            sc.name(),
+            s.wall,
+            s.cpu,
+            s.rss_mib,
+            if tool == Tool::Datamover {
+                format!(" (server cpu {:.2}s rss {:.0} MiB)", s.server_cpu, s.server_rss_mib)
+            } else {
+                String::new()
+            },
+            s.uploaded_mib
+        );
+        self.results.entry((ds.to_string(), sc, tool)).or_default().push(s);
+    }
+}
+
+/// A datamover server with its own repository prefix, plus a client.
+struct Ours {
+    server: Server,
+    client: datamover_tests::Client,
+    prefix: String,
+}
+
+impl Ours {
+    fn run(&self, b: &Bench, args: &[&str], stdout: Stdio) -> Res<Sample> {
+        let pid = self.server.pid().unwrap_or(0);
+        reset_hwm(pid);
+        let cpu0 = proc_cpu(pid);
+        let up0 = b.stored(&self.prefix);
+        let mut cmd = self.client.command(args);
+        cmd.stdin(Stdio::null()).stdout(stdout);
+        let (wall, cpu, rss) = measured(cmd, &format!("datamover-client {args:?}"))?;
+        Ok(Sample {
+            wall,
+            cpu,
+            rss_mib: rss,
+            server_cpu: proc_cpu(pid) - cpu0,
+            server_rss_mib: proc_hwm_mib(pid),
+            uploaded_mib: (b.stored(&self.prefix) - up0) / 1048576.0,
+        })
+    }
+}
+
+fn simple(b: &Bench, prefix: &str, cmd: Command, what: &str) -> Res<Sample> {
+    let up0 = b.stored(prefix);
+    let (wall, cpu, rss) = measured(cmd, what)?;
+    Ok(Sample { wall, cpu, rss_mib: rss, uploaded_mib: (b.stored(prefix) - up0) / 1048576.0, ..Default::default() })
+}
+
+/// Runs `f` while a writer process feeds `fifo` from `source`.
+fn with_fifo_writer<T>(fifo: &Path, source: &Path, f: impl FnOnce() -> Res<T>) -> Res<T> {
+    let _ = std::fs::remove_file(fifo);
+    nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| e.to_string())?;
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat '{}' > '{}'", source.display(), fifo.display()))
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let r = f();
+    let _ = writer.wait();
+    r
+}
+
+fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>, rep: usize, mutable: bool) -> Res<()> {
+    let order: Vec<Tool> = if rep % 2 == 0 {
+        vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
+    } else {
+        vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
+    };
+    let tag = format!("{ds}");
+    let dm_prefix = format!("{ds}-dm-{rep}");
+    let ours = Ours {
+        server: Server::start(
+            Storage::S3 { garage: &b.garage, bucket: &b.garage.bucket, prefix: &dm_prefix },
+            &[("bench", "bench-token")],
+        ),
+        client: {
+            // Filled below (needs the server).
+            datamover_tests::Client { root: tempfile::tempdir().map_err(|e| e.to_string())?, env: vec![] }
+        },
+        prefix: dm_prefix.clone(),
+    };
+    let ours = Ours { client: ours.server.client("bench", "bench-token"), ..ours };
+    let restic_prefix = format!("{ds}-restic-{rep}");
+    let rclone_prefix = format!("{ds}-rclone-{rep}");
+    let (w, _, _) = measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    let _ = w;
+    let src_s = src.to_str().ok_or("path")?.to_string();
+    let remote = format!("garage:{}/{rclone_prefix}", b.garage.bucket);
+    let rclone_copy = |b: &Bench| {
+        let mut c = b.rclone(&["copy", "--links", &src_s, &remote]);
+        c.stderr(Stdio::null());
+        c
+    };
+    for sc in [Scenario::First, Scenario::Unchanged, Scenario::Changed, Scenario::Restore] {
+        if sc == Scenario::Changed {
+            if mutable {
+                change_one_percent(files, 1000 + rep as u64)?;
+            } else {
+                continue;
+            }
+        }
+        for &tool in &order {
+            let s = match (tool, sc) {
+                (Tool::Datamover, Scenario::Restore) => {
+                    let out = b.work.join("restore-dm");
+                    let _ = std::fs::remove_dir_all(&out);
+                    let s = ours.run(b, &["restore_files", out.to_str().ok_or("path")?, &tag], Stdio::null())?;
+                    let _ = std::fs::remove_dir_all(&out);
+                    s
+                }
+                (Tool::Datamover, _) => ours.run(b, &["backup_files", &src_s, &tag], Stdio::null())?,
+                (Tool::Restic, Scenario::Restore) => {
+                    let out = b.work.join("restore-restic");
+                    let _ = std::fs::remove_dir_all(&out);
+                    let s = simple(b, &restic_prefix, b.restic(&restic_prefix, &["restore", "latest", "--target", out.to_str().ok_or("path")?]), "restic restore")?;
+                    let _ = std::fs::remove_dir_all(&out);
+                    s
+                }
+                (Tool::Restic, _) => simple(b, &restic_prefix, b.restic(&restic_prefix, &["backup", &src_s]), "restic backup")?,
+                (Tool::Rclone, Scenario::Restore) => {
+                    let out = b.work.join("restore-rclone");
+                    let _ = std::fs::remove_dir_all(&out);
+                    let mut c = b.rclone(&["copy", "--links", &remote, out.to_str().ok_or("path")?]);
+                    c.stderr(Stdio::null());
+                    let s = simple(b, &rclone_prefix, c, "rclone copy back")?;
+                    let _ = std::fs::remove_dir_all(&out);
+                    s
+                }
+                (Tool::Rclone, _) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
+            };
+            b.record(ds, sc, tool, s);
+        }
+    }
+    // The floor: uploading datamover's compressed, encrypted bytes alone (rep 0 only).
+    if rep == 0 {
+        let local = b.work.join("floor");
+        let _ = std::fs::remove_dir_all(&local);
+        let mut c = b.rclone(&["copy", &format!("garage:{}/{dm_prefix}", b.garage.bucket), local.to_str().ok_or("path")?]);
+        c.stderr(Stdio::null());
+        measured(c, "rclone download of the datamover repository")?;
+        let bytes = du_bytes(&local) as f64 / 1048576.0;
+        let mut c = b.rclone(&["copy", "--transfers", "8", local.to_str().ok_or("path")?, &format!("garage:{}/{ds}-floor", b.garage.bucket)]);
+        c.stderr(Stdio::null());
+        let (wall, _, _) = measured(c, "floor upload")?;
+        b.floors.insert(ds.to_string(), (bytes, wall));
+        let _ = std::fs::remove_dir_all(&local);
+    }
+    Ok(())
+}
+
+fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
+    let ds = "stream";
+    let order: Vec<Tool> = if rep % 2 == 0 {
+        vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
+    } else {
+        vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
+    };
+    let dm_prefix = format!("stream-dm-{rep}");
+    let server = Server::start(
+        Storage::S3 { garage: &b.garage, bucket: &b.garage.bucket, prefix: &dm_prefix },
+        &[("bench", "bench-token")],
+    );
+    let ours = Ours { client: server.client("bench", "bench-token"), server, prefix: dm_prefix };
+    let restic_prefix = format!("stream-restic-{rep}");
+    let rclone_prefix = format!("stream-rclone-{rep}");
+    measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    let fifo = b.work.join("bench.fifo");
+    let object = format!("garage:{}/{rclone_prefix}/dump.sql", b.garage.bucket);
+    for sc in [Scenario::StreamBackup, Scenario::StreamRestore] {
+        for &tool in &order {
+            let s = match (tool, sc) {
+                (Tool::Datamover, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
+                    ours.run(b, &["backup_stream", fifo.to_str().ok_or("path")?, "dump"], Stdio::null())
+                })?,
+                (Tool::Datamover, _) => ours.run(b, &["restore_stream", "-", "dump"], Stdio::null())?,
+                (Tool::Restic, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
+                    let mut c = b.restic(&restic_prefix, &["backup", "--stdin", "--stdin-filename", "dump.sql"]);
+                    c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
+                    simple(b, &restic_prefix, c, "restic backup --stdin")
+                })?,
+                (Tool::Restic, _) => simple(b, &restic_prefix, b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]), "restic dump")?,
+                (Tool::Rclone, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
+                    let mut c = b.rclone(&["rcat", &object]);
+                    c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
+                    simple(b, &rclone_prefix, c, "rclone rcat")
+                })?,
+                (Tool::Rclone, _) => simple(b, &rclone_prefix, b.rclone(&["cat", &object]), "rclone cat")?,
+            };
+            b.record(ds, sc, tool, s);
+        }
+    }
+    Ok(())
+}
+
+fn report(b: &Bench, meta: &str) -> String {
+    let mut out = String::new();
+    out.push_str(meta);
+    let datasets: Vec<String> = {
+        let mut v: Vec<String> = b.results.keys().map(|k| k.0.clone()).collect();
+        v.dedup();
+        v
+    };
+    for ds in datasets {
+        out.push_str(&format!("\n### Data set: {ds}\n\n"));
+        out.push_str("| scenario | tool | wall s | CPU s (client + server) | peak RSS MiB (client / server) | uploaded MiB | wall ratio ours/theirs |\n");
+        out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+        let scenarios: Vec<Scenario> = {
+            let mut v: Vec<Scenario> = b.results.keys().filter(|k| k.0 == ds).map(|k| k.1).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        for sc in scenarios {
+            let med = |tool: Tool, f: fn(&Sample) -> f64| {
+                b.results.get(&(ds.clone(), sc, tool)).map(|v| median(v.iter().map(f).collect()))
+            };
+            let ours_wall = med(Tool::Datamover, |s| s.wall);
+            for tool in [Tool::Datamover, Tool::Restic, Tool::Rclone] {
+                let Some(wall) = med(tool, |s| s.wall) else { continue };
+                let cpu = med(tool, |s| s.cpu).unwrap_or(0.0);
+                let rss = med(tool, |s| s.rss_mib).unwrap_or(0.0);
+                let up = med(tool, |s| s.uploaded_mib).unwrap_or(0.0);
+                let n = b.results.get(&(ds.clone(), sc, tool)).map_or(0, Vec::len);
+                let (cpu_s, rss_s, ratio) = if tool == Tool::Datamover {
+                    let scpu = med(tool, |s| s.server_cpu).unwrap_or(0.0);
+                    let srss = med(tool, |s| s.server_rss_mib).unwrap_or(0.0);
+                    (format!("{cpu:.2} + {scpu:.2}"), format!("{rss:.0} / {srss:.0}"), "".to_string())
+                } else {
+                    (
+                        format!("{cpu:.2}"),
+                        format!("{rss:.0}"),
+                        ours_wall.map_or(String::new(), |o| format!("{:.2}", o / wall)),
+                    )
+                };
+                out.push_str(&format!(
+                    "| {} | {} (n={n}) | {wall:.2} | {cpu_s} | {rss_s} | {up:.1} | {ratio} |\n",
+                    sc.name(),
+                    tool.name()
+                ));
+            }
+        }
+        if let Some((mib, secs)) = b.floors.get(&ds) {
+            out.push_str(&format!(
+                "\nFloor: uploading datamover's {mib:.0} MiB of compressed, encrypted packs to the same Garage with `rclone copy --transfers 8` alone takes {secs:.2} s.\n"
+            ));
+        }
+    }
+    out
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("datamover-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let reps: usize = get("--reps").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let scale: f64 = get("--scale").and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    let stream_mib: usize = get("--stream-mib").and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let output = get("--output");
+    let skip_tree = args.iter().any(|a| a == "--no-toolchain");
+    let work_dir = get("--work").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::tempdir_in(&work_dir).map_err(|e| e.to_string())?;
+
+    eprintln!("starting Garage");
+    let garage = Garage::start()?;
+    let rclone_env = vec![
+        ("RCLONE_CONFIG_GARAGE_TYPE".to_string(), "s3".to_string()),
+        ("RCLONE_CONFIG_GARAGE_PROVIDER".to_string(), "Other".to_string()),
+        ("RCLONE_CONFIG_GARAGE_ENDPOINT".to_string(), garage.endpoint.clone()),
+        ("RCLONE_CONFIG_GARAGE_REGION".to_string(), garage.region.clone()),
+        ("RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID".to_string(), garage.access_key.clone()),
+        ("RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY".to_string(), garage.secret_key.clone()),
+        ("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE".to_string(), "true".to_string()),
+    ];
+    let mut b = Bench {
+        garage,
+        work: work.path().to_path_buf(),
+        rclone_env,
+        results: BTreeMap::new(),
+        floors: BTreeMap::new(),
+    };
+
+    eprintln!("generating data set (a) mixed, scale {scale}");
+    let mixed = work.path().join("mixed");
+    let mut mixed_files = make_mixed(&mixed, 42, scale)?;
+    let mixed_bytes = du_bytes(&mixed);
+    let checkpoint = |b: &Bench| {
+        if let Some(o) = &output {
+            let _ = std::fs::write(o, report(b, "(partial: the run is still going)\n"));
+        }
+    };
+    for rep in 0..reps {
+        eprintln!("mixed: repetition {}", rep + 1);
+        tree_scenarios(&mut b, "mixed", &mixed, &mut mixed_files, rep, true)?;
+        checkpoint(&b);
+    }
+
+    let sysroot = String::from_utf8_lossy(
+        &Command::new("rustc").args(["--print", "sysroot"]).output().map_err(|e| e.to_string())?.stdout,
+    )
+    .trim()
+    .to_string();
+    let mut tree_desc = String::from("skipped");
+    if !skip_tree && !sysroot.is_empty() {
+        let tree = PathBuf::from(&sysroot);
+        let mut files = list_files(&tree);
+        tree_desc = format!("{} ({} files, {:.0} MiB)", tree.display(), files.len(), du_bytes(&tree) as f64 / 1048576.0);
+        for rep in 0..reps {
+            eprintln!("toolchain: repetition {}", rep + 1);
+            tree_scenarios(&mut b, "toolchain", &tree, &mut files, rep, false)?;
+            checkpoint(&b);
+        }
+    }
+
+    eprintln!("generating data set (c) a {stream_mib} MiB stream");
+    let stream = work.path().join("stream.sql");
+    {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut f = File::create(&stream).map_err(|e| e.to_string())?;
+        for _ in 0..stream_mib {
+            f.write_all(&half_compressible(&mut rng, 1024 * 1024)).map_err(|e| e.to_string())?;
+        }
+    }
+    for rep in 0..reps {
+        eprintln!("stream: repetition {}", rep + 1);
+        stream_scenarios(&mut b, &stream, rep)?;
+    }
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    let version = |c: &str, a: &str| {
+        Command::new(c).arg(a).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default()
+    };
+    let meta = format!(
+        "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
+         Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
+         Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
+         (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1048576.0,
+        env!("CARGO_PKG_VERSION"),
+        version("restic", "version"),
+        version("rclone", "version"),
+        mixed_bytes as f64 / 1048576.0,
+        mixed_files.len(),
+    );
+    let text = report(&b, &meta);
+    println!("{text}");
+    if let Some(o) = output {
+        std::fs::write(&o, &text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
