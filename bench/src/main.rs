@@ -91,11 +91,27 @@ fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
     let start = Instant::now();
     let child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
     let pid = child.id() as libc::pid_t;
+    // ru_maxrss keeps the pre-exec high-water mark of the (v)forked parent, so the peak is
+    // sampled from the child's own VmHWM (reset by exec) until it exits.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = std::sync::Arc::clone(&peak);
+        let pid = pid as u32;
+        std::thread::spawn(move || {
+            // Bounded by the child's life: /proc/<pid> goes away when it is reaped.
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let kib = (proc_hwm_mib(pid) * 1024.0) as u64;
+                peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let wall = start.elapsed().as_secs_f64();
+    let _ = sampler.join();
     if r < 0 {
         return Err(format!("{what}: wait4 failed"));
     }
@@ -105,7 +121,8 @@ fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
         return Err(format!("{what} failed ({status}): {}", err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")));
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as f64 / 1024.0))
+    let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
+    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), peak_mib))
 }
 
 fn proc_cpu(pid: u32) -> f64 {
