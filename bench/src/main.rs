@@ -79,7 +79,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Spawns `cmd`, waits with `wait4`, returns (wall s, cpu s, max rss MiB).
@@ -118,7 +122,10 @@ fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
     std::mem::forget(child);
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         let err = std::fs::read_to_string(log.path()).unwrap_or_default();
-        return Err(format!("{what} failed ({status}): {}", err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")));
+        return Err(format!(
+            "{what} failed ({status}): {}",
+            err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        ));
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
@@ -221,7 +228,10 @@ fn change_one_percent(files: &[PathBuf], seed: u64) -> Res<()> {
     let n = (files.len() / 100).max(1);
     for _ in 0..n {
         let p = &files[rng.gen_range(0..files.len())];
-        let mut f = std::fs::OpenOptions::new().append(true).open(p).map_err(|e| e.to_string())?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .map_err(|e| e.to_string())?;
         writeln!(f, "changed {}", rng.r#gen::<u64>()).map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -245,7 +255,11 @@ fn list_files(root: &Path) -> Vec<PathBuf> {
 }
 
 fn du_bytes(root: &Path) -> u64 {
-    list_files(root).iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
+    list_files(root)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -262,7 +276,8 @@ struct Bench {
 impl Bench {
     fn rclone(&self, args: &[&str]) -> Command {
         let mut c = Command::new("rclone");
-        c.args(args).envs(self.rclone_env.iter().map(|(k, v)| (k, v)));
+        c.args(args)
+            .envs(self.rclone_env.iter().map(|(k, v)| (k, v)));
         // Garage on loopback is plain HTTP; a CA bundle from the environment only breaks it.
         c.env_remove("AWS_CA_BUNDLE");
         c.stdin(Stdio::null()).stdout(Stdio::null());
@@ -272,7 +287,11 @@ impl Bench {
     /// Bytes stored under a prefix of the bucket.
     fn stored(&self, prefix: &str) -> f64 {
         let out = self
-            .rclone(&["size", "--json", &format!("garage:{}/{prefix}", self.garage.bucket)])
+            .rclone(&[
+                "size",
+                "--json",
+                &format!("garage:{}/{prefix}", self.garage.bucket),
+            ])
             .stdout(Stdio::piped())
             .output();
         out.ok()
@@ -284,16 +303,29 @@ impl Bench {
     fn restic(&self, prefix: &str, args: &[&str]) -> Command {
         let mut c = Command::new("restic");
         let cache = self.work.join("restic-cache");
-        c.args(["-o", "s3.region=garage", "-o", "s3.bucket-lookup=path", "-q", "--cache-dir"])
-            .arg(cache)
-            .args(args)
-            .env("RESTIC_REPOSITORY", format!("s3:{}/{}/{prefix}", self.garage.endpoint, self.garage.bucket))
-            .env("RESTIC_PASSWORD", "bench-password")
-            .env("AWS_ACCESS_KEY_ID", &self.garage.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &self.garage.secret_key)
-            .env_remove("AWS_CA_BUNDLE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        c.args([
+            "-o",
+            "s3.region=garage",
+            "-o",
+            "s3.bucket-lookup=path",
+            "-q",
+            "--cache-dir",
+        ])
+        .arg(cache)
+        .args(args)
+        .env(
+            "RESTIC_REPOSITORY",
+            format!(
+                "s3:{}/{}/{prefix}",
+                self.garage.endpoint, self.garage.bucket
+            ),
+        )
+        .env("RESTIC_PASSWORD", "bench-password")
+        .env("AWS_ACCESS_KEY_ID", &self.garage.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &self.garage.secret_key)
+        .env_remove("AWS_CA_BUNDLE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
         c
     }
 
@@ -306,13 +338,19 @@ impl Bench {
             s.cpu,
             s.rss_mib,
             if tool == Tool::Datamover {
-                format!(" (server cpu {:.2}s rss {:.0} MiB)", s.server_cpu, s.server_rss_mib)
+                format!(
+                    " (server cpu {:.2}s rss {:.0} MiB)",
+                    s.server_cpu, s.server_rss_mib
+                )
             } else {
                 String::new()
             },
             s.uploaded_mib
         );
-        self.results.entry((ds.to_string(), sc, tool)).or_default().push(s);
+        self.results
+            .entry((ds.to_string(), sc, tool))
+            .or_default()
+            .push(s);
     }
 }
 
@@ -346,13 +384,20 @@ impl Ours {
 fn simple(b: &Bench, prefix: &str, cmd: Command, what: &str) -> Res<Sample> {
     let up0 = b.stored(prefix);
     let (wall, cpu, rss) = measured(cmd, what)?;
-    Ok(Sample { wall, cpu, rss_mib: rss, uploaded_mib: (b.stored(prefix) - up0) / 1048576.0, ..Default::default() })
+    Ok(Sample {
+        wall,
+        cpu,
+        rss_mib: rss,
+        uploaded_mib: (b.stored(prefix) - up0) / 1048576.0,
+        ..Default::default()
+    })
 }
 
 /// Runs `f` while a writer process feeds `fifo` from `source`.
 fn with_fifo_writer<T>(fifo: &Path, source: &Path, f: impl FnOnce() -> Res<T>) -> Res<T> {
     let _ = std::fs::remove_file(fifo);
-    nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| e.to_string())?;
+    nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| e.to_string())?;
     let mut writer = Command::new("sh")
         .arg("-c")
         .arg(format!("cat '{}' > '{}'", source.display(), fifo.display()))
@@ -363,26 +408,43 @@ fn with_fifo_writer<T>(fifo: &Path, source: &Path, f: impl FnOnce() -> Res<T>) -
     r
 }
 
-fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>, rep: usize, mutable: bool) -> Res<()> {
-    let order: Vec<Tool> = if rep % 2 == 0 {
+fn tree_scenarios(
+    b: &mut Bench,
+    ds: &str,
+    src: &Path,
+    files: &mut [PathBuf],
+    rep: usize,
+    mutable: bool,
+) -> Res<()> {
+    let order: Vec<Tool> = if rep.is_multiple_of(2) {
         vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
     } else {
         vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
     };
-    let tag = format!("{ds}");
+    let tag = ds.to_string();
     let dm_prefix = format!("{ds}-dm-{rep}");
     let ours = Ours {
         server: Server::start(
-            Storage::S3 { garage: &b.garage, bucket: &b.garage.bucket, prefix: &dm_prefix },
+            Storage::S3 {
+                garage: &b.garage,
+                bucket: &b.garage.bucket,
+                prefix: &dm_prefix,
+            },
             &[("bench", "bench-token")],
         ),
         client: {
             // Filled below (needs the server).
-            datamover_tests::Client { root: tempfile::tempdir().map_err(|e| e.to_string())?, env: vec![] }
+            datamover_tests::Client {
+                root: tempfile::tempdir().map_err(|e| e.to_string())?,
+                env: vec![],
+            }
         },
         prefix: dm_prefix.clone(),
     };
-    let ours = Ours { client: ours.server.client("bench", "bench-token"), ..ours };
+    let ours = Ours {
+        client: ours.server.client("bench", "bench-token"),
+        ..ours
+    };
     let restic_prefix = format!("{ds}-restic-{rep}");
     let rclone_prefix = format!("{ds}-rclone-{rep}");
     let (w, _, _) = measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
@@ -394,7 +456,12 @@ fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>,
         c.stderr(Stdio::null());
         c
     };
-    for sc in [Scenario::First, Scenario::Unchanged, Scenario::Changed, Scenario::Restore] {
+    for sc in [
+        Scenario::First,
+        Scenario::Unchanged,
+        Scenario::Changed,
+        Scenario::Restore,
+    ] {
         if sc == Scenario::Changed {
             if mutable {
                 change_one_percent(files, 1000 + rep as u64)?;
@@ -407,23 +474,43 @@ fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>,
                 (Tool::Datamover, Scenario::Restore) => {
                     let out = b.work.join("restore-dm");
                     let _ = std::fs::remove_dir_all(&out);
-                    let s = ours.run(b, &["restore_files", out.to_str().ok_or("path")?, &tag], Stdio::null())?;
+                    let s = ours.run(
+                        b,
+                        &["restore_files", out.to_str().ok_or("path")?, &tag],
+                        Stdio::null(),
+                    )?;
                     let _ = std::fs::remove_dir_all(&out);
                     s
                 }
-                (Tool::Datamover, _) => ours.run(b, &["backup_files", &src_s, &tag], Stdio::null())?,
+                (Tool::Datamover, _) => {
+                    ours.run(b, &["backup_files", &src_s, &tag], Stdio::null())?
+                }
                 (Tool::Restic, Scenario::Restore) => {
                     let out = b.work.join("restore-restic");
                     let _ = std::fs::remove_dir_all(&out);
-                    let s = simple(b, &restic_prefix, b.restic(&restic_prefix, &["restore", "latest", "--target", out.to_str().ok_or("path")?]), "restic restore")?;
+                    let s = simple(
+                        b,
+                        &restic_prefix,
+                        b.restic(
+                            &restic_prefix,
+                            &["restore", "latest", "--target", out.to_str().ok_or("path")?],
+                        ),
+                        "restic restore",
+                    )?;
                     let _ = std::fs::remove_dir_all(&out);
                     s
                 }
-                (Tool::Restic, _) => simple(b, &restic_prefix, b.restic(&restic_prefix, &["backup", &src_s]), "restic backup")?,
+                (Tool::Restic, _) => simple(
+                    b,
+                    &restic_prefix,
+                    b.restic(&restic_prefix, &["backup", &src_s]),
+                    "restic backup",
+                )?,
                 (Tool::Rclone, Scenario::Restore) => {
                     let out = b.work.join("restore-rclone");
                     let _ = std::fs::remove_dir_all(&out);
-                    let mut c = b.rclone(&["copy", "--links", &remote, out.to_str().ok_or("path")?]);
+                    let mut c =
+                        b.rclone(&["copy", "--links", &remote, out.to_str().ok_or("path")?]);
                     c.stderr(Stdio::null());
                     let s = simple(b, &rclone_prefix, c, "rclone copy back")?;
                     let _ = std::fs::remove_dir_all(&out);
@@ -438,11 +525,21 @@ fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>,
     if rep == 0 {
         let local = b.work.join("floor");
         let _ = std::fs::remove_dir_all(&local);
-        let mut c = b.rclone(&["copy", &format!("garage:{}/{dm_prefix}", b.garage.bucket), local.to_str().ok_or("path")?]);
+        let mut c = b.rclone(&[
+            "copy",
+            &format!("garage:{}/{dm_prefix}", b.garage.bucket),
+            local.to_str().ok_or("path")?,
+        ]);
         c.stderr(Stdio::null());
         measured(c, "rclone download of the datamover repository")?;
         let bytes = du_bytes(&local) as f64 / 1048576.0;
-        let mut c = b.rclone(&["copy", "--transfers", "8", local.to_str().ok_or("path")?, &format!("garage:{}/{ds}-floor", b.garage.bucket)]);
+        let mut c = b.rclone(&[
+            "copy",
+            "--transfers",
+            "8",
+            local.to_str().ok_or("path")?,
+            &format!("garage:{}/{ds}-floor", b.garage.bucket),
+        ]);
         c.stderr(Stdio::null());
         let (wall, _, _) = measured(c, "floor upload")?;
         b.floors.insert(ds.to_string(), (bytes, wall));
@@ -453,17 +550,25 @@ fn tree_scenarios(b: &mut Bench, ds: &str, src: &Path, files: &mut Vec<PathBuf>,
 
 fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let ds = "stream";
-    let order: Vec<Tool> = if rep % 2 == 0 {
+    let order: Vec<Tool> = if rep.is_multiple_of(2) {
         vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
     } else {
         vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
     };
     let dm_prefix = format!("stream-dm-{rep}");
     let server = Server::start(
-        Storage::S3 { garage: &b.garage, bucket: &b.garage.bucket, prefix: &dm_prefix },
+        Storage::S3 {
+            garage: &b.garage,
+            bucket: &b.garage.bucket,
+            prefix: &dm_prefix,
+        },
         &[("bench", "bench-token")],
     );
-    let ours = Ours { client: server.client("bench", "bench-token"), server, prefix: dm_prefix };
+    let ours = Ours {
+        client: server.client("bench", "bench-token"),
+        server,
+        prefix: dm_prefix,
+    };
     let restic_prefix = format!("stream-restic-{rep}");
     let rclone_prefix = format!("stream-rclone-{rep}");
     measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
@@ -472,22 +577,40 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     for sc in [Scenario::StreamBackup, Scenario::StreamRestore] {
         for &tool in &order {
             let s = match (tool, sc) {
-                (Tool::Datamover, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
-                    ours.run(b, &["backup_stream", fifo.to_str().ok_or("path")?, "dump"], Stdio::null())
-                })?,
-                (Tool::Datamover, _) => ours.run(b, &["restore_stream", "-", "dump"], Stdio::null())?,
+                (Tool::Datamover, Scenario::StreamBackup) => {
+                    with_fifo_writer(&fifo, source, || {
+                        ours.run(
+                            b,
+                            &["backup_stream", fifo.to_str().ok_or("path")?, "dump"],
+                            Stdio::null(),
+                        )
+                    })?
+                }
+                (Tool::Datamover, _) => {
+                    ours.run(b, &["restore_stream", "-", "dump"], Stdio::null())?
+                }
                 (Tool::Restic, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
-                    let mut c = b.restic(&restic_prefix, &["backup", "--stdin", "--stdin-filename", "dump.sql"]);
+                    let mut c = b.restic(
+                        &restic_prefix,
+                        &["backup", "--stdin", "--stdin-filename", "dump.sql"],
+                    );
                     c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
                     simple(b, &restic_prefix, c, "restic backup --stdin")
                 })?,
-                (Tool::Restic, _) => simple(b, &restic_prefix, b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]), "restic dump")?,
+                (Tool::Restic, _) => simple(
+                    b,
+                    &restic_prefix,
+                    b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]),
+                    "restic dump",
+                )?,
                 (Tool::Rclone, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
                     let mut c = b.rclone(&["rcat", &object]);
                     c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
                     simple(b, &rclone_prefix, c, "rclone rcat")
                 })?,
-                (Tool::Rclone, _) => simple(b, &rclone_prefix, b.rclone(&["cat", &object]), "rclone cat")?,
+                (Tool::Rclone, _) => {
+                    simple(b, &rclone_prefix, b.rclone(&["cat", &object]), "rclone cat")?
+                }
             };
             b.record(ds, sc, tool, s);
         }
@@ -508,18 +631,27 @@ fn report(b: &Bench, meta: &str) -> String {
         out.push_str("| scenario | tool | wall s | CPU s (client + server) | peak RSS MiB (client / server) | uploaded MiB | wall ratio ours/theirs |\n");
         out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
         let scenarios: Vec<Scenario> = {
-            let mut v: Vec<Scenario> = b.results.keys().filter(|k| k.0 == ds).map(|k| k.1).collect();
+            let mut v: Vec<Scenario> = b
+                .results
+                .keys()
+                .filter(|k| k.0 == ds)
+                .map(|k| k.1)
+                .collect();
             v.sort();
             v.dedup();
             v
         };
         for sc in scenarios {
             let med = |tool: Tool, f: fn(&Sample) -> f64| {
-                b.results.get(&(ds.clone(), sc, tool)).map(|v| median(v.iter().map(f).collect()))
+                b.results
+                    .get(&(ds.clone(), sc, tool))
+                    .map(|v| median(v.iter().map(f).collect()))
             };
             let ours_wall = med(Tool::Datamover, |s| s.wall);
             for tool in [Tool::Datamover, Tool::Restic, Tool::Rclone] {
-                let Some(wall) = med(tool, |s| s.wall) else { continue };
+                let Some(wall) = med(tool, |s| s.wall) else {
+                    continue;
+                };
                 let cpu = med(tool, |s| s.cpu).unwrap_or(0.0);
                 let rss = med(tool, |s| s.rss_mib).unwrap_or(0.0);
                 let up = med(tool, |s| s.uploaded_mib).unwrap_or(0.0);
@@ -527,7 +659,11 @@ fn report(b: &Bench, meta: &str) -> String {
                 let (cpu_s, rss_s, ratio) = if tool == Tool::Datamover {
                     let scpu = med(tool, |s| s.server_cpu).unwrap_or(0.0);
                     let srss = med(tool, |s| s.server_rss_mib).unwrap_or(0.0);
-                    (format!("{cpu:.2} + {scpu:.2}"), format!("{rss:.0} / {srss:.0}"), "".to_string())
+                    (
+                        format!("{cpu:.2} + {scpu:.2}"),
+                        format!("{rss:.0} / {srss:.0}"),
+                        "".to_string(),
+                    )
                 } else {
                     (
                         format!("{cpu:.2}"),
@@ -560,25 +696,52 @@ fn main() {
 
 fn real_main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let reps: usize = get("--reps").and_then(|v| v.parse().ok()).unwrap_or(3);
     let scale: f64 = get("--scale").and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let stream_mib: usize = get("--stream-mib").and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let stream_mib: usize = get("--stream-mib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let output = get("--output");
     let skip_tree = args.iter().any(|a| a == "--no-toolchain");
-    let work_dir = get("--work").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let work_dir = get("--work")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let work = tempfile::tempdir_in(&work_dir).map_err(|e| e.to_string())?;
 
     eprintln!("starting Garage");
     let garage = Garage::start()?;
     let rclone_env = vec![
         ("RCLONE_CONFIG_GARAGE_TYPE".to_string(), "s3".to_string()),
-        ("RCLONE_CONFIG_GARAGE_PROVIDER".to_string(), "Other".to_string()),
-        ("RCLONE_CONFIG_GARAGE_ENDPOINT".to_string(), garage.endpoint.clone()),
-        ("RCLONE_CONFIG_GARAGE_REGION".to_string(), garage.region.clone()),
-        ("RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID".to_string(), garage.access_key.clone()),
-        ("RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY".to_string(), garage.secret_key.clone()),
-        ("RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE".to_string(), "true".to_string()),
+        (
+            "RCLONE_CONFIG_GARAGE_PROVIDER".to_string(),
+            "Other".to_string(),
+        ),
+        (
+            "RCLONE_CONFIG_GARAGE_ENDPOINT".to_string(),
+            garage.endpoint.clone(),
+        ),
+        (
+            "RCLONE_CONFIG_GARAGE_REGION".to_string(),
+            garage.region.clone(),
+        ),
+        (
+            "RCLONE_CONFIG_GARAGE_ACCESS_KEY_ID".to_string(),
+            garage.access_key.clone(),
+        ),
+        (
+            "RCLONE_CONFIG_GARAGE_SECRET_ACCESS_KEY".to_string(),
+            garage.secret_key.clone(),
+        ),
+        (
+            "RCLONE_CONFIG_GARAGE_FORCE_PATH_STYLE".to_string(),
+            "true".to_string(),
+        ),
     ];
     let mut b = Bench {
         garage,
@@ -604,7 +767,11 @@ fn real_main() -> Res<()> {
     }
 
     let sysroot = String::from_utf8_lossy(
-        &Command::new("rustc").args(["--print", "sysroot"]).output().map_err(|e| e.to_string())?.stdout,
+        &Command::new("rustc")
+            .args(["--print", "sysroot"])
+            .output()
+            .map_err(|e| e.to_string())?
+            .stdout,
     )
     .trim()
     .to_string();
@@ -612,7 +779,12 @@ fn real_main() -> Res<()> {
     if !skip_tree && !sysroot.is_empty() {
         let tree = PathBuf::from(&sysroot);
         let mut files = list_files(&tree);
-        tree_desc = format!("{} ({} files, {:.0} MiB)", tree.display(), files.len(), du_bytes(&tree) as f64 / 1048576.0);
+        tree_desc = format!(
+            "{} ({} files, {:.0} MiB)",
+            tree.display(),
+            files.len(),
+            du_bytes(&tree) as f64 / 1048576.0
+        );
         for rep in 0..reps {
             eprintln!("toolchain: repetition {}", rep + 1);
             tree_scenarios(&mut b, "toolchain", &tree, &mut files, rep, false)?;
@@ -626,7 +798,8 @@ fn real_main() -> Res<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut f = File::create(&stream).map_err(|e| e.to_string())?;
         for _ in 0..stream_mib {
-            f.write_all(&half_compressible(&mut rng, 1024 * 1024)).map_err(|e| e.to_string())?;
+            f.write_all(&half_compressible(&mut rng, 1024 * 1024))
+                .map_err(|e| e.to_string())?;
         }
     }
     for rep in 0..reps {
@@ -637,10 +810,23 @@ fn real_main() -> Res<()> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_default();
     let version = |c: &str, a: &str| {
-        Command::new(c).arg(a).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default()
+        Command::new(c)
+            .arg(a)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default()
     };
     let meta = format!(
         "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\

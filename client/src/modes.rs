@@ -18,18 +18,41 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
   restore_stream <file|-> [tag|id]   restore a stream into a pipe, file or stdout (alias stream_restore)
   list [tag]                         list snapshots as JSON
   delete <snapshot-id>               delete one snapshot (id or unique prefix, never a tag)
+  forget [--tag T] --keep-last N|--keep-hourly N|--keep-daily N|--keep-weekly N|--keep-monthly N [--dry-run]
+                                     apply a retention policy per tag
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
-    BackupFiles { path: PathBuf, tag: String },
-    RestoreFiles { path: PathBuf, spec: String },
-    BackupStream { file: String, tag: String },
-    RestoreStream { file: String, spec: String },
-    List { tag: Option<String> },
-    Delete { id: String },
-    CommandFromFile { file: PathBuf },
+    BackupFiles {
+        path: PathBuf,
+        tag: String,
+    },
+    RestoreFiles {
+        path: PathBuf,
+        spec: String,
+    },
+    BackupStream {
+        file: String,
+        tag: String,
+    },
+    RestoreStream {
+        file: String,
+        spec: String,
+    },
+    List {
+        tag: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    Forget {
+        request: datamover_proto::v1::ForgetRequest,
+    },
+    CommandFromFile {
+        file: PathBuf,
+    },
 }
 
 impl Mode {
@@ -41,6 +64,7 @@ impl Mode {
             Mode::RestoreStream { .. } => "restore_stream",
             Mode::List { .. } => "list",
             Mode::Delete { .. } => "delete",
+            Mode::Forget { .. } => "forget",
             Mode::CommandFromFile { .. } => "command_from_file",
         }
     }
@@ -105,6 +129,7 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ("list" | "snapshots", rest) if rest.len() <= 1 => Ok(Mode::List {
             tag: rest.first().map(|t| t.to_string()),
         }),
+        ("forget" | "retention", opts) => parse_forget(opts),
         ("delete" | "forget_snapshot", [id]) => Ok(Mode::Delete {
             id: nonempty(id, "snapshot id")?,
         }),
@@ -119,6 +144,40 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
     }
+}
+
+fn parse_forget(opts: &[&str]) -> Result<Mode, ClientError> {
+    let mut r = datamover_proto::v1::ForgetRequest::default();
+    let mut it = opts.iter();
+    while let Some(opt) = it.next() {
+        if *opt == "--dry-run" || *opt == "-n" {
+            r.dry_run = true;
+            continue;
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| usage(&format!("{opt} needs a value")))?;
+        let number = || {
+            value
+                .parse::<u32>()
+                .map_err(|_| usage(&format!("{opt} takes a number, not '{value}'")))
+        };
+        match *opt {
+            "--tag" => r.tag = value.to_string(),
+            "--keep-last" => r.keep_last = number()?,
+            "--keep-hourly" => r.keep_hourly = number()?,
+            "--keep-daily" => r.keep_daily = number()?,
+            "--keep-weekly" => r.keep_weekly = number()?,
+            "--keep-monthly" => r.keep_monthly = number()?,
+            other => return Err(usage(&format!("unknown forget option '{other}'"))),
+        }
+    }
+    if r.keep_last + r.keep_hourly + r.keep_daily + r.keep_weekly + r.keep_monthly == 0 {
+        return Err(usage(
+            "forget needs at least one --keep-* option (an empty policy would remove everything)",
+        ));
+    }
+    Ok(Mode::Forget { request: r })
 }
 
 fn backup_json(mode: &str, r: &BackupResult) -> Value {
@@ -242,6 +301,20 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
                 .unwrap_or_default();
             Ok(json!({"mode": "delete", "snapshot_id": snap.id, "tag": snap.tag, "deleted": true}))
         }
+        Mode::Forget { request } => {
+            let resp = conn.api.forget(request.clone()).await?.into_inner();
+            let ids = |v: &[datamover_proto::v1::Snapshot]| {
+                v.iter().map(|s| json!(s.id)).collect::<Vec<Value>>()
+            };
+            Ok(json!({
+                "mode": "forget",
+                "dry_run": request.dry_run,
+                "kept": resp.kept.len(),
+                "removed": resp.removed.len(),
+                "kept_ids": ids(&resp.kept),
+                "removed_ids": ids(&resp.removed),
+            }))
+        }
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
 }
@@ -351,5 +424,34 @@ mod tests {
             Err(ClientError::Usage(_))
         ));
         assert!(matches!(parse(&s(&[])), Err(ClientError::Usage(_))));
+        match parse(&s(&[
+            "forget",
+            "--tag",
+            "db",
+            "--keep-last",
+            "3",
+            "--keep-daily",
+            "7",
+            "--dry-run",
+        ]))
+        .unwrap()
+        {
+            Mode::Forget { request } => {
+                assert_eq!(
+                    (request.keep_last, request.keep_daily, request.dry_run),
+                    (3, 7, true)
+                );
+                assert_eq!(request.tag, "db");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&s(&["forget", "--dry-run"])),
+            Err(ClientError::Usage(_))
+        ));
+        assert!(matches!(
+            parse(&s(&["forget", "--keep-last", "x"])),
+            Err(ClientError::Usage(_))
+        ));
     }
 }

@@ -13,6 +13,8 @@
 //!   trailer listing them), the in-memory chunk index rebuilt from `index/` objects, and
 //!   snapshots. Chunk ids are keyed per tenant; every index entry records its tenant.
 //!
+//! - [`retention`]: which snapshots a `forget` policy keeps.
+//!
 //! Object layout: `config`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`.
 
 pub mod crypto;
@@ -20,6 +22,7 @@ mod error;
 mod index;
 mod pack;
 mod repository;
+pub mod retention;
 mod snapshot;
 pub mod store;
 

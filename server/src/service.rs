@@ -9,6 +9,7 @@ use datamover_core::catalog::CatalogDecoder;
 use datamover_core::chunk::ChunkId;
 use datamover_proto::v1::datamover_server::Datamover;
 use datamover_proto::v1::{self, restore_item::Item};
+use datamover_repo::retention::{self, Policy};
 use datamover_repo::{RepoError, Repository, SnapshotFile, SnapshotKindName};
 use rand::RngCore;
 use tokio::sync::mpsc;
@@ -411,6 +412,57 @@ impl Datamover for DatamoverService {
         Ok(Response::new(v1::DeleteSnapshotResponse {
             snapshot: Some(snap.to_proto()),
         }))
+    }
+
+    async fn forget(
+        &self,
+        req: Request<v1::ForgetRequest>,
+    ) -> Result<Response<v1::ForgetResponse>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Delete)?;
+        let r = req.into_inner();
+        let policy = Policy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+        };
+        if policy.is_empty() {
+            return Err(Status::invalid_argument(
+                "give at least one --keep-* option: an empty policy would remove every snapshot",
+            ));
+        }
+        let all = self.repo.list_snapshots(&id.tenant).await.map_err(status)?;
+        let mut tags: Vec<String> = all
+            .iter()
+            .map(|s| s.tag.clone())
+            .filter(|t| r.tag.is_empty() || *t == r.tag)
+            .collect();
+        tags.sort();
+        tags.dedup();
+        let mut out = v1::ForgetResponse::default();
+        for tag in tags {
+            let group: Vec<SnapshotFile> = all.iter().filter(|s| s.tag == tag).cloned().collect();
+            let times: Vec<&str> = group.iter().map(|s| s.time.as_str()).collect();
+            let keep = retention::keep(&times, &policy);
+            for (i, s) in group.iter().enumerate() {
+                if keep.contains(&i) {
+                    out.kept.push(s.to_proto());
+                    continue;
+                }
+                if !r.dry_run {
+                    self.repo
+                        .delete_snapshot(&id.tenant, &s.id)
+                        .await
+                        .map_err(status)?;
+                    tracing::info!(client = %id.client_id, snapshot = %s.id, tag = %s.tag, "snapshot forgotten");
+                }
+                out.removed.push(s.to_proto());
+            }
+        }
+        self.metrics.op("forget", true);
+        Ok(Response::new(out))
     }
 
     type RestoreStream = ReceiverStream<Result<v1::RestoreResponse, Status>>;
