@@ -423,32 +423,22 @@ fn tree_scenarios(
     };
     let tag = ds.to_string();
     let dm_prefix = format!("{ds}-dm-{rep}");
-    let ours = Ours {
-        server: Server::start(
-            Storage::S3 {
-                garage: &b.garage,
-                bucket: &b.garage.bucket,
-                prefix: &dm_prefix,
-            },
-            &[("bench", "bench-token")],
-        ),
-        client: {
-            // Filled below (needs the server).
-            datamover_tests::Client {
-                root: tempfile::tempdir().map_err(|e| e.to_string())?,
-                env: vec![],
-            }
+    let server = Server::start(
+        Storage::S3 {
+            garage: &b.garage,
+            bucket: &b.garage.bucket,
+            prefix: &dm_prefix,
         },
-        prefix: dm_prefix.clone(),
-    };
+        &[("bench", "bench-token")],
+    );
     let ours = Ours {
-        client: ours.server.client("bench", "bench-token"),
-        ..ours
+        client: server.client("bench", "bench-token"),
+        server,
+        prefix: dm_prefix.clone(),
     };
     let restic_prefix = format!("{ds}-restic-{rep}");
     let rclone_prefix = format!("{ds}-rclone-{rep}");
-    let (w, _, _) = measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
-    let _ = w;
+    measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
     let src_s = src.to_str().ok_or("path")?.to_string();
     let remote = format!("garage:{}/{rclone_prefix}", b.garage.bucket);
     let rclone_copy = |b: &Bench| {
