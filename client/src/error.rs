@@ -56,6 +56,27 @@ impl ClientError {
         ClientError::Io(format!("{what}: {e}"))
     }
 
+    /// Did the connection to the server break (rather than the server refusing)?
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            ClientError::Unreachable(_) => true,
+            ClientError::Server(m) => {
+                let m = m.to_ascii_lowercase();
+                [
+                    "transport",
+                    "connection",
+                    "broken pipe",
+                    "reset",
+                    "h2 protocol",
+                    "stream closed",
+                ]
+                .iter()
+                .any(|k| m.contains(k))
+            }
+            _ => false,
+        }
+    }
+
     /// Maps a status from the server.
     pub fn from_status(s: Status) -> Self {
         let msg = s.message().to_string();

@@ -20,6 +20,11 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
   delete <snapshot-id>               delete one snapshot (id or unique prefix, never a tag)
   forget [--tag T] --keep-last N|--keep-hourly N|--keep-daily N|--keep-weekly N|--keep-monthly N [--dry-run]
                                      apply a retention policy per tag
+  verify [--read-data | --read-data-subset F] [--all-tenants]
+                                     check that snapshots are whole; with --read-data,
+                                     read packs back and check every chunk (exit 8 if not)
+  maintenance [--dry-run]            garbage collection, repacking, index compaction
+                                     (role admin; alias prune)
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
 
@@ -50,6 +55,12 @@ pub enum Mode {
     Forget {
         request: datamover_proto::v1::ForgetRequest,
     },
+    Verify {
+        request: datamover_proto::v1::VerifyRequest,
+    },
+    Maintenance {
+        dry_run: bool,
+    },
     CommandFromFile {
         file: PathBuf,
     },
@@ -65,6 +76,8 @@ impl Mode {
             Mode::List { .. } => "list",
             Mode::Delete { .. } => "delete",
             Mode::Forget { .. } => "forget",
+            Mode::Verify { .. } => "verify",
+            Mode::Maintenance { .. } => "maintenance",
             Mode::CommandFromFile { .. } => "command_from_file",
         }
     }
@@ -130,6 +143,12 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
             tag: rest.first().map(|t| t.to_string()),
         }),
         ("forget" | "retention", opts) => parse_forget(opts),
+        ("verify" | "check", opts) => parse_verify(opts),
+        ("maintenance" | "prune", opts) => match opts {
+            [] => Ok(Mode::Maintenance { dry_run: false }),
+            ["--dry-run" | "-n"] => Ok(Mode::Maintenance { dry_run: true }),
+            _ => Err(usage("maintenance takes only --dry-run")),
+        },
         ("delete" | "forget_snapshot", [id]) => Ok(Mode::Delete {
             id: nonempty(id, "snapshot id")?,
         }),
@@ -144,6 +163,37 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
     }
+}
+
+fn parse_verify(opts: &[&str]) -> Result<Mode, ClientError> {
+    let mut r = datamover_proto::v1::VerifyRequest::default();
+    let mut it = opts.iter();
+    while let Some(opt) = it.next() {
+        match *opt {
+            "--read-data" => r.read_data = 1.0,
+            "--all-tenants" => r.all_tenants = true,
+            "--read-data-subset" => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| usage("--read-data-subset needs a fraction, e.g. 0.1 or 10%"))?;
+                r.read_data = parse_fraction(v).ok_or_else(|| {
+                    usage(&format!(
+                        "--read-data-subset takes a fraction between 0 and 1 or a percentage, not '{v}'"
+                    ))
+                })?;
+            }
+            other => return Err(usage(&format!("unknown verify option '{other}'"))),
+        }
+    }
+    Ok(Mode::Verify { request: r })
+}
+
+fn parse_fraction(v: &str) -> Option<f64> {
+    let f = match v.strip_suffix('%') {
+        Some(p) => p.parse::<f64>().ok()? / 100.0,
+        None => v.parse::<f64>().ok()?,
+    };
+    (0.0..=1.0).contains(&f).then_some(f)
 }
 
 fn parse_forget(opts: &[&str]) -> Result<Mode, ClientError> {
@@ -315,6 +365,61 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
                 "removed_ids": ids(&resp.removed),
             }))
         }
+        Mode::Verify { request } => {
+            let r = conn.api.verify(*request).await?.into_inner();
+            let problems: Vec<Value> = r
+                .problems
+                .iter()
+                .map(|p| {
+                    json!({
+                        "snapshot_id": p.snapshot_id, "tag": p.tag,
+                        "path": String::from_utf8_lossy(&p.path), "message": p.message,
+                    })
+                })
+                .collect();
+            let result = json!({
+                "mode": "verify",
+                "snapshots": r.snapshots,
+                "files": r.files,
+                "chunks": r.chunks,
+                "packs_read": r.packs_read,
+                "bytes_read": r.bytes_read,
+                "problems": problems.len(),
+                "details": problems,
+            });
+            if let Some(first) = r.problems.first() {
+                print_result(&result, false);
+                let file = String::from_utf8_lossy(&first.path);
+                return Err(ClientError::Corrupt(format!(
+                    "verify found {} problem(s); first: snapshot {} (tag {}){}: {}. Restore the affected files from another snapshot and run a new backup; details in the JSON above",
+                    r.problems.len(),
+                    first.snapshot_id,
+                    first.tag,
+                    if file.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", file {file}")
+                    },
+                    first.message
+                )));
+            }
+            Ok(result)
+        }
+        Mode::Maintenance { dry_run } => {
+            let r = conn
+                .api
+                .maintain(datamover_proto::v1::MaintainRequest { dry_run: *dry_run })
+                .await?
+                .into_inner();
+            let report: Value = serde_json::from_str(&r.report_json)
+                .map_err(|e| ClientError::Server(format!("unreadable maintenance report: {e}")))?;
+            let mut m = Map::new();
+            m.insert("mode".into(), json!("maintenance"));
+            if let Value::Object(fields) = report {
+                m.extend(fields);
+            }
+            Ok(Value::Object(m))
+        }
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
 }
@@ -324,11 +429,45 @@ pub async fn run(mode: Mode, settings: &ClientSettings) -> Result<(), ClientErro
     if let Mode::CommandFromFile { file } = &mode {
         return command_from_file(file, settings).await;
     }
-    let mut conn = connect::connect(settings).await?;
-    let result = run_one(&mut conn, &mode).await?;
-    print_result(&result, mode.uses_stdout());
-    Ok(())
+    // A directory can be read again, so a backup that loses its connection reconnects
+    // and starts over; chunks the server already stored are found and not sent again.
+    // Streams cannot be re-read, and other modes are cheap to rerun by hand.
+    let attempts = if matches!(mode, Mode::BackupFiles { .. }) {
+        BACKUP_ATTEMPTS
+    } else {
+        1
+    };
+    let mut delay = std::time::Duration::from_secs(1);
+    for attempt in 1..=attempts {
+        let outcome = async {
+            let mut conn = connect::connect(settings).await?;
+            run_one(&mut conn, &mode).await
+        }
+        .await;
+        match outcome {
+            Ok(result) => {
+                print_result(&result, mode.uses_stdout());
+                return Ok(());
+            }
+            Err(e) if attempt < attempts && e.is_connection_lost() => {
+                tracing::warn!(error = %e, attempt, "connection lost: reconnecting; chunks already stored are not sent again");
+                eprintln!(
+                    "datamover-client: {e}; reconnecting (attempt {} of {attempts})",
+                    attempt + 1
+                );
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Unreachable(
+        "lost the connection to the server on every attempt: check the server and the network, then retry".into(),
+    ))
 }
+
+/// Attempts of a `backup_files` whose connection drops.
+const BACKUP_ATTEMPTS: u32 = 4;
 
 /// Sidecar mode: each line of `file` is a mode and its arguments (shell quoting). A
 /// regular file is read once; a named pipe is reopened after each writer closes it, so

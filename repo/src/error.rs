@@ -28,6 +28,8 @@ pub enum RepoError {
     AmbiguousSnapshot(String),
     #[error("chunk {0} does not match its id: the client sent corrupted data; retry the backup")]
     ChunkMismatch(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("internal task failed: {0}")]
     Task(String),
 }

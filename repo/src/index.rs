@@ -26,6 +26,9 @@ pub(crate) struct PackEntries {
     pub name: String,
     #[prost(message, repeated, tag = "2")]
     pub blobs: Vec<BlobEntry>,
+    /// When the pack was written (Unix seconds; 0 if unknown).
+    #[prost(uint64, tag = "3")]
+    pub created_unix: u64,
 }
 
 /// An `index/<id>` object: the contents of some packs.
@@ -60,6 +63,9 @@ pub(crate) struct Index {
     tenant_ids: HashMap<String, u32>,
     chunks: HashMap<ChunkId, Location>,
     pending: HashMap<ChunkId, u32>,
+    /// Chunks condemned by maintenance, with the pack holding the condemned copy: that
+    /// copy counts as absent, so a backup that needs the chunk stores it again.
+    condemned: HashMap<ChunkId, String>,
     pub loaded_files: HashSet<String>,
 }
 
@@ -88,21 +94,69 @@ impl Index {
             };
             let tenant = self.tenant_id(&b.tenant);
             self.pending.remove(&id);
-            self.chunks.entry(id).or_insert(Location {
+            let loc = Location {
                 pack: pack_no,
                 offset: b.offset,
                 length: b.length,
                 raw_length: b.raw_length,
                 tenant,
-            });
+            };
+            // A live copy wins over a condemned one; otherwise the first copy stays.
+            match self.chunks.get(&id) {
+                Some(old) if !self.is_condemned_at(&id, old.pack) => {}
+                _ => {
+                    self.chunks.insert(id, loc);
+                }
+            }
         }
     }
 
-    /// Is the chunk stored for this tenant?
-    pub fn is_stored(&self, tenant: &str, id: &ChunkId) -> bool {
-        self.chunks
+    fn is_condemned_at(&self, id: &ChunkId, pack: u32) -> bool {
+        self.condemned
             .get(id)
-            .is_some_and(|l| self.same_tenant(l.tenant, tenant))
+            .is_some_and(|p| self.packs.get(pack as usize) == Some(p))
+    }
+
+    /// Marks a chunk's copy in `pack` as condemned.
+    pub fn condemn(&mut self, id: ChunkId, pack: &str) {
+        self.condemned.insert(id, pack.to_string());
+    }
+
+    pub fn clear_condemned(&mut self) {
+        self.condemned.clear();
+    }
+
+    /// Is the chunk stored (and not condemned) for this tenant?
+    pub fn is_stored(&self, tenant: &str, id: &ChunkId) -> bool {
+        self.chunks.get(id).is_some_and(|l| {
+            self.same_tenant(l.tenant, tenant) && !self.is_condemned_at(id, l.pack)
+        })
+    }
+
+    /// A condemned chunk of this tenant that is still readable (so it can be rescued).
+    pub fn condemned_copy(&self, tenant: &str, id: &ChunkId) -> Option<Found> {
+        let l = self.chunks.get(id)?;
+        if !self.same_tenant(l.tenant, tenant) || !self.is_condemned_at(id, l.pack) {
+            return None;
+        }
+        self.found(l)
+    }
+
+    /// The pack holding the copy of a chunk that reads use, with its tenant.
+    pub fn canonical(&self, id: &ChunkId) -> Option<(&str, &str)> {
+        let l = self.chunks.get(id)?;
+        Some((
+            self.packs.get(l.pack as usize)?.as_str(),
+            self.tenants.get(l.tenant as usize)?.as_str(),
+        ))
+    }
+
+    /// Forgets every stored chunk (keeping reservations and condemnations), before a
+    /// reload from the index objects.
+    pub fn clear_stored(&mut self) {
+        self.packs.clear();
+        self.chunks.clear();
+        self.loaded_files.clear();
     }
 
     pub fn is_pending(&self, tenant: &str, id: &ChunkId) -> bool {
@@ -130,12 +184,20 @@ impl Index {
         if !self.same_tenant(l.tenant, tenant) {
             return None;
         }
+        self.found(l)
+    }
+
+    fn found(&self, l: &Location) -> Option<Found> {
         Some(Found {
             pack: self.packs.get(l.pack as usize)?.clone(),
             offset: l.offset,
             length: l.length,
             raw_length: l.raw_length,
         })
+    }
+
+    pub fn has_pack(&self, name: &str) -> bool {
+        self.packs.iter().any(|p| p == name)
     }
 
     pub fn len(&self) -> usize {
@@ -164,10 +226,44 @@ mod tests {
                 raw_length: 5,
                 tenant: "a".into(),
             }],
+            created_unix: 0,
         });
         assert!(ix.is_stored("a", &id));
         assert!(!ix.is_stored("b", &id));
         assert!(ix.find("b", &id).is_none());
         assert_eq!(ix.find("a", &id).unwrap().pack, "p");
+    }
+
+    fn pack(name: &str, id: ChunkId) -> PackEntries {
+        PackEntries {
+            name: name.into(),
+            blobs: vec![BlobEntry {
+                id: id.0.to_vec(),
+                offset: 0,
+                length: 10,
+                raw_length: 5,
+                tenant: "a".into(),
+            }],
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn condemned_copy_counts_as_absent_until_stored_again() {
+        let mut ix = Index::default();
+        let id = ChunkId([2; 32]);
+        ix.add_pack(&pack("old", id));
+        ix.condemn(id, "old");
+        assert!(!ix.is_stored("a", &id));
+        assert_eq!(ix.condemned_copy("a", &id).unwrap().pack, "old");
+        // a backup may store it again: the new copy is the one reads use
+        assert!(ix.reserve("a", id));
+        ix.add_pack(&pack("new", id));
+        assert!(ix.is_stored("a", &id));
+        assert_eq!(ix.find("a", &id).unwrap().pack, "new");
+        assert!(ix.condemned_copy("a", &id).is_none());
+        // a condemnation of the old copy does not touch the new one
+        ix.add_pack(&pack("third", id));
+        assert_eq!(ix.find("a", &id).unwrap().pack, "new");
     }
 }

@@ -13,9 +13,13 @@
 //!   trailer listing them), the in-memory chunk index rebuilt from `index/` objects, and
 //!   snapshots. Chunk ids are keyed per tenant; every index entry records its tenant.
 //!
+//! - Maintenance (in `repository/maintenance.rs`): two-phase garbage collection that is
+//!   safe while backups run on any replica, repacking, index compaction, adoption of
+//!   packs a crashed server left unindexed, and `verify`.
 //! - [`retention`]: which snapshots a `forget` policy keeps.
 //!
-//! Object layout: `config`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`.
+//! Object layout: `config`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`,
+//! `condemned/<id>`, `locks/<name>`.
 
 pub mod crypto;
 mod error;
@@ -27,5 +31,8 @@ mod snapshot;
 pub mod store;
 
 pub use error::RepoError;
-pub use repository::{Repository, RepositoryOptions};
+pub use repository::{
+    AddResult, MaintenanceOptions, MaintenanceReport, Problem, Repository, RepositoryOptions,
+    VerifyOptions, VerifyReport,
+};
 pub use snapshot::{SnapshotFile, SnapshotKindName};

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use datamover_core::chunk::ChunkId;
 use prost::Message;
 
+use crate::RepoError;
 use crate::crypto::{self, Keys};
 use crate::index::{BlobEntry, PackEntries};
 
@@ -31,6 +32,25 @@ impl PackBuilder {
             .filter_map(|b| ChunkId::from_slice(&b.id).ok())
     }
 
+    /// Parses a pack's trailer: its entries (named `name`), checking the pack is whole.
+    pub fn read_trailer(keys: &Keys, name: &str, pack: &[u8]) -> Result<PackEntries, RepoError> {
+        let what = format!("pack {name}");
+        let len_at = pack
+            .len()
+            .checked_sub(4)
+            .ok_or_else(|| RepoError::corrupt(&what, "too short"))?;
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&pack[len_at..]);
+        let start = len_at
+            .checked_sub(u32::from_le_bytes(len) as usize)
+            .ok_or_else(|| RepoError::corrupt(&what, "trailer length out of range"))?;
+        let plain = crypto::unpack_blob(keys, &pack[start..len_at], 0, &what)?;
+        let mut entries =
+            PackEntries::decode(plain.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
+        entries.name = name.to_string();
+        Ok(entries)
+    }
+
     pub fn add(&mut self, id: &ChunkId, tenant: &str, sealed: &[u8], raw_length: usize) {
         self.blobs.push(BlobEntry {
             id: id.0.to_vec(),
@@ -44,9 +64,13 @@ impl PackBuilder {
 
     /// Finishes the pack: its name, bytes and entries.
     pub fn finish(self, keys: &Keys) -> (String, Bytes, PackEntries) {
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut entries = PackEntries {
             name: String::new(),
             blobs: self.blobs,
+            created_unix,
         };
         let mut buf = self.buf;
         let trailer = crypto::pack_blob(keys, &entries.encode_to_vec(), 3);

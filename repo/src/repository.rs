@@ -1,15 +1,18 @@
 //! The repository: chunks in packs, the index, snapshots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use datamover_core::catalog::CatalogDecoder;
 use datamover_core::chunk::{ChunkId, ChunkIdKey, ChunkerParams};
+use datamover_proto::v1::Node;
+use futures::StreamExt;
 use prost::Message;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
 
 use crate::RepoError;
 use crate::crypto::{self, KdfParams, Keys};
@@ -19,6 +22,10 @@ use crate::snapshot::SnapshotFile;
 use crate::store::{FileType, Store};
 
 const KEY_CHECK: &[u8] = b"datamover repository key check v1";
+/// Catalog nodes queued towards their reader.
+const CATALOG_NODE_QUEUE: usize = 1024;
+/// Catalog chunks read ahead of the one being decoded.
+const CATALOG_READ_AHEAD: usize = 4;
 
 /// Tuning of a repository.
 #[derive(Debug, Clone)]
@@ -32,6 +39,8 @@ pub struct RepositoryOptions {
     pub kdf_memory_kib: u32,
     /// An index object is written after this many packs even before a commit.
     pub packs_per_index: usize,
+    /// Packs uploaded at once in the background (each holds one pack in memory).
+    pub upload_concurrency: usize,
 }
 
 impl Default for RepositoryOptions {
@@ -39,9 +48,10 @@ impl Default for RepositoryOptions {
         RepositoryOptions {
             pack_size: 8 * 1024 * 1024,
             compression_level: 3,
-            pack_cache_packs: 4,
+            pack_cache_packs: 6,
             kdf_memory_kib: 64 * 1024,
             packs_per_index: 32,
+            upload_concurrency: 4,
         }
     }
 }
@@ -59,10 +69,32 @@ struct RepoConfig {
     key_check: String,
 }
 
+/// The open pack, filled by every session. Full packs are uploaded in the background.
 struct Writer {
     pack: PackBuilder,
-    /// Packs written whose entries are not yet in an index object.
-    unindexed: Vec<PackEntries>,
+}
+
+/// Chunks reserved by one `add_chunks` call; released on drop unless it succeeded.
+struct Reservation<'a> {
+    repo: &'a Repository,
+    tenant: &'a str,
+    ids: Vec<ChunkId>,
+    armed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(mut ix) = self.repo.index.write() {
+            for id in &self.ids {
+                if !ix.is_stored(self.tenant, id) {
+                    ix.unreserve(id);
+                }
+            }
+        }
+    }
 }
 
 /// What [`Repository::add_chunks`] did.
@@ -80,9 +112,24 @@ pub struct Repository {
     chunker: ChunkerParams,
     index: RwLock<Index>,
     writer: tokio::sync::Mutex<Writer>,
+    /// One permit per pack upload in flight; holding them all means none is in flight.
+    uploads: Arc<Semaphore>,
+    /// Packs uploaded whose entries are not yet in an index object.
+    unindexed: Mutex<Vec<PackEntries>>,
+    /// The first background upload failure since the last flush.
+    upload_error: Mutex<Option<RepoError>>,
+    /// `condemned/` objects applied to the index.
+    condemned_files: Mutex<HashSet<String>>,
     snapshots: Mutex<HashMap<String, SnapshotFile>>,
-    pack_cache: Mutex<lru::LruCache<String, Bytes>>,
+    /// Packs read recently or being read: concurrent readers of one pack share one GET.
+    pack_cache: Mutex<lru::LruCache<String, Arc<OnceCell<Bytes>>>>,
 }
+
+mod maintenance;
+
+pub use maintenance::{
+    MaintenanceOptions, MaintenanceReport, Problem, VerifyOptions, VerifyReport,
+};
 
 fn poisoned<T>(_: T) -> RepoError {
     RepoError::Task("a lock was poisoned by a panic".into())
@@ -122,6 +169,7 @@ impl Repository {
             .validate()
             .map_err(|e| RepoError::BadConfig(e.to_string()))?;
         let cache = NonZeroUsize::new(opts.pack_cache_packs.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
         let repo = Arc::new(Repository {
             store,
             keys,
@@ -130,12 +178,16 @@ impl Repository {
             index: RwLock::new(Index::default()),
             writer: tokio::sync::Mutex::new(Writer {
                 pack: PackBuilder::default(),
-                unindexed: Vec::new(),
             }),
+            uploads,
+            unindexed: Mutex::new(Vec::new()),
+            upload_error: Mutex::new(None),
+            condemned_files: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
             pack_cache: Mutex::new(lru::LruCache::new(cache)),
         });
         repo.refresh_index().await?;
+        repo.adopt_orphan_packs().await?;
         tracing::info!(
             location = %repo.store.location(),
             repository = %config.id,
@@ -199,33 +251,6 @@ impl Repository {
         self.keys.chunk_id_key(tenant)
     }
 
-    /// Loads index objects not seen yet (written by this or another server).
-    pub async fn refresh_index(&self) -> Result<(), RepoError> {
-        let names = self.store.list(FileType::Index).await?;
-        for name in names {
-            if self
-                .index
-                .read()
-                .map_err(poisoned)?
-                .loaded_files
-                .contains(&name)
-            {
-                continue;
-            }
-            let sealed = self.store.read(FileType::Index, &name).await?;
-            let what = format!("index/{name}");
-            let raw = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
-            let file =
-                IndexFile::decode(raw.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
-            let mut ix = self.index.write().map_err(poisoned)?;
-            for p in &file.packs {
-                ix.add_pack(p);
-            }
-            ix.loaded_files.insert(name);
-        }
-        Ok(())
-    }
-
     /// Indexes (into `ids`) of the chunks this tenant must send.
     pub fn find_missing(&self, tenant: &str, ids: &[ChunkId]) -> Result<Vec<u32>, RepoError> {
         let ix = self.index.read().map_err(poisoned)?;
@@ -259,18 +284,17 @@ impl Repository {
         if todo.is_empty() {
             return Ok(result);
         }
-        let reserved: Vec<ChunkId> = todo.iter().map(|(id, _)| *id).collect();
-        let outcome = self.seal_and_pack(tenant, todo, &mut result).await;
-        if outcome.is_err() {
-            // Whatever did not reach a written pack is free for another attempt.
-            let mut ix = self.index.write().map_err(poisoned)?;
-            for id in &reserved {
-                if !ix.is_stored(tenant, id) {
-                    ix.unreserve(id);
-                }
-            }
-        }
-        outcome.map(|()| result)
+        // Whatever does not reach a pack (an error, or the caller gone mid-way) is freed
+        // for another attempt; otherwise FindMissing would keep calling it pending.
+        let mut reservation = Reservation {
+            repo: self,
+            tenant,
+            ids: todo.iter().map(|(id, _)| *id).collect(),
+            armed: true,
+        };
+        self.seal_and_pack(tenant, todo, &mut result).await?;
+        reservation.armed = false;
+        Ok(result)
     }
 
     async fn seal_and_pack(
@@ -303,40 +327,86 @@ impl Repository {
                 self.write_pack(&mut w).await?;
             }
         }
-        if w.unindexed.len() >= self.opts.packs_per_index {
-            self.write_index(&mut w).await?;
+        let unindexed = self.unindexed.lock().map_err(poisoned)?.len();
+        if unindexed >= self.opts.packs_per_index {
+            self.write_index().await?;
         }
         Ok(())
     }
 
-    async fn write_pack(&self, w: &mut Writer) -> Result<(), RepoError> {
+    /// Seals the open pack and uploads it in the background (at most
+    /// `upload_concurrency` at once, so a full pipeline waits here). Its chunks stay
+    /// pending until the upload is done, then become stored; a failed upload frees them
+    /// and is reported by the next call that writes a pack, and by [`Self::flush`].
+    async fn write_pack(self: &Arc<Self>, w: &mut Writer) -> Result<(), RepoError> {
+        self.take_upload_error()?;
         if w.pack.is_empty() {
             return Ok(());
         }
+        let permit = Arc::clone(&self.uploads)
+            .acquire_owned()
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))?;
         let pack = std::mem::take(&mut w.pack);
         let ids: Vec<ChunkId> = pack.ids().collect();
         let (name, bytes, entries) = pack.finish(&self.keys);
-        let len = bytes.len();
-        if let Err(e) = self.store.write(FileType::Pack, &name, bytes).await {
-            let mut ix = self.index.write().map_err(poisoned)?;
-            for id in &ids {
-                ix.unreserve(id);
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let len = bytes.len();
+            let outcome = me.store.write(FileType::Pack, &name, bytes).await;
+            // Poisoned locks only follow a panic elsewhere; the permit is released anyway.
+            match outcome {
+                Ok(()) => {
+                    tracing::debug!(pack = %name, bytes = len, chunks = ids.len(), "pack written");
+                    if let Ok(mut ix) = me.index.write() {
+                        ix.add_pack(&entries);
+                    }
+                    if let Ok(mut u) = me.unindexed.lock() {
+                        u.push(entries);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pack = %name, error = %e, "pack upload failed");
+                    if let Ok(mut ix) = me.index.write() {
+                        for id in &ids {
+                            ix.unreserve(id);
+                        }
+                    }
+                    if let Ok(mut slot) = me.upload_error.lock() {
+                        slot.get_or_insert(e.into());
+                    }
+                }
             }
-            return Err(e.into());
-        }
-        tracing::debug!(pack = %name, bytes = len, chunks = ids.len(), "pack written");
-        self.index.write().map_err(poisoned)?.add_pack(&entries);
-        w.unindexed.push(entries);
+            drop(permit);
+        });
         Ok(())
     }
 
-    async fn write_index(&self, w: &mut Writer) -> Result<(), RepoError> {
-        if w.unindexed.is_empty() {
+    fn take_upload_error(&self) -> Result<(), RepoError> {
+        match self.upload_error.lock().map_err(poisoned)?.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until no pack upload is in flight.
+    async fn wait_for_uploads(&self) -> Result<(), RepoError> {
+        let all = u32::try_from(self.opts.upload_concurrency.max(1)).unwrap_or(u32::MAX);
+        let permits = self
+            .uploads
+            .acquire_many(all)
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))?;
+        drop(permits);
+        self.take_upload_error()
+    }
+
+    async fn write_index(&self) -> Result<(), RepoError> {
+        let packs = std::mem::take(&mut *self.unindexed.lock().map_err(poisoned)?);
+        if packs.is_empty() {
             return Ok(());
         }
-        let file = IndexFile {
-            packs: std::mem::take(&mut w.unindexed),
-        };
+        let file = IndexFile { packs };
         let plain = file.encode_to_vec();
         let sealed = crypto::pack_blob(&self.keys, &plain, 3);
         let name = blake3::hash(&sealed).to_hex().to_string();
@@ -345,7 +415,7 @@ impl Repository {
             .write(FileType::Index, &name, Bytes::from(sealed))
             .await
         {
-            w.unindexed = file.packs;
+            self.unindexed.lock().map_err(poisoned)?.extend(file.packs);
             return Err(e.into());
         }
         self.index
@@ -356,27 +426,64 @@ impl Repository {
         Ok(())
     }
 
-    /// Writes the open pack and an index object for every pack written so far.
-    pub async fn flush(&self) -> Result<(), RepoError> {
+    /// Writes the open pack, waits for every upload, and writes an index object for
+    /// every pack uploaded so far. After it returns, every chunk accepted before the
+    /// call is stored (or the call failed).
+    pub async fn flush(self: &Arc<Self>) -> Result<(), RepoError> {
         let mut w = self.writer.lock().await;
         self.write_pack(&mut w).await?;
-        self.write_index(&mut w).await
+        self.wait_for_uploads().await?;
+        self.write_index().await
     }
 
     async fn pack_bytes(&self, name: &str) -> Result<Bytes, RepoError> {
-        if let Some(b) = self.pack_cache.lock().map_err(poisoned)?.get(name) {
-            return Ok(b.clone());
-        }
-        let bytes = self.store.read(FileType::Pack, name).await?;
-        self.pack_cache
-            .lock()
-            .map_err(poisoned)?
-            .put(name.to_string(), bytes.clone());
-        Ok(bytes)
+        let cell = {
+            let mut cache = self.pack_cache.lock().map_err(poisoned)?;
+            Arc::clone(cache.get_or_insert(name.to_string(), || Arc::new(OnceCell::new())))
+        };
+        cell.get_or_try_init(|| async {
+            self.store
+                .read(FileType::Pack, name)
+                .await
+                .map_err(RepoError::from)
+        })
+        .await
+        .cloned()
     }
 
-    /// Reads a chunk and checks it against its id.
-    pub async fn read_chunk(&self, tenant: &str, id: &ChunkId) -> Result<Bytes, RepoError> {
+    /// The stored (uncompressed) size of a chunk, if this tenant has it.
+    pub fn chunk_size(&self, tenant: &str, id: &ChunkId) -> Result<Option<u32>, RepoError> {
+        Ok(self
+            .index
+            .read()
+            .map_err(poisoned)?
+            .find(tenant, id)
+            .map(|f| f.raw_length))
+    }
+
+    /// Reads a chunk and checks it against its id. Decryption and decompression run on
+    /// the blocking pool, so many reads can proceed at once.
+    pub async fn read_chunk(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &ChunkId,
+    ) -> Result<Bytes, RepoError> {
+        match self.read_chunk_once(tenant, id).await {
+            // Maintenance on another server may have rewritten the pack: reload, retry.
+            Err(RepoError::Store(e)) if e.is_not_found() => {
+                self.pack_cache.lock().map_err(poisoned)?.clear();
+                self.refresh_index().await?;
+                self.read_chunk_once(tenant, id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_chunk_once(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &ChunkId,
+    ) -> Result<Bytes, RepoError> {
         let found = self
             .index
             .read()
@@ -389,52 +496,95 @@ impl Repository {
             found.offset as usize + found.length as usize,
         );
         let what = format!("chunk {} in pack {}", id.to_hex(), found.pack);
-        let sealed = pack
-            .get(start..end)
-            .ok_or_else(|| RepoError::corrupt(&what, "pack is shorter than its index says"))?;
-        let data = crypto::unpack_blob(&self.keys, sealed, found.raw_length as usize, &what)?;
-        if self.keys.chunk_id_key(tenant).id(&data) != *id {
-            return Err(RepoError::corrupt(&what, "content does not match its id"));
+        if pack.len() < end {
+            return Err(RepoError::corrupt(
+                &what,
+                "pack is shorter than its index says",
+            ));
         }
-        Ok(Bytes::from(data))
+        let sealed = pack.slice(start..end);
+        let me = Arc::clone(self);
+        let key = self.keys.chunk_id_key(tenant);
+        let id = *id;
+        tokio::task::spawn_blocking(move || {
+            let data = crypto::unpack_blob(&me.keys, &sealed, found.raw_length as usize, &what)?;
+            if key.id(&data) != id {
+                return Err(RepoError::corrupt(&what, "content does not match its id"));
+            }
+            Ok(Bytes::from(data))
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))?
+    }
+
+    /// Streams the nodes of a catalog in order, reading its chunks a few ahead. The
+    /// channel is bounded; dropping the receiver stops the reader.
+    pub fn catalog_nodes(
+        self: &Arc<Self>,
+        tenant: &str,
+        catalog: Vec<ChunkId>,
+    ) -> mpsc::Receiver<Result<Node, RepoError>> {
+        let (tx, rx) = mpsc::channel(CATALOG_NODE_QUEUE);
+        let me = Arc::clone(self);
+        let tenant = tenant.to_string();
+        tokio::spawn(async move {
+            let reads = futures::stream::iter(catalog)
+                .map(|cid| {
+                    let me = Arc::clone(&me);
+                    let tenant = tenant.clone();
+                    async move { me.read_chunk(&tenant, &cid).await }
+                })
+                .buffered(CATALOG_READ_AHEAD);
+            futures::pin_mut!(reads);
+            let mut decoder = CatalogDecoder::new();
+            let corrupt = |e| RepoError::corrupt("snapshot catalog", e);
+            let outcome = async {
+                while let Some(data) = reads.next().await {
+                    decoder.push(&data?);
+                    while let Some(node) = decoder.next_node().map_err(corrupt)? {
+                        if tx.send(Ok(node)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                decoder.finish().map_err(corrupt)
+            }
+            .await;
+            if let Err(e) = outcome {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
     }
 
     /// The chunk ids a catalog refers to (catalog chunks included) that are not stored.
     pub async fn missing_references(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         catalog: &[ChunkId],
     ) -> Result<Vec<ChunkId>, RepoError> {
-        let mut missing = Vec::new();
-        let mut decoder = CatalogDecoder::new();
-        for cid in catalog {
-            let data = match self.read_chunk(tenant, cid).await {
-                Ok(d) => d,
-                Err(RepoError::MissingChunk(_)) => {
-                    missing.push(*cid);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            decoder.push(&data);
+        let absent: Vec<ChunkId> = {
             let ix = self.index.read().map_err(poisoned)?;
-            while let Some(node) = decoder
-                .next_node()
-                .map_err(|e| RepoError::corrupt("catalog", e))?
-            {
-                for c in &node.chunks {
-                    let id =
-                        ChunkId::from_slice(c).map_err(|e| RepoError::corrupt("catalog", e))?;
-                    if !ix.is_stored(tenant, &id) {
-                        missing.push(id);
-                    }
+            catalog
+                .iter()
+                .filter(|c| !ix.is_stored(tenant, c))
+                .copied()
+                .collect()
+        };
+        if !absent.is_empty() {
+            return Ok(absent);
+        }
+        let mut missing = Vec::new();
+        let mut nodes = self.catalog_nodes(tenant, catalog.to_vec());
+        while let Some(node) = nodes.recv().await {
+            let node = node?;
+            let ix = self.index.read().map_err(poisoned)?;
+            for c in &node.chunks {
+                let id = ChunkId::from_slice(c).map_err(|e| RepoError::corrupt("catalog", e))?;
+                if !ix.is_stored(tenant, &id) {
+                    missing.push(id);
                 }
             }
-        }
-        if missing.is_empty() {
-            decoder
-                .finish()
-                .map_err(|e| RepoError::corrupt("catalog", e))?;
         }
         Ok(missing)
     }
@@ -457,6 +607,14 @@ impl Repository {
 
     /// All snapshots of a tenant, oldest first.
     pub async fn list_snapshots(&self, tenant: &str) -> Result<Vec<SnapshotFile>, RepoError> {
+        self.load_snapshots(|s| s.tenant == tenant).await
+    }
+
+    /// The snapshots `keep` accepts, oldest first (records are cached once read).
+    async fn load_snapshots(
+        &self,
+        keep: impl Fn(&SnapshotFile) -> bool,
+    ) -> Result<Vec<SnapshotFile>, RepoError> {
         let names = self.store.list(FileType::Snapshot).await?;
         let mut out = Vec::new();
         for name in names {
@@ -481,7 +639,7 @@ impl Repository {
                     s
                 }
             };
-            if snap.tenant == tenant {
+            if keep(&snap) {
                 out.push(snap);
             }
         }

@@ -1,6 +1,9 @@
 //! Snapshot records: `snapshots/<id>`, sealed JSON.
 
+use datamover_core::chunk::ChunkId;
 use datamover_proto::v1;
+
+use crate::RepoError;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,6 +44,21 @@ pub struct SnapshotFile {
 }
 
 impl SnapshotFile {
+    /// The ids of the catalog's chunks.
+    pub fn catalog_ids(&self) -> Result<Vec<ChunkId>, RepoError> {
+        self.catalog
+            .iter()
+            .map(|h| {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| ChunkId::from_slice(&b).ok())
+                    .ok_or_else(|| {
+                        RepoError::corrupt(format!("snapshot {}", self.id), "bad catalog id")
+                    })
+            })
+            .collect()
+    }
+
     pub fn to_proto(&self) -> v1::Snapshot {
         v1::Snapshot {
             id: self.id.clone(),

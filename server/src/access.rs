@@ -27,6 +27,10 @@ pub enum Op {
     Restore,
     List,
     Delete,
+    /// Verify the caller's tenant (any role that may restore or delete).
+    Verify,
+    /// Maintenance, and verify across tenants.
+    Admin,
 }
 
 impl Role {
@@ -55,6 +59,8 @@ impl Role {
             Op::Backup => matches!(self, Role::Append | Role::Full | Role::Admin),
             Op::Restore => matches!(self, Role::Read | Role::Full | Role::Admin),
             Op::Delete => matches!(self, Role::Full | Role::Admin),
+            Op::Verify => matches!(self, Role::Read | Role::Full | Role::Admin),
+            Op::Admin => matches!(self, Role::Admin),
         }
     }
 }
@@ -163,5 +169,8 @@ mod tests {
         assert!(!Role::Read.allows(Op::Delete));
         assert!(Role::Full.allows(Op::Delete));
         assert!(Role::Admin.allows(Op::Delete));
+        assert!(!Role::Full.allows(Op::Admin));
+        assert!(Role::Admin.allows(Op::Admin));
+        assert!(!Role::Append.allows(Op::Verify));
     }
 }

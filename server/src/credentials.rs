@@ -108,6 +108,8 @@ impl Identity {
             Op::Restore => ("restore", "read or full"),
             Op::Delete => ("delete snapshots", "full"),
             Op::List => ("list snapshots", "read"),
+            Op::Verify => ("verify snapshots", "read or full"),
+            Op::Admin => ("run maintenance or act on every tenant", "admin"),
         };
         Err(Status::permission_denied(format!(
             "client '{}' has role {} and may not {what}; ask the operator for role {needs} (config key 'roles' of the DatamoverServer)",

@@ -45,6 +45,13 @@ pub fn status(e: RepoError) -> Status {
         RepoError::Store(StoreError::NoSpace(_)) => Status::resource_exhausted(
             "the server's storage is full: ask the operator to free space or grow the bucket quota, then retry",
         ),
+        RepoError::Busy(_) => Status::aborted(e.to_string()),
+        RepoError::Store(StoreError::AccessDenied { .. }) => {
+            tracing::error!(error = %e, "storage denied access");
+            Status::unavailable(
+                "the server's storage denied access: ask the operator to check the storage credentials and their permissions on the bucket (see the server log)",
+            )
+        }
         RepoError::Store(_) => {
             tracing::error!(error = %e, "storage error");
             Status::unavailable(

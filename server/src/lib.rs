@@ -12,7 +12,10 @@
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
 //! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`].
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics` on a plaintext port.
+//! - [`maintenance`]: maintenance on request and on a schedule, and the publication of
+//!   running sessions that keeps maintenance on other replicas safe.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` on a plaintext port; [`metered`] counts
+//!   and times every storage request.
 //! - [`run`]: wiring, readiness and graceful shutdown.
 
 // `tonic::Status` is the error type at the gRPC boundary; boxing it everywhere would only
@@ -23,6 +26,8 @@ pub mod access;
 pub mod credentials;
 pub mod error;
 pub mod http;
+pub mod maintenance;
+pub mod metered;
 pub mod metrics;
 pub mod reload;
 pub mod run;

@@ -1,6 +1,8 @@
 //! Prometheus metrics.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -13,6 +15,11 @@ pub struct Metrics {
     pub active_sessions: IntGauge,
     pub clients: IntGauge,
     pub credential_reloads: IntCounter,
+    pub maintenance_bytes_freed: IntCounter,
+    /// Storage requests by operation (`read`, `write`, `list`, `remove`, …), object type
+    /// and outcome.
+    pub store_requests: IntCounterVec,
+    pub store_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -51,8 +58,31 @@ impl Metrics {
                 "datamover_credential_reloads_total",
                 "Reloads of the client credentials",
             )?,
+            maintenance_bytes_freed: c(
+                "datamover_maintenance_bytes_freed_total",
+                "Pack bytes freed by maintenance",
+            )?,
+            store_requests: IntCounterVec::new(
+                Opts::new(
+                    "datamover_store_requests_total",
+                    "Storage requests by operation, object type and outcome",
+                ),
+                &["operation", "type", "outcome"],
+            )?,
+            store_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "datamover_store_request_seconds",
+                    "Storage request latency by operation",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["operation"],
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.store_requests.clone()))?;
+        m.registry.register(Box::new(m.store_seconds.clone()))?;
         m.registry.register(Box::new(m.operations.clone()))?;
         for counter in [
             &m.bytes_received,
@@ -61,6 +91,7 @@ impl Metrics {
             &m.chunks_deduplicated,
             &m.bytes_restored,
             &m.credential_reloads,
+            &m.maintenance_bytes_freed,
         ] {
             m.registry.register(Box::new(counter.clone()))?;
         }

@@ -13,22 +13,28 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::credentials::{CredentialStore, load_dir};
 use crate::http::{ProbeState, router};
+use crate::maintenance::Maintainer;
+use crate::metered::MeteredStore;
 use crate::metrics::Metrics;
 use crate::reload;
-use crate::service::DatamoverService;
+use crate::service::{DatamoverService, Sessions};
 use crate::settings::{Settings, StorageSettings};
 use crate::{ServerError, tls};
 
 /// How long in-flight operations may finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
-async fn open_repository(settings: &Settings) -> Result<Arc<Repository>, ServerError> {
+async fn open_repository(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<Repository>, ServerError> {
     let store: Arc<dyn Store> = match &settings.storage {
         StorageSettings::Filesystem(p) => Arc::new(FsStore::new(p)),
         StorageSettings::S3(o) => Arc::new(
             S3Store::new(o.clone()).map_err(|e| ServerError::Storage(RepoError::Store(e)))?,
         ),
     };
+    let store: Arc<dyn Store> = Arc::new(MeteredStore::new(store, Arc::clone(metrics)));
     let attempts = settings.startup_attempts.max(1);
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=attempts {
@@ -74,7 +80,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let metrics =
         Arc::new(Metrics::new().map_err(|e| ServerError::Config(format!("metrics: {e}")))?);
     tracing::info!(storage = %settings.storage.describe(), "opening repository");
-    let repo = open_repository(&settings).await?;
+    let repo = open_repository(&settings, &metrics).await?;
     let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;
 
     let cred_dir = settings.paths.etc("client_credentials");
@@ -125,10 +131,20 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     health
         .set_serving::<DatamoverServer<DatamoverService>>()
         .await;
+    let sessions = Sessions::default();
+    let maintainer = Maintainer::new(
+        Arc::clone(&repo),
+        sessions.clone(),
+        settings.maintenance.clone(),
+        Arc::clone(&metrics),
+    );
+    maintainer.clone().spawn();
     let service = DatamoverServer::new(DatamoverService::new(
         Arc::clone(&repo),
         Arc::clone(&creds),
         Arc::clone(&metrics),
+        sessions,
+        maintainer,
     ))
     .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);

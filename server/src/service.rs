@@ -5,14 +5,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use datamover_core::catalog::CatalogDecoder;
 use datamover_core::chunk::ChunkId;
 use datamover_proto::v1::datamover_server::Datamover;
 use datamover_proto::v1::{self, restore_item::Item};
 use datamover_repo::retention::{self, Policy};
-use datamover_repo::{RepoError, Repository, SnapshotFile, SnapshotKindName};
+use datamover_repo::{
+    AddResult, RepoError, Repository, SnapshotFile, SnapshotKindName, VerifyOptions,
+};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use rand::RngCore;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::access::Op;
 use crate::credentials::{CredentialStore, Identity};
 use crate::error::status;
+use crate::maintenance::Maintainer;
 use crate::metrics::Metrics;
 
 /// Backup sessions idle longer than this are dropped.
@@ -28,9 +32,17 @@ const SESSION_IDLE: Duration = Duration::from_secs(6 * 3600);
 const MAX_SESSIONS: usize = 4096;
 /// Messages queued towards one streaming client.
 const STREAM_QUEUE: usize = 4;
+/// Chunk bytes a restore reads ahead of what it sends.
+const RESTORE_READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
+/// Nodes and chunk reads queued between a restore's reader and its sender.
+const RESTORE_WORK_QUEUE: usize = 4096;
+/// `PutChunks` batches of one upload sealed at once.
+const PUT_BATCHES_IN_FLIGHT: usize = 3;
 
-struct Session {
+pub struct Session {
     identity: Identity,
+    /// Unix seconds when the session began (maintenance keeps what it may rely on).
+    started_unix: u64,
     tag: String,
     kind: SnapshotKindName,
     source: String,
@@ -38,11 +50,23 @@ struct Session {
     last_used: Instant,
 }
 
+/// Open backup sessions by id, shared with [`Maintainer`].
+pub type Sessions = Arc<Mutex<HashMap<String, Session>>>;
+
+/// When the oldest open backup session began.
+pub fn oldest_session_start(sessions: &Sessions) -> Option<u64> {
+    sessions
+        .lock()
+        .ok()
+        .and_then(|s| s.values().map(|x| x.started_unix).min())
+}
+
 pub struct DatamoverService {
     repo: Arc<Repository>,
     creds: Arc<CredentialStore>,
     metrics: Arc<Metrics>,
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: Sessions,
+    maintainer: Maintainer,
 }
 
 fn now_rfc3339() -> String {
@@ -69,12 +93,19 @@ fn check_tag(tag: &str) -> Result<(), Status> {
 }
 
 impl DatamoverService {
-    pub fn new(repo: Arc<Repository>, creds: Arc<CredentialStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        repo: Arc<Repository>,
+        creds: Arc<CredentialStore>,
+        metrics: Arc<Metrics>,
+        sessions: Sessions,
+        maintainer: Maintainer,
+    ) -> Self {
         DatamoverService {
             repo,
             creds,
             metrics,
-            sessions: Mutex::new(HashMap::new()),
+            sessions,
+            maintainer,
         }
     }
 
@@ -188,6 +219,9 @@ impl Datamover for DatamoverService {
                     kind,
                     source: r.source,
                     hostname: r.hostname,
+                    started_unix: SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
                     last_used: Instant::now(),
                 },
             );
@@ -221,40 +255,46 @@ impl Datamover for DatamoverService {
         id.require(Op::Backup)?;
         let mut stream = req.into_inner();
         let mut out = v1::PutChunksResponse::default();
-        loop {
+        // Batches are sealed concurrently (on the blocking pool), a few at a time, while
+        // the next ones arrive; their order does not matter.
+        let mut sealing: FuturesUnordered<BoxFuture<'_, Result<AddResult, RepoError>>> =
+            FuturesUnordered::new();
+        let mut ended = false;
+        while !ended || !sealing.is_empty() {
             // A revoked or rotated credential ends the upload at once.
-            let next = tokio::select! {
-                m = stream.next() => m,
+            tokio::select! {
+                Some(added) = sealing.next(), if !sealing.is_empty() => {
+                    let added = added.map_err(status)?;
+                    self.metrics.chunks_stored.inc_by(added.stored);
+                    self.metrics.bytes_stored.inc_by(added.stored_bytes);
+                    self.metrics.chunks_deduplicated.inc_by(added.already_present);
+                    out.chunks_stored += added.stored;
+                    out.bytes_stored += added.stored_bytes;
+                    out.chunks_already_present += added.already_present;
+                }
+                next = stream.next(), if !ended && sealing.len() < PUT_BATCHES_IN_FLIGHT => {
+                    let Some(msg) = next else {
+                        ended = true;
+                        continue;
+                    };
+                    let msg = msg?;
+                    self.touch(&id, &msg.session_id)?;
+                    let mut chunks = Vec::with_capacity(msg.chunks.len());
+                    for c in msg.chunks {
+                        let cid = ChunkId::from_slice(&c.id)
+                            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                        self.metrics.bytes_received.inc_by(c.data.len() as u64);
+                        chunks.push((cid, c.data));
+                    }
+                    sealing.push(Box::pin(self.repo.add_chunks(&id.tenant, chunks)));
+                }
                 _ = self.creds.revoked(&id) => {
                     tracing::warn!(client = %id.client_id, "credential revoked during an upload: aborted");
                     return Err(Status::unauthenticated(
                         "this client's credential was revoked during the backup; nothing was committed",
                     ));
                 }
-            };
-            let Some(msg) = next else { break };
-            let msg = msg?;
-            self.touch(&id, &msg.session_id)?;
-            let mut chunks = Vec::with_capacity(msg.chunks.len());
-            for c in msg.chunks {
-                let cid = ChunkId::from_slice(&c.id)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                self.metrics.bytes_received.inc_by(c.data.len() as u64);
-                chunks.push((cid, c.data));
             }
-            let added = self
-                .repo
-                .add_chunks(&id.tenant, chunks)
-                .await
-                .map_err(status)?;
-            self.metrics.chunks_stored.inc_by(added.stored);
-            self.metrics.bytes_stored.inc_by(added.stored_bytes);
-            self.metrics
-                .chunks_deduplicated
-                .inc_by(added.already_present);
-            out.chunks_stored += added.stored;
-            out.bytes_stored += added.stored_bytes;
-            out.chunks_already_present += added.already_present;
         }
         Ok(Response::new(out))
     }
@@ -280,8 +320,11 @@ impl Datamover for DatamoverService {
             if catalog.is_empty() {
                 return Err(Status::invalid_argument("a snapshot needs a catalog"));
             }
-            // Everything referenced must be stored before the snapshot names it. Chunks
-            // another session is still writing may need a moment.
+            // Everything referenced must be stored before the snapshot names it. What
+            // maintenance did meanwhile (on any replica) is loaded first; chunks it
+            // condemned are copied back; chunks another session is still writing may
+            // need a moment.
+            self.repo.refresh_index().await.map_err(status)?;
             let mut missing = Vec::new();
             for attempt in 0..10u32 {
                 self.repo.flush().await.map_err(status)?;
@@ -292,6 +335,14 @@ impl Datamover for DatamoverService {
                     .map_err(status)?;
                 if missing.is_empty() {
                     break;
+                }
+                let rescued = self
+                    .repo
+                    .rescue_condemned(&id.tenant, &missing)
+                    .await
+                    .map_err(status)?;
+                if rescued > 0 {
+                    continue;
                 }
                 self.repo.refresh_index().await.map_err(status)?;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
@@ -364,22 +415,19 @@ impl Datamover for DatamoverService {
             let result = async {
                 let mut msg = v1::ReadCatalogResponse::default();
                 let mut size = 0usize;
-                let mut decoder = CatalogDecoder::new();
-                for cid in catalog_ids(&snap)? {
-                    let data = repo.read_chunk(&id.tenant, &cid).await.map_err(status)?;
-                    decoder.push(&data);
-                    while let Some(node) = decoder.next_node().map_err(corrupt)? {
-                        size += node.path.len() + 32 * node.chunks.len() + 64;
-                        msg.nodes.push(node);
-                        if size >= datamover_proto::BATCH_BYTES {
-                            size = 0;
-                            if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
-                                return Ok(());
-                            }
+                let catalog = snap.catalog_ids().map_err(status)?;
+                let mut nodes = repo.catalog_nodes(&id.tenant, catalog);
+                while let Some(node) = nodes.recv().await {
+                    let node = node.map_err(status)?;
+                    size += node.path.len() + 32 * node.chunks.len() + 64;
+                    msg.nodes.push(node);
+                    if size >= datamover_proto::BATCH_BYTES {
+                        size = 0;
+                        if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
+                            return Ok(());
                         }
                     }
                 }
-                decoder.finish().map_err(corrupt)?;
                 if !msg.nodes.is_empty() {
                     let _ = tx.send(Ok(msg)).await;
                 }
@@ -467,6 +515,65 @@ impl Datamover for DatamoverService {
 
     type RestoreStream = ReceiverStream<Result<v1::RestoreResponse, Status>>;
 
+    async fn verify(
+        &self,
+        req: Request<v1::VerifyRequest>,
+    ) -> Result<Response<v1::VerifyResponse>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Verify)?;
+        let r = req.into_inner();
+        if r.all_tenants {
+            id.require(Op::Admin)?;
+        }
+        if !(0.0..=1.0).contains(&r.read_data) {
+            return Err(Status::invalid_argument(
+                "read_data is a fraction of packs between 0 and 1",
+            ));
+        }
+        let opts = VerifyOptions {
+            read_data: r.read_data,
+            tenant: (!r.all_tenants).then(|| id.tenant.clone()),
+        };
+        let result = self.repo.verify(&opts).await;
+        self.metrics.op(
+            "verify",
+            result.as_ref().is_ok_and(|r| r.problems.is_empty()),
+        );
+        let report = result.map_err(status)?;
+        tracing::info!(client = %id.client_id, snapshots = report.snapshots, problems = report.problems.len(), "verify done");
+        Ok(Response::new(v1::VerifyResponse {
+            snapshots: report.snapshots,
+            files: report.files,
+            chunks: report.chunks,
+            packs_read: report.packs_read,
+            bytes_read: report.bytes_read,
+            problems: report
+                .problems
+                .into_iter()
+                .map(|p| v1::VerifyProblem {
+                    snapshot_id: p.snapshot_id,
+                    tag: p.tag,
+                    path: Bytes::from(p.path),
+                    message: p.message,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn maintain(
+        &self,
+        req: Request<v1::MaintainRequest>,
+    ) -> Result<Response<v1::MaintainResponse>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Admin)?;
+        let dry_run = req.into_inner().dry_run;
+        tracing::info!(client = %id.client_id, dry_run, "maintenance requested");
+        let report = self.maintainer.run(dry_run).await.map_err(status)?;
+        let report_json =
+            serde_json::to_string(&report).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::MaintainResponse { report_json }))
+    }
+
     async fn restore(
         &self,
         req: Request<v1::RestoreRequest>,
@@ -492,76 +599,115 @@ impl Datamover for DatamoverService {
     }
 }
 
-fn corrupt(e: datamover_core::catalog::CatalogError) -> Status {
-    status(RepoError::Corrupt {
-        what: "snapshot catalog".into(),
-        why: e.to_string(),
-    })
-}
-
-fn catalog_ids(snap: &SnapshotFile) -> Result<Vec<ChunkId>, Status> {
-    snap.catalog
-        .iter()
-        .map(|h| {
-            hex::decode(h)
-                .ok()
-                .and_then(|b| ChunkId::from_slice(&b).ok())
-                .ok_or_else(|| {
-                    status(RepoError::Corrupt {
-                        what: format!("snapshot {}", snap.id),
-                        why: "bad catalog id".into(),
-                    })
-                })
-        })
-        .collect()
+/// What the restore reader hands to the sender, in snapshot order.
+enum Work {
+    Node(v1::Node),
+    /// A chunk being read (concurrently), and its share of the read-ahead budget.
+    Data(
+        tokio::task::JoinHandle<Result<Bytes, RepoError>>,
+        OwnedSemaphorePermit,
+    ),
 }
 
 /// Sends the snapshot's nodes, each file node followed by its contents, in messages of
-/// about [`datamover_proto::BATCH_BYTES`].
+/// about [`datamover_proto::BATCH_BYTES`]. A reader task walks the catalog and starts
+/// chunk reads up to [`RESTORE_READ_AHEAD_BYTES`] ahead, so pack downloads, decryption
+/// and sending overlap; the sender takes them in order.
 async fn restore_stream(
-    repo: &Repository,
+    repo: &Arc<Repository>,
     creds: &CredentialStore,
     id: &Identity,
     snap: &SnapshotFile,
     tx: &mpsc::Sender<Result<v1::RestoreResponse, Status>>,
     metrics: &Metrics,
 ) -> Result<(), Status> {
+    let (work_tx, mut work_rx) = mpsc::channel::<Work>(RESTORE_WORK_QUEUE);
+    let reader = {
+        let repo = Arc::clone(repo);
+        let tenant = id.tenant.clone();
+        let catalog = snap.catalog_ids().map_err(status)?;
+        tokio::spawn(async move {
+            let budget = Arc::new(Semaphore::new(RESTORE_READ_AHEAD_BYTES));
+            let mut nodes = repo.catalog_nodes(&tenant, catalog);
+            while let Some(node) = nodes.recv().await {
+                let mut node = node.map_err(status)?;
+                let chunks = std::mem::take(&mut node.chunks);
+                if work_tx.send(Work::Node(node)).await.is_err() {
+                    return Ok(());
+                }
+                for c in chunks {
+                    let cid =
+                        ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
+                    let size = repo
+                        .chunk_size(&tenant, &cid)
+                        .map_err(status)?
+                        .ok_or_else(|| status(RepoError::MissingChunk(cid.to_hex())))?;
+                    let share = size.clamp(1, RESTORE_READ_AHEAD_BYTES as u32);
+                    let permit = Arc::clone(&budget)
+                        .acquire_many_owned(share)
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    let read = {
+                        let repo = Arc::clone(&repo);
+                        let tenant = tenant.clone();
+                        tokio::spawn(async move { repo.read_chunk(&tenant, &cid).await })
+                    };
+                    if work_tx.send(Work::Data(read, permit)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok::<(), Status>(())
+        })
+    };
     let mut msg = v1::RestoreResponse {
         snapshot: Some(snap.to_proto()),
         items: Vec::new(),
     };
     let mut size = 0usize;
-    let mut decoder = CatalogDecoder::new();
-    macro_rules! push {
-        ($item:expr, $len:expr) => {{
-            msg.items.push(v1::RestoreItem { item: Some($item) });
-            size += $len;
-            if size >= datamover_proto::BATCH_BYTES {
-                size = 0;
-                creds.still_valid(id)?;
-                if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
-                    return Ok(()); // the client went away
-                }
+    // The file being sent, to name it when its data cannot be read.
+    let mut current = Bytes::new();
+    while let Some(work) = work_rx.recv().await {
+        let (item, len) = match work {
+            Work::Node(node) => {
+                let len = node.path.len() + 64;
+                current = node.path.clone();
+                (Item::Node(node), len)
             }
-        }};
-    }
-    for cid in catalog_ids(snap)? {
-        let data = repo.read_chunk(&id.tenant, &cid).await.map_err(status)?;
-        decoder.push(&data);
-        while let Some(mut node) = decoder.next_node().map_err(corrupt)? {
-            let chunks = std::mem::take(&mut node.chunks);
-            let len = node.path.len() + 64;
-            push!(Item::Node(node), len);
-            for c in chunks {
-                let cid = ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
-                let data = repo.read_chunk(&id.tenant, &cid).await.map_err(status)?;
+            Work::Data(read, _permit) => {
+                let data = read
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| {
+                        let s = status(e);
+                        Status::new(
+                            s.code(),
+                            format!(
+                                "file {}: {}",
+                                String::from_utf8_lossy(&current),
+                                s.message()
+                            ),
+                        )
+                    })?;
                 metrics.bytes_restored.inc_by(data.len() as u64);
                 let len = data.len();
-                push!(Item::Data(data), len);
+                (Item::Data(data), len)
+            }
+        };
+        msg.items.push(v1::RestoreItem { item: Some(item) });
+        size += len;
+        if size >= datamover_proto::BATCH_BYTES {
+            size = 0;
+            creds.still_valid(id)?;
+            if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
+                return Ok(()); // the client went away
             }
         }
     }
-    decoder.finish().map_err(corrupt)?;
+    // The queue ends when the reader is done: its outcome says whether all was sent.
+    reader
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
     if !msg.items.is_empty() || msg.snapshot.is_some() {
         let _ = tx.send(Ok(msg)).await;
     }

@@ -91,6 +91,7 @@ pub struct Settings {
     /// Attempts to reach storage at start.
     pub startup_attempts: u32,
     pub log_json: bool,
+    pub maintenance: crate::maintenance::MaintenanceSettings,
     pub config: BTreeMap<String, String>,
 }
 
@@ -215,7 +216,26 @@ impl Settings {
             .map(String::from)
             .collect();
 
+        let duration = |key: &str| -> Result<Option<std::time::Duration>, ServerError> {
+            match config.get(key).map(String::as_str) {
+                None | Some("") | Some("off") | Some("never") => Ok(None),
+                Some(v) => humantime::parse_duration(v).map(Some).map_err(|e| {
+                    ServerError::Config(format!(
+                        "config key {key} = '{v}' is not a duration ({e}); write e.g. 24h or 30m"
+                    ))
+                }),
+            }
+        };
+        let mut maintenance = crate::maintenance::MaintenanceSettings {
+            interval: duration("maintenanceInterval")?,
+            ..Default::default()
+        };
+        if let Some(g) = duration("maintenanceGrace")? {
+            maintenance.grace = g;
+        }
+
         Ok(Settings {
+            maintenance,
             port,
             listen_host: env("DATAMOVER_LISTEN_HOST").unwrap_or_else(|| "0.0.0.0".into()),
             http_addr: env("DATAMOVER_HTTP_ADDR").unwrap_or_else(|| "0.0.0.0:8080".into()),

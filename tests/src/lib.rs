@@ -8,6 +8,7 @@
 //! The binaries are taken from the cargo target directory this test binary was built
 //! into, so `cargo build --workspace --bins` must run first (the test command does).
 
+pub mod faults;
 pub mod garage;
 
 use std::io::Read;
@@ -49,7 +50,8 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
-fn write(path: &Path, content: &[u8]) {
+/// Writes a file, creating its parent directories.
+pub fn write(path: &Path, content: &[u8]) {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).expect("mkdir");
     }
@@ -83,6 +85,19 @@ impl Server {
         Self::start_in(root, storage, clients)
     }
 
+    /// Like [`Server::start`], with `/etc/config/<key>` files.
+    pub fn start_configured(
+        storage: Storage<'_>,
+        clients: &[(&str, &str)],
+        config: &[(&str, &str)],
+    ) -> Server {
+        let root = tempfile::tempdir().expect("tempdir");
+        for (k, v) in config {
+            write(&root.path().join("etc/config").join(k), v.as_bytes());
+        }
+        Self::start_in(root, storage, clients)
+    }
+
     pub fn start_in(
         root: tempfile::TempDir,
         storage: Storage<'_>,
@@ -100,11 +115,19 @@ impl Server {
                 bucket,
                 prefix,
             } => {
-                write(&r.join("etc/config/type"), b"s3");
-                write(&r.join("etc/config/bucket"), bucket.as_bytes());
-                write(&r.join("etc/config/prefix"), prefix.as_bytes());
-                write(&r.join("etc/config/endpoint"), garage.endpoint.as_bytes());
-                write(&r.join("etc/config/region"), garage.region.as_bytes());
+                // Keys the caller configured (an endpoint through a proxy, say) stay.
+                for (key, value) in [
+                    ("type", "s3"),
+                    ("bucket", bucket),
+                    ("prefix", prefix),
+                    ("endpoint", garage.endpoint.as_str()),
+                    ("region", garage.region.as_str()),
+                ] {
+                    let p = r.join("etc/config").join(key);
+                    if !p.exists() {
+                        write(&p, value.as_bytes());
+                    }
+                }
                 write(
                     &r.join("etc/secrets/s3/AWS_ACCESS_KEY_ID"),
                     garage.access_key.as_bytes(),
@@ -359,6 +382,37 @@ impl Run {
         serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line:?}\n{}", self.stderr))
     }
+}
+
+/// Makes a named pipe.
+pub fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+}
+
+/// Starts `sh -c <script>` (e.g. a writer into a named pipe).
+pub fn sh(script: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sh")
+}
+
+/// Total size of the regular files under `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 /// Deterministic pseudo-random bytes.

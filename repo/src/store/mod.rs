@@ -24,6 +24,11 @@ pub enum FileType {
     Index,
     /// `snapshots/<name>`.
     Snapshot,
+    /// `condemned/<name>`: chunks maintenance found unreferenced, deleted a grace period
+    /// later unless a snapshot refers to them again.
+    Condemned,
+    /// `locks/<name>`: who runs maintenance.
+    Lock,
 }
 
 impl FileType {
@@ -33,6 +38,8 @@ impl FileType {
             FileType::Pack => "data",
             FileType::Index => "index",
             FileType::Snapshot => "snapshots",
+            FileType::Condemned => "condemned",
+            FileType::Lock => "locks",
         }
     }
 

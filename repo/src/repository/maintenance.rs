@@ -1,0 +1,915 @@
+//! Maintenance and verification.
+//!
+//! **Garbage collection runs in two phases**, so that it is safe while backups run, on
+//! this server or on other replicas of the same bucket, without a global lock:
+//!
+//! 1. *Condemn*: a chunk that no snapshot refers to, in a pack older than the grace
+//!    period, is written to a `condemned/` record (chunk id and the pack holding it).
+//!    Every server treats a condemned copy as absent: `FindMissing` asks for it again and
+//!    a commit that refers to it first copies it into a new pack ("rescue"). Commits
+//!    reload `index/` and `condemned/` before they check their references.
+//! 2. *Sweep*, in a later run: a condemned copy is deleted only when its record is older
+//!    than the grace period **and** older than the oldest backup session still running
+//!    on any server (each server publishes that time in `locks/`), and still no snapshot
+//!    refers to it. A backup that found a chunk present before it was condemned
+//!    therefore always finds it (or its rescued copy) at commit time.
+//!
+//! Packs whose every chunk is dead are deleted; packs mostly dead are rewritten with
+//! their live chunks (sealed blobs are copied as they are). The index is then compacted
+//! into one object and the old index objects removed; other servers notice the removal
+//! and reload. Writes happen before deletions, so a crash mid-way leaves duplicates,
+//! never a gap.
+//!
+//! **Verification** checks that every snapshot's catalog and chunks are indexed and,
+//! with `read_data`, downloads packs (all or a sample) and checks every chunk against
+//! its id, naming the files a bad chunk belongs to.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use datamover_core::chunk::ChunkId;
+use futures::StreamExt;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::{Repository, poisoned};
+use crate::RepoError;
+use crate::crypto;
+use crate::index::{IndexFile, PackEntries};
+use crate::pack::PackBuilder;
+use crate::snapshot::SnapshotFile;
+use crate::store::FileType;
+
+/// A maintenance lock older than this is considered abandoned.
+const LOCK_STALE: Duration = Duration::from_secs(3600);
+/// A server's published session time older than this is ignored (the server is gone).
+const SESSIONS_STALE: Duration = Duration::from_secs(180);
+/// Packs downloaded at once by verify.
+const VERIFY_PARALLEL_PACKS: usize = 4;
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One copy of a chunk condemned by maintenance.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub(crate) struct CondemnedEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub pack: String,
+}
+
+/// A `condemned/<id>` object.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct CondemnedFile {
+    #[prost(uint64, tag = "1")]
+    pub created_unix: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub entries: Vec<CondemnedEntry>,
+}
+
+/// `locks/maintenance` and `locks/sessions-<server>`: plain JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LockFile {
+    owner: String,
+    written_unix: u64,
+    /// For session records: when the oldest running backup session began.
+    #[serde(default)]
+    oldest_session_unix: Option<u64>,
+}
+
+/// How a maintenance run behaves.
+#[derive(Debug, Clone)]
+pub struct MaintenanceOptions {
+    /// How long a pack is left alone after it was written, and how long a chunk stays
+    /// condemned before it is deleted.
+    pub grace: Duration,
+    /// Packs with less than this fraction of live bytes are rewritten.
+    pub repack_below: f64,
+    /// Only report what would be done.
+    pub dry_run: bool,
+    /// When this server's oldest running backup session began, if any.
+    pub oldest_local_session_unix: Option<u64>,
+    /// Who runs it (for the lock), e.g. the server's instance id.
+    pub owner: String,
+}
+
+impl Default for MaintenanceOptions {
+    fn default() -> Self {
+        MaintenanceOptions {
+            grace: Duration::from_secs(24 * 3600),
+            repack_below: 0.5,
+            dry_run: false,
+            oldest_local_session_unix: None,
+            owner: "datamover".into(),
+        }
+    }
+}
+
+/// What a maintenance run did (or, in a dry run, would do).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct MaintenanceReport {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub packs: u64,
+    pub chunks_referenced: u64,
+    /// Unreferenced chunks condemned by this run.
+    pub chunks_condemned: u64,
+    /// Condemned chunks a snapshot refers to again: kept.
+    pub chunks_rescued: u64,
+    /// Condemned chunks still waiting for their grace period or for a running backup.
+    pub chunks_waiting: u64,
+    pub chunks_removed: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    pub packs_written: u64,
+    pub bytes_freed: u64,
+    pub index_objects_replaced: u64,
+    pub orphan_packs_adopted: u64,
+}
+
+/// How thoroughly verify reads data.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Fraction of packs (0 to 1) to download and check chunk by chunk.
+    pub read_data: f64,
+    /// Only this tenant's snapshots and chunks; `None` for all.
+    pub tenant: Option<String>,
+}
+
+/// Something wrong that verify found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub snapshot_id: String,
+    pub tag: String,
+    /// The file affected (empty for the snapshot as a whole).
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct VerifyReport {
+    pub snapshots: u64,
+    pub files: u64,
+    pub chunks: u64,
+    pub packs_read: u64,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// What happens to one chunk copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    Dead,
+}
+
+impl Repository {
+    /// All snapshots of all tenants, oldest first.
+    pub async fn all_snapshots(&self) -> Result<Vec<SnapshotFile>, RepoError> {
+        self.load_snapshots(|_| true).await
+    }
+
+    async fn read_index_file(&self, name: &str) -> Result<Option<IndexFile>, RepoError> {
+        let sealed = match self.store.read(FileType::Index, name).await {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let what = format!("index/{name}");
+        let raw = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
+        IndexFile::decode(raw.as_slice())
+            .map(Some)
+            .map_err(|e| RepoError::corrupt(&what, e))
+    }
+
+    pub(crate) async fn write_index_file(&self, file: &IndexFile) -> Result<String, RepoError> {
+        let sealed = crypto::pack_blob(&self.keys, &file.encode_to_vec(), 3);
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.store
+            .write(FileType::Index, &name, Bytes::from(sealed))
+            .await?;
+        Ok(name)
+    }
+
+    /// Loads what `index/` and `condemned/` hold now. If an object loaded before is
+    /// gone (maintenance replaced it), everything is reloaded.
+    pub async fn refresh_index(&self) -> Result<(), RepoError> {
+        let names = self.store.list(FileType::Index).await?;
+        let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let reload = self
+            .index
+            .read()
+            .map_err(poisoned)?
+            .loaded_files
+            .iter()
+            .any(|n| !listed.contains(n.as_str()));
+        // Condemnations first, so that a reload prefers live copies.
+        self.refresh_condemned(reload).await?;
+        let mut files = Vec::new();
+        for name in &names {
+            if !reload
+                && self
+                    .index
+                    .read()
+                    .map_err(poisoned)?
+                    .loaded_files
+                    .contains(name)
+            {
+                continue;
+            }
+            if let Some(file) = self.read_index_file(name).await? {
+                files.push((name.clone(), file));
+            }
+        }
+        let mut ix = self.index.write().map_err(poisoned)?;
+        if reload {
+            ix.clear_stored();
+            // Packs this server uploaded but has not indexed yet stay known.
+            for p in self.unindexed.lock().map_err(poisoned)?.iter() {
+                ix.add_pack(p);
+            }
+        }
+        for (name, file) in files {
+            for p in &file.packs {
+                ix.add_pack(p);
+            }
+            ix.loaded_files.insert(name);
+        }
+        Ok(())
+    }
+
+    async fn read_condemned(&self) -> Result<Vec<(String, CondemnedFile)>, RepoError> {
+        let mut out = Vec::new();
+        for name in self.store.list(FileType::Condemned).await? {
+            let sealed = match self.store.read(FileType::Condemned, &name).await {
+                Ok(s) => s,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let what = format!("condemned/{name}");
+            let raw = crypto::unpack_blob(&self.keys, &sealed, 0, &what)?;
+            let file =
+                CondemnedFile::decode(raw.as_slice()).map_err(|e| RepoError::corrupt(&what, e))?;
+            out.push((name, file));
+        }
+        Ok(out)
+    }
+
+    async fn refresh_condemned(&self, reload: bool) -> Result<(), RepoError> {
+        let records = self.read_condemned().await?;
+        let names: HashSet<String> = records.iter().map(|(n, _)| n.clone()).collect();
+        let mut loaded = self.condemned_files.lock().map_err(poisoned)?;
+        let mut ix = self.index.write().map_err(poisoned)?;
+        let full = reload || loaded.iter().any(|n| !names.contains(n));
+        if full {
+            ix.clear_condemned();
+            loaded.clear();
+        }
+        for (name, file) in records {
+            if loaded.contains(&name) {
+                continue;
+            }
+            for e in &file.entries {
+                if let Ok(id) = ChunkId::from_slice(&e.id) {
+                    ix.condemn(id, &e.pack);
+                }
+            }
+            loaded.insert(name);
+        }
+        Ok(())
+    }
+
+    /// Indexes packs that are in `data/` but in no index object: what a server killed
+    /// between uploading a pack and writing its index left behind. Returns how many.
+    pub async fn adopt_orphan_packs(&self) -> Result<u64, RepoError> {
+        let listed = self.store.list(FileType::Pack).await?;
+        let known: HashSet<String> = {
+            let ix = self.index.read().map_err(poisoned)?;
+            listed.iter().filter(|n| ix.has_pack(n)).cloned().collect()
+        };
+        let mut adopted = Vec::new();
+        for name in listed.iter().filter(|n| !known.contains(*n)) {
+            let bytes = match self.store.read(FileType::Pack, name).await {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if blake3::hash(&bytes).to_hex().as_str() != name {
+                tracing::warn!(pack = %name, "unindexed pack is torn or corrupt: left for maintenance");
+                continue;
+            }
+            match PackBuilder::read_trailer(&self.keys, name, &bytes) {
+                Ok(entries) => adopted.push(entries),
+                Err(e) => tracing::warn!(pack = %name, error = %e, "unindexed pack unreadable"),
+            }
+        }
+        if adopted.is_empty() {
+            return Ok(0);
+        }
+        let n = adopted.len() as u64;
+        let file = IndexFile { packs: adopted };
+        let name = self.write_index_file(&file).await?;
+        let mut ix = self.index.write().map_err(poisoned)?;
+        for p in &file.packs {
+            ix.add_pack(p);
+        }
+        ix.loaded_files.insert(name);
+        tracing::info!(packs = n, "adopted packs that had no index");
+        Ok(n)
+    }
+
+    /// Publishes when this server's oldest running backup began (or that none runs),
+    /// so maintenance on any replica keeps what such a backup may rely on.
+    pub async fn publish_sessions(
+        &self,
+        server: &str,
+        oldest_session_unix: Option<u64>,
+    ) -> Result<(), RepoError> {
+        let name = format!("sessions-{server}");
+        match oldest_session_unix {
+            Some(t) => {
+                let lock = LockFile {
+                    owner: server.to_string(),
+                    written_unix: unix_now(),
+                    oldest_session_unix: Some(t),
+                };
+                let json = serde_json::to_vec(&lock).map_err(|e| RepoError::Task(e.to_string()))?;
+                self.store
+                    .write(FileType::Lock, &name, Bytes::from(json))
+                    .await?;
+            }
+            None => match self.store.remove(FileType::Lock, &name).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+        Ok(())
+    }
+
+    async fn read_locks(&self) -> Result<Vec<(String, LockFile)>, RepoError> {
+        let mut out = Vec::new();
+        for name in self.store.list(FileType::Lock).await? {
+            match self.store.read(FileType::Lock, &name).await {
+                Ok(b) => {
+                    if let Ok(l) = serde_json::from_slice::<LockFile>(&b) {
+                        out.push((name, l));
+                    }
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Garbage collection, repacking and index compaction (see the module docs).
+    pub async fn maintain(
+        self: &Arc<Self>,
+        opts: &MaintenanceOptions,
+    ) -> Result<MaintenanceReport, RepoError> {
+        let mut report = MaintenanceReport {
+            dry_run: opts.dry_run,
+            ..Default::default()
+        };
+        let now = unix_now();
+        let grace = opts.grace.as_secs();
+        // One maintenance at a time per bucket (best effort: objects have no compare
+        // and swap everywhere; the two phases keep data safe even if two overlap).
+        let locks = self.read_locks().await?;
+        if let Some((_, l)) = locks.iter().find(|(n, l)| {
+            n == "maintenance"
+                && l.owner != opts.owner
+                && l.written_unix + LOCK_STALE.as_secs() > now
+        }) {
+            return Err(RepoError::Busy(format!(
+                "maintenance is already running on server {} (started at unix time {}); try again later",
+                l.owner, l.written_unix
+            )));
+        }
+        if !opts.dry_run {
+            let lock = LockFile {
+                owner: opts.owner.clone(),
+                written_unix: now,
+                oldest_session_unix: None,
+            };
+            let json = serde_json::to_vec(&lock).map_err(|e| RepoError::Task(e.to_string()))?;
+            self.store
+                .write(FileType::Lock, "maintenance", Bytes::from(json))
+                .await?;
+        }
+        let outcome = self
+            .maintain_locked(opts, now, grace, &locks, &mut report)
+            .await;
+        if !opts.dry_run {
+            let _ = self.store.remove(FileType::Lock, "maintenance").await;
+        }
+        outcome.map(|()| report)
+    }
+
+    async fn maintain_locked(
+        self: &Arc<Self>,
+        opts: &MaintenanceOptions,
+        now: u64,
+        grace: u64,
+        locks: &[(String, LockFile)],
+        report: &mut MaintenanceReport,
+    ) -> Result<(), RepoError> {
+        // Everything indexed, and packs a crashed server left without an index.
+        self.flush().await?;
+        self.refresh_index().await?;
+        if !opts.dry_run {
+            report.orphan_packs_adopted = self.adopt_orphan_packs().await?;
+        }
+        let index_names = self.store.list(FileType::Index).await?;
+        let mut packs: HashMap<String, PackEntries> = HashMap::new();
+        for name in &index_names {
+            if let Some(file) = self.read_index_file(name).await? {
+                for p in file.packs {
+                    packs.entry(p.name.clone()).or_insert(p);
+                }
+            }
+        }
+        report.packs = packs.len() as u64;
+
+        // Every chunk any snapshot refers to. Any error stops the run: nothing is
+        // deleted on an incomplete picture.
+        let snaps = self.all_snapshots().await?;
+        report.snapshots = snaps.len() as u64;
+        let mut referenced: HashSet<ChunkId> = HashSet::new();
+        for s in &snaps {
+            let catalog = s.catalog_ids()?;
+            referenced.extend(catalog.iter().copied());
+            let mut nodes = self.catalog_nodes(&s.tenant, catalog);
+            while let Some(node) = nodes.recv().await {
+                for c in &node?.chunks {
+                    let id = ChunkId::from_slice(c)
+                        .map_err(|e| RepoError::corrupt(format!("snapshot {}", s.id), e))?;
+                    referenced.insert(id);
+                }
+            }
+        }
+        report.chunks_referenced = referenced.len() as u64;
+
+        // Condemnations that may be swept: old enough, and older than every backup
+        // session still running anywhere.
+        let mut protect_from = opts.oldest_local_session_unix.unwrap_or(u64::MAX);
+        for (name, l) in locks {
+            if name.starts_with("sessions-")
+                && l.written_unix + SESSIONS_STALE.as_secs() > now
+                && let Some(t) = l.oldest_session_unix
+            {
+                protect_from = protect_from.min(t);
+            }
+        }
+        let records = self.read_condemned().await?;
+        let mut due: HashSet<(ChunkId, String)> = HashSet::new();
+        let mut waiting: HashSet<(ChunkId, String)> = HashSet::new();
+        for (_, rec) in &records {
+            let sweepable = rec.created_unix + grace <= now && rec.created_unix < protect_from;
+            for e in &rec.entries {
+                if let Ok(id) = ChunkId::from_slice(&e.id) {
+                    if sweepable {
+                        due.insert((id, e.pack.clone()));
+                    } else {
+                        waiting.insert((id, e.pack.clone()));
+                    }
+                }
+            }
+        }
+
+        // The fate of every copy of every chunk.
+        let mut plan: Vec<(String, Vec<Fate>, u64, u64)> = Vec::new(); // pack, fates, live, dead bytes
+        let mut new_condemned: Vec<CondemnedEntry> = Vec::new();
+        let mut still_condemned: Vec<CondemnedEntry> = Vec::new();
+        {
+            let ix = self.index.read().map_err(poisoned)?;
+            for p in packs.values() {
+                let young = p.created_unix + grace > now;
+                let mut fates = Vec::with_capacity(p.blobs.len());
+                let (mut live, mut dead) = (0u64, 0u64);
+                for b in &p.blobs {
+                    let Ok(id) = ChunkId::from_slice(&b.id) else {
+                        fates.push(Fate::Keep);
+                        continue;
+                    };
+                    let canonical_here =
+                        ix.canonical(&id).map(|(pack, _)| pack) == Some(p.name.as_str());
+                    let key = (id, p.name.clone());
+                    let fate = if young {
+                        Fate::Keep
+                    } else if !canonical_here {
+                        // Another copy is the one reads use.
+                        Fate::Dead
+                    } else if referenced.contains(&id) {
+                        if due.contains(&key) || waiting.contains(&key) {
+                            report.chunks_rescued += 1;
+                        }
+                        Fate::Keep
+                    } else if due.contains(&key) {
+                        report.chunks_removed += 1;
+                        Fate::Dead
+                    } else {
+                        let entry = CondemnedEntry {
+                            id: id.0.to_vec(),
+                            pack: p.name.clone(),
+                        };
+                        if waiting.contains(&key) {
+                            report.chunks_waiting += 1;
+                            still_condemned.push(entry);
+                        } else {
+                            report.chunks_condemned += 1;
+                            new_condemned.push(entry);
+                        }
+                        Fate::Keep
+                    };
+                    match fate {
+                        Fate::Keep => live += u64::from(b.length),
+                        Fate::Dead => dead += u64::from(b.length),
+                    }
+                    fates.push(fate);
+                }
+                plan.push((p.name.clone(), fates, live, dead));
+            }
+        }
+
+        let mut delete = Vec::new();
+        let mut repack = Vec::new();
+        for (name, fates, live, dead) in plan {
+            if dead == 0 {
+                continue;
+            }
+            if live == 0 {
+                report.packs_deleted += 1;
+                report.bytes_freed += dead;
+                delete.push(name);
+            } else if (live as f64) < opts.repack_below * ((live + dead) as f64) {
+                report.packs_repacked += 1;
+                report.bytes_freed += dead;
+                repack.push((name, fates));
+            }
+        }
+        if opts.dry_run {
+            return Ok(());
+        }
+
+        // Writes first: the rewritten packs, the compacted index, the condemnations.
+        let mut survivors: Vec<PackEntries> = Vec::new();
+        let gone: HashSet<&String> = delete.iter().chain(repack.iter().map(|(n, _)| n)).collect();
+        for p in packs.values() {
+            if !gone.contains(&p.name) {
+                survivors.push(p.clone());
+            }
+        }
+        let mut builder = PackBuilder::default();
+        for (name, fates) in &repack {
+            let Some(entries) = packs.get(name) else {
+                continue;
+            };
+            let bytes = self.store.read(FileType::Pack, name).await?;
+            for (b, fate) in entries.blobs.iter().zip(fates) {
+                if *fate == Fate::Dead {
+                    continue;
+                }
+                let (start, end) = (b.offset as usize, b.offset as usize + b.length as usize);
+                let sealed = bytes.get(start..end).ok_or_else(|| {
+                    RepoError::corrupt(format!("pack {name}"), "shorter than its index says")
+                })?;
+                let Ok(id) = ChunkId::from_slice(&b.id) else {
+                    continue;
+                };
+                builder.add(&id, &b.tenant, sealed, b.raw_length as usize);
+                if builder.len() >= self.opts.pack_size {
+                    survivors.push(self.write_whole_pack(std::mem::take(&mut builder)).await?);
+                    report.packs_written += 1;
+                }
+            }
+        }
+        if !builder.is_empty() {
+            survivors.push(self.write_whole_pack(builder).await?);
+            report.packs_written += 1;
+        }
+        let index_name = self
+            .write_index_file(&IndexFile { packs: survivors })
+            .await?;
+        // Condemnations: records keep their age; swept or rescued entries leave them.
+        let remaining: HashSet<&CondemnedEntry> = still_condemned.iter().collect();
+        for (name, r) in &records {
+            let kept: Vec<CondemnedEntry> = r
+                .entries
+                .iter()
+                .filter(|e| remaining.contains(e))
+                .cloned()
+                .collect();
+            if kept.len() == r.entries.len() {
+                continue;
+            }
+            if !kept.is_empty() {
+                self.write_condemned(&CondemnedFile {
+                    created_unix: r.created_unix,
+                    entries: kept,
+                })
+                .await?;
+            }
+            self.store.remove(FileType::Condemned, name).await?;
+        }
+        if !new_condemned.is_empty() {
+            self.write_condemned(&CondemnedFile {
+                created_unix: now,
+                entries: new_condemned,
+            })
+            .await?;
+        }
+        // Then deletions: old index objects, dead and rewritten packs.
+        for name in index_names.iter().filter(|n| **n != index_name) {
+            self.store.remove(FileType::Index, name).await?;
+            report.index_objects_replaced += 1;
+        }
+        for name in delete.iter().chain(repack.iter().map(|(n, _)| n)) {
+            match self.store.remove(FileType::Pack, name).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.pack_cache.lock().map_err(poisoned)?.clear();
+        self.refresh_index().await?;
+        tracing::info!(?report, "maintenance done");
+        Ok(())
+    }
+
+    async fn write_condemned(&self, file: &CondemnedFile) -> Result<(), RepoError> {
+        let sealed = crypto::pack_blob(&self.keys, &file.encode_to_vec(), 3);
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.store
+            .write(FileType::Condemned, &name, Bytes::from(sealed))
+            .await?;
+        Ok(())
+    }
+
+    async fn write_whole_pack(&self, builder: PackBuilder) -> Result<PackEntries, RepoError> {
+        let (name, bytes, entries) = builder.finish(&self.keys);
+        self.store.write(FileType::Pack, &name, bytes).await?;
+        Ok(entries)
+    }
+
+    /// Copies condemned chunks a commit refers to into a new pack, so they stay. Returns
+    /// how many were copied; the caller flushes.
+    pub async fn rescue_condemned(
+        self: &Arc<Self>,
+        tenant: &str,
+        ids: &[ChunkId],
+    ) -> Result<u64, RepoError> {
+        let mut rescued = 0;
+        for id in ids {
+            let Some(found) = self
+                .index
+                .read()
+                .map_err(poisoned)?
+                .condemned_copy(tenant, id)
+            else {
+                continue;
+            };
+            if !self.index.write().map_err(poisoned)?.reserve(tenant, *id) {
+                continue; // being stored again already
+            }
+            let pack = match self.pack_bytes(&found.pack).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.index.write().map_err(poisoned)?.unreserve(id);
+                    return Err(e);
+                }
+            };
+            let (start, end) = (
+                found.offset as usize,
+                found.offset as usize + found.length as usize,
+            );
+            let Some(sealed) = pack.get(start..end) else {
+                self.index.write().map_err(poisoned)?.unreserve(id);
+                continue;
+            };
+            let mut w = self.writer.lock().await;
+            w.pack.add(id, tenant, sealed, found.raw_length as usize);
+            if w.pack.len() >= self.opts.pack_size {
+                self.write_pack(&mut w).await?;
+            }
+            rescued += 1;
+        }
+        if rescued > 0 {
+            tracing::info!(
+                tenant,
+                chunks = rescued,
+                "condemned chunks referenced again: kept"
+            );
+        }
+        Ok(rescued)
+    }
+
+    /// Checks snapshots (see the module docs).
+    pub async fn verify(self: &Arc<Self>, opts: &VerifyOptions) -> Result<VerifyReport, RepoError> {
+        let mut report = VerifyReport::default();
+        self.refresh_index().await?;
+        let in_scope = |t: &str| opts.tenant.as_deref().is_none_or(|s| s == t);
+        // Bad chunks found by reading packs back.
+        let mut bad: HashMap<ChunkId, String> = HashMap::new();
+        if opts.read_data > 0.0 {
+            let mut packs: HashMap<String, PackEntries> = HashMap::new();
+            for name in self.store.list(FileType::Index).await? {
+                if let Some(file) = self.read_index_file(&name).await? {
+                    for p in file.packs {
+                        packs.entry(p.name.clone()).or_insert(p);
+                    }
+                }
+            }
+            let chosen: Vec<PackEntries> = packs
+                .into_values()
+                .filter(|p| p.blobs.iter().any(|b| in_scope(&b.tenant)))
+                .filter(|p| sampled(&p.name, opts.read_data))
+                .collect();
+            let me = Arc::clone(self);
+            let tenant = opts.tenant.clone();
+            let checks = futures::stream::iter(chosen)
+                .map(|p| {
+                    let me = Arc::clone(&me);
+                    let tenant = tenant.clone();
+                    async move { me.check_pack(p, tenant.as_deref()).await }
+                })
+                .buffer_unordered(VERIFY_PARALLEL_PACKS);
+            futures::pin_mut!(checks);
+            while let Some(outcome) = checks.next().await {
+                let (len, found) = outcome?;
+                report.packs_read += 1;
+                report.bytes_read += len;
+                bad.extend(found);
+            }
+        }
+        let snaps = self.load_snapshots(|s| in_scope(&s.tenant)).await?;
+        for s in &snaps {
+            report.snapshots += 1;
+            let problem = |path: &str, message: String| Problem {
+                snapshot_id: s.id.clone(),
+                tag: s.tag.clone(),
+                path: path.to_string(),
+                message,
+            };
+            let catalog = match s.catalog_ids() {
+                Ok(c) => c,
+                Err(e) => {
+                    report.problems.push(problem("", e.to_string()));
+                    continue;
+                }
+            };
+            let mut nodes = self.catalog_nodes(&s.tenant, catalog);
+            while let Some(node) = nodes.recv().await {
+                let node = match node {
+                    Ok(n) => n,
+                    Err(e) => {
+                        report.problems.push(problem(
+                            "",
+                            format!("the snapshot's tree is unreadable: {e}"),
+                        ));
+                        break;
+                    }
+                };
+                if node.r#type == datamover_proto::v1::NodeType::File as i32 {
+                    report.files += 1;
+                }
+                let mut missing = 0u64;
+                let mut corrupt = 0u64;
+                let mut first = String::new();
+                for c in &node.chunks {
+                    report.chunks += 1;
+                    let Ok(id) = ChunkId::from_slice(c) else {
+                        corrupt += 1;
+                        continue;
+                    };
+                    let present = self
+                        .index
+                        .read()
+                        .map_err(poisoned)?
+                        .find(&s.tenant, &id)
+                        .is_some();
+                    if !present {
+                        missing += 1;
+                        if first.is_empty() {
+                            first = format!("chunk {} is missing", id.to_hex());
+                        }
+                    } else if let Some(why) = bad.get(&id) {
+                        corrupt += 1;
+                        if first.is_empty() {
+                            first = format!("chunk {} is corrupt: {why}", id.to_hex());
+                        }
+                    }
+                }
+                if missing + corrupt > 0 {
+                    report.problems.push(problem(
+                        &String::from_utf8_lossy(&node.path),
+                        format!(
+                            "{} of {} chunks missing, {corrupt} corrupt ({first})",
+                            missing,
+                            node.chunks.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Downloads a pack and checks its chunks (those of `tenant`, or all). Returns the
+    /// bytes read and the bad chunks with the reason.
+    async fn check_pack(
+        self: &Arc<Self>,
+        pack: PackEntries,
+        tenant: Option<&str>,
+    ) -> Result<(u64, Vec<(ChunkId, String)>), RepoError> {
+        let bytes = match self.store.read(FileType::Pack, &pack.name).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                let why = format!("pack {} is missing", pack.name);
+                return Ok((
+                    0,
+                    pack.blobs
+                        .iter()
+                        .filter_map(|b| ChunkId::from_slice(&b.id).ok())
+                        .map(|id| (id, why.clone()))
+                        .collect(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let me = Arc::clone(self);
+        let tenant = tenant.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let mut bad = Vec::new();
+            for b in &pack.blobs {
+                if tenant.as_deref().is_some_and(|t| t != b.tenant) {
+                    continue;
+                }
+                let Ok(id) = ChunkId::from_slice(&b.id) else {
+                    continue;
+                };
+                let what = format!("chunk {} in pack {}", id.to_hex(), pack.name);
+                let (start, end) = (b.offset as usize, b.offset as usize + b.length as usize);
+                let outcome = bytes
+                    .get(start..end)
+                    .ok_or_else(|| RepoError::corrupt(&what, "pack is shorter than its index says"))
+                    .and_then(|sealed| {
+                        crypto::unpack_blob(&me.keys, sealed, b.raw_length as usize, &what)
+                    })
+                    .and_then(|data| {
+                        if me.keys.chunk_id_key(&b.tenant).id(&data) == id {
+                            Ok(())
+                        } else {
+                            Err(RepoError::corrupt(&what, "content does not match its id"))
+                        }
+                    });
+                if let Err(e) = outcome {
+                    bad.push((id, format!("in pack {}: {}", pack.name, short_reason(&e))));
+                }
+            }
+            (bytes.len() as u64, bad)
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))
+        .map(Ok)?
+    }
+}
+
+fn short_reason(e: &RepoError) -> String {
+    match e {
+        RepoError::Corrupt { why, .. } => why.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether a pack is in a `fraction` sample (stable: by its name).
+fn sampled(name: &str, fraction: f64) -> bool {
+    if fraction >= 1.0 {
+        return true;
+    }
+    let prefix = name.get(..8).and_then(|h| u32::from_str_radix(h, 16).ok());
+    prefix.is_some_and(|v| (f64::from(v) / f64::from(u32::MAX)) < fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_is_stable_and_proportional() {
+        let names: Vec<String> = (0..1000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).to_hex().to_string())
+            .collect();
+        let n = names.iter().filter(|n| sampled(n, 0.25)).count();
+        assert!((180..320).contains(&n), "{n}");
+        assert!(names.iter().all(|n| sampled(n, 1.0)));
+        assert!(!names.iter().any(|n| sampled(n, 0.0)));
+    }
+}
