@@ -451,14 +451,22 @@ impl Repository {
         .cloned()
     }
 
-    /// The stored (uncompressed) size of a chunk, if this tenant has it.
-    pub fn chunk_size(&self, tenant: &str, id: &ChunkId) -> Result<Option<u32>, RepoError> {
-        Ok(self
-            .index
-            .read()
-            .map_err(poisoned)?
-            .find(tenant, id)
-            .map(|f| f.raw_length))
+    /// The stored (uncompressed) size of a chunk, if this tenant has it (looking at
+    /// index objects other servers wrote if it is not known here).
+    pub async fn chunk_size(&self, tenant: &str, id: &ChunkId) -> Result<Option<u32>, RepoError> {
+        let known = |me: &Self| -> Result<Option<u32>, RepoError> {
+            Ok(me
+                .index
+                .read()
+                .map_err(poisoned)?
+                .find(tenant, id)
+                .map(|f| f.raw_length))
+        };
+        if let Some(size) = known(self)? {
+            return Ok(Some(size));
+        }
+        self.refresh_index().await?;
+        known(self)
     }
 
     /// Reads a chunk and checks it against its id. Decryption and decompression run on
@@ -469,9 +477,14 @@ impl Repository {
         id: &ChunkId,
     ) -> Result<Bytes, RepoError> {
         match self.read_chunk_once(tenant, id).await {
-            // Maintenance on another server may have rewritten the pack: reload, retry.
+            // Another replica may have stored the chunk, or maintenance on another
+            // server may have rewritten its pack: reload what the store says, retry.
             Err(RepoError::Store(e)) if e.is_not_found() => {
                 self.pack_cache.lock().map_err(poisoned)?.clear();
+                self.refresh_index().await?;
+                self.read_chunk_once(tenant, id).await
+            }
+            Err(RepoError::MissingChunk(_)) => {
                 self.refresh_index().await?;
                 self.read_chunk_once(tenant, id).await
             }

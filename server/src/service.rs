@@ -640,6 +640,7 @@ async fn restore_stream(
                         ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
                     let size = repo
                         .chunk_size(&tenant, &cid)
+                        .await
                         .map_err(status)?
                         .ok_or_else(|| status(RepoError::MissingChunk(cid.to_hex())))?;
                     let share = size.clamp(1, RESTORE_READ_AHEAD_BYTES as u32);
