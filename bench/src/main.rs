@@ -222,6 +222,23 @@ fn make_mixed(root: &Path, seed: u64, scale: f64) -> Res<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Data set (d): `n` small files (50 to 300 bytes of text) in directories of 1000.
+fn make_many(root: &Path, seed: u64, n: usize) -> Res<Vec<PathBuf>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut files = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = root.join(format!("d{:04}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        }
+        let p = dir.join(format!("f{i:07}"));
+        let len = rng.gen_range(50..300);
+        std::fs::write(&p, text(&mut rng, len)).map_err(|e| e.to_string())?;
+        files.push(p);
+    }
+    Ok(files)
+}
+
 /// Changes 1% of the files: a line appended to each.
 fn change_one_percent(files: &[PathBuf], seed: u64) -> Res<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -271,6 +288,23 @@ struct Bench {
     rclone_env: Vec<(String, String)>,
     results: BTreeMap<(String, Scenario, Tool), Vec<Sample>>,
     floors: BTreeMap<String, (f64, f64)>,
+    /// The tools to run (`--tools`), all by default.
+    tools: Vec<Tool>,
+}
+
+impl Bench {
+    /// The tools in the order of this repetition (reversed on odd ones), for a data set
+    /// that may exclude some.
+    fn order(&self, rep: usize, exclude: &[Tool]) -> Vec<Tool> {
+        let mut v: Vec<Tool> = [Tool::Datamover, Tool::Restic, Tool::Rclone]
+            .into_iter()
+            .filter(|t| self.tools.contains(t) && !exclude.contains(t))
+            .collect();
+        if !rep.is_multiple_of(2) {
+            v.reverse();
+        }
+        v
+    }
 }
 
 impl Bench {
@@ -415,12 +449,9 @@ fn tree_scenarios(
     files: &mut [PathBuf],
     rep: usize,
     mutable: bool,
+    exclude: &[Tool],
 ) -> Res<()> {
-    let order: Vec<Tool> = if rep.is_multiple_of(2) {
-        vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
-    } else {
-        vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
-    };
+    let order = b.order(rep, exclude);
     let tag = ds.to_string();
     let dm_prefix = format!("{ds}-dm-{rep}");
     let server = Server::start(
@@ -512,7 +543,7 @@ fn tree_scenarios(
         }
     }
     // The floor: uploading datamover's compressed, encrypted bytes alone (rep 0 only).
-    if rep == 0 {
+    if rep == 0 && b.tools.contains(&Tool::Rclone) && !exclude.contains(&Tool::Rclone) {
         let local = b.work.join("floor");
         let _ = std::fs::remove_dir_all(&local);
         let mut c = b.rclone(&[
@@ -540,11 +571,7 @@ fn tree_scenarios(
 
 fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let ds = "stream";
-    let order: Vec<Tool> = if rep.is_multiple_of(2) {
-        vec![Tool::Datamover, Tool::Restic, Tool::Rclone]
-    } else {
-        vec![Tool::Rclone, Tool::Restic, Tool::Datamover]
-    };
+    let order = b.order(rep, &[]);
     let dm_prefix = format!("stream-dm-{rep}");
     let server = Server::start(
         Storage::S3 {
@@ -699,6 +726,27 @@ fn real_main() -> Res<()> {
         .unwrap_or(1024);
     let output = get("--output");
     let skip_tree = args.iter().any(|a| a == "--no-toolchain");
+    // --datasets mixed,toolchain,stream,many (all by default); --tools datamover,restic,rclone
+    let datasets: Vec<String> = get("--datasets")
+        .unwrap_or_else(|| "mixed,toolchain,stream,many".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let want = |d: &str| datasets.iter().any(|x| x == d);
+    let tools: Vec<Tool> = get("--tools")
+        .unwrap_or_else(|| "datamover,restic,rclone".into())
+        .split(',')
+        .filter_map(|t| match t.trim() {
+            "datamover" => Some(Tool::Datamover),
+            "restic" => Some(Tool::Restic),
+            "rclone" => Some(Tool::Rclone),
+            _ => None,
+        })
+        .collect();
+    let many_files: usize = get("--many-files")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let many_reps: usize = get("--many-reps").and_then(|v| v.parse().ok()).unwrap_or(1);
     let work_dir = get("--work")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -739,21 +787,27 @@ fn real_main() -> Res<()> {
         rclone_env,
         results: BTreeMap::new(),
         floors: BTreeMap::new(),
+        tools,
     };
 
-    eprintln!("generating data set (a) mixed, scale {scale}");
-    let mixed = work.path().join("mixed");
-    let mut mixed_files = make_mixed(&mixed, 42, scale)?;
-    let mixed_bytes = du_bytes(&mixed);
     let checkpoint = |b: &Bench| {
         if let Some(o) = &output {
             let _ = std::fs::write(o, report(b, "(partial: the run is still going)\n"));
         }
     };
-    for rep in 0..reps {
-        eprintln!("mixed: repetition {}", rep + 1);
-        tree_scenarios(&mut b, "mixed", &mixed, &mut mixed_files, rep, true)?;
-        checkpoint(&b);
+    let (mut mixed_bytes, mut mixed_count) = (0, 0);
+    if want("mixed") {
+        eprintln!("generating data set (a) mixed, scale {scale}");
+        let mixed = work.path().join("mixed");
+        let mut mixed_files = make_mixed(&mixed, 42, scale)?;
+        mixed_bytes = du_bytes(&mixed);
+        mixed_count = mixed_files.len();
+        for rep in 0..reps {
+            eprintln!("mixed: repetition {}", rep + 1);
+            tree_scenarios(&mut b, "mixed", &mixed, &mut mixed_files, rep, true, &[])?;
+            checkpoint(&b);
+        }
+        let _ = std::fs::remove_dir_all(&mixed);
     }
 
     let sysroot = String::from_utf8_lossy(
@@ -766,7 +820,7 @@ fn real_main() -> Res<()> {
     .trim()
     .to_string();
     let mut tree_desc = String::from("skipped");
-    if !skip_tree && !sysroot.is_empty() {
+    if !skip_tree && want("toolchain") && !sysroot.is_empty() {
         let tree = PathBuf::from(&sysroot);
         let mut files = list_files(&tree);
         tree_desc = format!(
@@ -777,24 +831,55 @@ fn real_main() -> Res<()> {
         );
         for rep in 0..reps {
             eprintln!("toolchain: repetition {}", rep + 1);
-            tree_scenarios(&mut b, "toolchain", &tree, &mut files, rep, false)?;
+            tree_scenarios(&mut b, "toolchain", &tree, &mut files, rep, false, &[])?;
             checkpoint(&b);
         }
     }
 
-    eprintln!("generating data set (c) a {stream_mib} MiB stream");
-    let stream = work.path().join("stream.sql");
-    {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut f = File::create(&stream).map_err(|e| e.to_string())?;
-        for _ in 0..stream_mib {
-            f.write_all(&half_compressible(&mut rng, 1024 * 1024))
-                .map_err(|e| e.to_string())?;
+    if want("stream") {
+        eprintln!("generating data set (c) a {stream_mib} MiB stream");
+        let stream = work.path().join("stream.sql");
+        {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut f = File::create(&stream).map_err(|e| e.to_string())?;
+            for _ in 0..stream_mib {
+                f.write_all(&half_compressible(&mut rng, 1024 * 1024))
+                    .map_err(|e| e.to_string())?;
+            }
         }
+        for rep in 0..reps {
+            eprintln!("stream: repetition {}", rep + 1);
+            stream_scenarios(&mut b, &stream, rep)?;
+            checkpoint(&b);
+        }
+        let _ = std::fs::remove_file(&stream);
     }
-    for rep in 0..reps {
-        eprintln!("stream: repetition {}", rep + 1);
-        stream_scenarios(&mut b, &stream, rep)?;
+
+    // (d) for scale: rclone is left out (one PUT per file: hours for a million files).
+    let mut many_desc = String::from("skipped");
+    if want("many") {
+        eprintln!("generating data set (d) {many_files} small files");
+        let many = work.path().join("many");
+        let mut files = make_many(&many, 99, many_files)?;
+        many_desc = format!(
+            "{} files of 50 to 300 bytes in directories of 1000 ({:.0} MiB); rclone not run (one request per file)",
+            files.len(),
+            du_bytes(&many) as f64 / 1048576.0
+        );
+        for rep in 0..many_reps {
+            eprintln!("many: repetition {}", rep + 1);
+            tree_scenarios(
+                &mut b,
+                "many",
+                &many,
+                &mut files,
+                rep,
+                true,
+                &[Tool::Rclone],
+            )?;
+            checkpoint(&b);
+        }
+        let _ = std::fs::remove_dir_all(&many);
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -822,7 +907,8 @@ fn real_main() -> Res<()> {
         "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
-         (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`.\n",
+         (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
+         (d) many: {many_desc}.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()
@@ -835,7 +921,7 @@ fn real_main() -> Res<()> {
         version("restic", "version"),
         version("rclone", "version"),
         mixed_bytes as f64 / 1048576.0,
-        mixed_files.len(),
+        mixed_count,
     );
     let text = report(&b, &meta);
     println!("{text}");

@@ -7,7 +7,7 @@
 //! A sealed object is `nonce (24 bytes) || XChaCha20-Poly1305(plaintext)`; a compressed
 //! payload is one header byte (0 stored, 1 zstd) and the body.
 
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use datamover_core::chunk::ChunkIdKey;
 use rand::RngCore;
@@ -94,12 +94,16 @@ impl Keys {
         rand::thread_rng().fill_bytes(&mut nonce);
         let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
         out.extend_from_slice(&nonce);
-        // Encryption with a valid key and nonce size cannot fail.
-        let ct = self
-            .cipher
-            .encrypt(XNonce::from_slice(&nonce), plaintext)
-            .unwrap_or_default();
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(plaintext);
+        // Encryption in place with a valid key and nonce size cannot fail.
+        match self.cipher.encrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            b"",
+            &mut out[NONCE_LEN..],
+        ) {
+            Ok(tag) => out.extend_from_slice(&tag),
+            Err(_) => out.clear(),
+        }
         out
     }
 

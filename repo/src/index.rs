@@ -59,6 +59,7 @@ pub(crate) struct Found {
 #[derive(Default)]
 pub(crate) struct Index {
     packs: Vec<String>,
+    pack_ids: HashMap<String, u32>,
     tenants: Vec<String>,
     tenant_ids: HashMap<String, u32>,
     chunks: HashMap<ChunkId, Location>,
@@ -86,8 +87,16 @@ impl Index {
 
     /// Adds a pack's chunks as stored.
     pub fn add_pack(&mut self, pack: &PackEntries) {
-        let pack_no = self.packs.len() as u32;
-        self.packs.push(pack.name.clone());
+        // A pack listed by two index objects (after a crash, say) is one pack.
+        let pack_no = match self.pack_ids.get(&pack.name) {
+            Some(n) => *n,
+            None => {
+                let n = self.packs.len() as u32;
+                self.packs.push(pack.name.clone());
+                self.pack_ids.insert(pack.name.clone(), n);
+                n
+            }
+        };
         for b in &pack.blobs {
             let Ok(id) = ChunkId::from_slice(&b.id) else {
                 continue;
@@ -155,6 +164,7 @@ impl Index {
     /// reload from the index objects.
     pub fn clear_stored(&mut self) {
         self.packs.clear();
+        self.pack_ids.clear();
         self.chunks.clear();
         self.loaded_files.clear();
     }
@@ -197,7 +207,7 @@ impl Index {
     }
 
     pub fn has_pack(&self, name: &str) -> bool {
-        self.packs.iter().any(|p| p == name)
+        self.pack_ids.contains_key(name)
     }
 
     pub fn len(&self) -> usize {

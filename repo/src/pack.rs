@@ -17,6 +17,9 @@ pub(crate) struct PackBuilder {
     blobs: Vec<BlobEntry>,
 }
 
+/// Room for a full pack and its last chunk, so filling it never reallocates.
+const PACK_CAPACITY: usize = 8 * 1024 * 1024 + 1024 * 1024 + 64 * 1024;
+
 impl PackBuilder {
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -52,6 +55,9 @@ impl PackBuilder {
     }
 
     pub fn add(&mut self, id: &ChunkId, tenant: &str, sealed: &[u8], raw_length: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(PACK_CAPACITY.max(sealed.len()));
+        }
         self.blobs.push(BlobEntry {
             id: id.0.to_vec(),
             offset: self.buf.len() as u32,

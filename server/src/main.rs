@@ -44,8 +44,16 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(settings.log_json);
+    // Sealing and unsealing run on the blocking pool; a few threads keep every core busy
+    // and, with few malloc arenas, keep memory flat (each arena would hold its own
+    // freed pack-sized buffers).
+    // SAFETY: mallopt only tunes the allocator, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(16)
         .build()
     {
         Ok(r) => r,

@@ -33,7 +33,7 @@ const MAX_SESSIONS: usize = 4096;
 /// Messages queued towards one streaming client.
 const STREAM_QUEUE: usize = 4;
 /// Chunk bytes a restore reads ahead of what it sends.
-const RESTORE_READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
+const RESTORE_READ_AHEAD_BYTES: usize = 24 * 1024 * 1024;
 /// Nodes and chunk reads queued between a restore's reader and its sender.
 const RESTORE_WORK_QUEUE: usize = 4096;
 /// `PutChunks` batches of one upload sealed at once.

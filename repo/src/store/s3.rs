@@ -46,6 +46,9 @@ impl std::fmt::Debug for S3Options {
     }
 }
 
+/// Attempts at downloading an object whose body breaks off.
+const BODY_ATTEMPTS: u32 = 4;
+
 pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -227,22 +230,32 @@ impl Store for S3Store {
 
     async fn read(&self, ft: FileType, name: &str) -> Result<Bytes, StoreError> {
         let key = self.key(ft, name);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|e| self.map(e, &key))?;
-        out.body
-            .collect()
-            .await
-            .map(|b| b.into_bytes())
-            .map_err(|e| StoreError::Unreachable {
-                location: self.location.clone(),
-                detail: format!("reading {key}: {e}"),
-            })
+        // The SDK retries requests; a body cut off while streaming is retried here.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| self.map(e, &key))?;
+            match out.body.collect().await {
+                Ok(b) => return Ok(b.into_bytes()),
+                Err(e) if attempt < BODY_ATTEMPTS => {
+                    tracing::warn!(key = %key, error = %e, attempt, "download cut off: retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Unreachable {
+                        location: self.location.clone(),
+                        detail: format!("reading {key}: {e}"),
+                    });
+                }
+            }
+        }
     }
 
     async fn read_range(
