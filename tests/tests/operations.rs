@@ -376,3 +376,64 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| v as u64)
 }
+
+/// A small tmpfs mounted for the test (needs root; unmounted on drop).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_store_is_a_clear_error_and_loses_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let Some(_disk) = SmallDisk::mount(&store, "24m") else {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
+        return;
+    };
+    let server = Server::start_configured(
+        Storage::Filesystem,
+        &[USER],
+        &[("type", "filesystem"), ("path", store.to_str().unwrap())],
+    );
+    let client = server.client(USER.0, USER.1);
+    let keep = work.path().join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("f"), random_bytes(60, 2 * 1024 * 1024)).unwrap();
+    client.ok(&["backup_files", keep.to_str().unwrap(), "keep"]);
+
+    let big = work.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    std::fs::write(big.join("f"), random_bytes(61, 40 * 1024 * 1024)).unwrap();
+    let r = client.run(&["backup_files", big.to_str().unwrap(), "big"]);
+    assert_eq!(r.code, 7, "a full store is exit code 7: {}", r.stderr);
+    assert!(
+        r.stderr.contains("storage is full"),
+        "the error says what happened: {}",
+        r.stderr
+    );
+    assert_eq!(client.ok(&["list"])["count"], 1, "no snapshot from the failed backup");
+    assert_eq!(client.ok(&["verify", "--read-data"])["problems"], 0);
+    let out = work.path().join("out");
+    client.ok(&["restore_files", out.to_str().unwrap(), "keep"]);
+    assert_same_tree(&keep, &out);
+}
