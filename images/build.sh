@@ -12,6 +12,10 @@
 #
 #   images/build.sh [--engine docker|buildah] [--bin-dir DIR] [--version V]
 #                   [--only server|client] [--tag-prefix PREFIX] [--keep-context DIR]
+#                   [--no-strip]
+#
+# The copied binary is stripped of debug information (`strip`, when installed) unless
+# --no-strip is given.
 #
 # Prints the built image references on stdout, one per line.
 set -euo pipefail
@@ -25,6 +29,7 @@ version=""
 only=""
 prefix=""
 keep=""
+strip_bin=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --engine) engine="$2"; shift 2 ;;
@@ -33,7 +38,8 @@ while [[ $# -gt 0 ]]; do
         --only) only="$2"; shift 2 ;;
         --tag-prefix) prefix="$2"; shift 2 ;;
         --keep-context) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-strip) strip_bin=0; shift ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -92,6 +98,9 @@ assemble() {
         echo "build.sh: $bin_dir/$binary is missing: build it first (cargo build --bins)" >&2; exit 2; }
     mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$owned"
     cp -L "$bin_dir/$binary" "$rootfs/usr/local/bin/$binary"
+    if [[ "$strip_bin" == 1 ]] && command -v strip >/dev/null 2>&1; then
+        strip --strip-debug "$rootfs/usr/local/bin/$binary"
+    fi
     # Shared libraries and the loader, at the paths the binary looks them up.
     local lib
     while read -r lib; do
