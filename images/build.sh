@@ -39,7 +39,7 @@ while [[ $# -gt 0 ]]; do
         --tag-prefix) prefix="$2"; shift 2 ;;
         --keep-context) keep="$2"; shift 2 ;;
         --no-strip) strip_bin=0; shift ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -3,8 +3,8 @@
 # binaries against the filesystem store and a real S3 server (Garage on loopback), the
 # container images (built with docker, run on a private network), the Kanister
 # blueprints and example manifests (validated against the Kubernetes schemas and
-# Kanister's Blueprint CRD) and the PostgreSQL blueprint against a real PostgreSQL.
-# Installs Garage (cargo install) and PostgreSQL (apt-get) on first use and reuses them.
+# Kanister's Blueprint CRD) and the PostgreSQL and MySQL blueprints against real servers.
+# Installs Garage (cargo install), PostgreSQL and MariaDB (apt-get) on first use and reuses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
@@ -15,6 +15,11 @@ if POSTGRES_BIN_DIR="$(scripts/ensure-postgresql.sh)"; then
     export POSTGRES_BIN_DIR
 else
     echo "test.sh: PostgreSQL is not available: the PostgreSQL blueprint test will skip (and fail under CI)" >&2
+fi
+if MARIADB_BIN_DIR="$(scripts/ensure-mariadb.sh)"; then
+    export MARIADB_BIN_DIR
+else
+    echo "test.sh: MariaDB is not available: the MySQL blueprint test will skip (and fail under CI)" >&2
 fi
 
 # Blueprints and example manifests. The DatamoverServer example needs the CRD of crd/.
