@@ -8,6 +8,7 @@
 //! The binaries are taken from the cargo target directory this test binary was built
 //! into, so `cargo build --workspace --bins` must run first (the test command does).
 
+pub mod blueprint;
 pub mod faults;
 pub mod garage;
 
