@@ -11,5 +11,6 @@ export GARAGE_BIN
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/validate-manifests.sh --crd crd/manifests/crd.yaml crd/
 cargo build --workspace --bins --locked
 cargo test --workspace --locked -- --test-threads=2
