@@ -39,5 +39,6 @@ scripts/validate-manifests.sh "${crds[@]}" "${manifests[@]}"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/validate-manifests.sh --crd crd/manifests/crd.yaml crd/
 cargo build --workspace --bins --locked
 cargo test --workspace --locked -- --test-threads=2

@@ -120,7 +120,9 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let probe = ProbeState {
         ready: Arc::clone(&ready),
         metrics: Arc::clone(&metrics),
+        server_data: Arc::default(),
     };
+    let served_data = Arc::clone(&probe.server_data);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_listener, router(probe)).await {
             tracing::error!(error = %e, "probe listener failed");
@@ -170,6 +172,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
 
     let data_path = settings.paths.etc("server/data");
     tls::write_server_data(&data_path, &tls.fingerprint)?;
+    let _ = served_data.set(tls.fingerprint.to_hex());
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         address = %grpc_addr,

@@ -431,7 +431,11 @@ fn a_full_store_is_a_clear_error_and_loses_nothing() {
         "the error says what happened: {}",
         r.stderr
     );
-    assert_eq!(client.ok(&["list"])["count"], 1, "no snapshot from the failed backup");
+    assert_eq!(
+        client.ok(&["list"])["count"],
+        1,
+        "no snapshot from the failed backup"
+    );
     assert_eq!(client.ok(&["verify", "--read-data"])["problems"], 0);
     let out = work.path().join("out");
     client.ok(&["restore_files", out.to_str().unwrap(), "keep"]);

@@ -1,0 +1,236 @@
+//! The `DatamoverServer` custom resource (`dm.cr.kanister.io/v1alpha1`).
+//!
+//! The spec follows the Kanister datamover design (`image`, `protocols`, `config`,
+//! `clientSecretRef`, `secrets`, probes) plus what operators need to run it (`replicas`,
+//! `env`, `podOptions`, `networkPolicy`). Validation lives in the generated OpenAPI schema,
+//! so `kubectl apply` rejects a bad object before the controller ever sees it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, PodSecurityContext, Probe, ResourceRequirements,
+    SecurityContext, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "dm.cr.kanister.io";
+/// API version of the custom resource.
+pub const VERSION: &str = "v1alpha1";
+/// The gRPC protocol the server speaks, and its default port.
+pub const DEFAULT_PROTOCOL: &str = "datamover-v1";
+pub const DEFAULT_PORT: i32 = 51515;
+
+/// A datamover server: a Deployment of `datamover-server` pods holding the storage
+/// credentials, and a Service clients reach it by.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "dm.cr.kanister.io",
+    version = "v1alpha1",
+    kind = "DatamoverServer",
+    plural = "datamoverservers",
+    shortname = "dms",
+    namespaced,
+    status = "DatamoverServerStatus",
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".status.serverInfo.serviceName"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatamoverServerSpec {
+    /// Container image of the datamover server.
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Protocols to serve, each on its own port. Default: `datamover-v1` on 51515.
+    #[serde(default = "default_protocols")]
+    #[schemars(length(min = 1, max = 8))]
+    pub protocols: Vec<ProtocolSpec>,
+
+    /// Name of the ConfigMap with the storage settings, mounted at `/etc/config`.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub config: String,
+
+    /// The Secret with one key per client id (a token or a PHC hash), mounted at
+    /// `/etc/client_credentials`. The server reloads it live: changing it never restarts pods.
+    pub client_secret_ref: SecretRef,
+
+    /// Storage secrets (S3 keys, `repo-password`, `tls.crt`/`tls.key`, `ca.crt`), each
+    /// mounted at `/etc/secrets/<secretName>`. A change to one of them rolls the pods.
+    #[schemars(length(min = 1, max = 16))]
+    pub secrets: Vec<SecretRef>,
+
+    /// Overrides the default startup probe (`GET /healthz` on the probe port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+    /// Overrides the default readiness probe (`GET /readyz` on the probe port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    /// Overrides the default liveness probe (`GET /healthz` on the probe port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+
+    /// Number of server pods. Several replicas need a TLS secret (`tls.crt`, `tls.key`)
+    /// among `secrets`, so that they all present the certificate clients pin.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 32))]
+    pub replicas: i32,
+
+    /// Extra environment variables for the server container (for example `RUST_LOG`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// Scheduling and security settings of the server pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_options: Option<PodOptions>,
+
+    /// A NetworkPolicy that lets only the selected clients reach the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// One protocol served by the server, as in `PROTOCOLS` (`name:port`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ProtocolSpec {
+    /// Protocol name; also the name of the container and Service port.
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// TCP port the server listens on and the Service exposes.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+/// A reference to a Secret in the DatamoverServer's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub secret_name: String,
+}
+
+/// Pod-level settings passed through to the server pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Service account of the server pods. The server needs no Kubernetes API access;
+    /// its token is not mounted either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Pod security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// Security context of the server container. Default: no privilege escalation,
+    /// all capabilities dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_security_context: Option<SecurityContext>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Extra labels of the server pods (the controller's own labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations of the server pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Which pods may reach the server's protocol ports.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create a NetworkPolicy for the server pods.
+    pub enabled: bool,
+    /// Clients allowed to connect. Each entry selects pods (in the server's namespace,
+    /// or in the namespaces `namespaceSelector` selects). Empty: no client at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_clients: Vec<ClientSelector>,
+}
+
+/// A set of client pods, as in a NetworkPolicy peer.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// Where the server is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Progress {
+    /// Created or changing; not serving yet.
+    Pending,
+    /// At least one current pod is ready and `serverInfo` is filled in.
+    Ready,
+    /// Cannot proceed until something is fixed; the conditions say what.
+    Failed,
+}
+
+impl Progress {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Progress::Pending => "Pending",
+            Progress::Ready => "Ready",
+            Progress::Failed => "Failed",
+        }
+    }
+}
+
+/// What clients need to reach the server.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerInfo {
+    /// Name of the Service in front of the server pods.
+    pub service_name: String,
+    /// Base64 of the content of the server's `/etc/server/data` (the hex SHA-256
+    /// fingerprint of its TLS certificate); give it to clients as `SERVER_DATA`.
+    pub data: String,
+}
+
+/// Observed state, written by the controller.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatamoverServerStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_info: Option<ServerInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn default_protocols() -> Vec<ProtocolSpec> {
+    vec![ProtocolSpec {
+        name: DEFAULT_PROTOCOL.to_string(),
+        port: DEFAULT_PORT,
+    }]
+}
+
+fn default_replicas() -> i32 {
+    1
+}
