@@ -396,6 +396,23 @@ struct Ours {
 }
 
 impl Ours {
+    /// Our server on the bench's Garage under `prefix`, and its client.
+    fn start(b: &Bench, prefix: String) -> Ours {
+        let server = Server::start(
+            Storage::S3 {
+                garage: &b.garage,
+                bucket: &b.garage.bucket,
+                prefix: &prefix,
+            },
+            &[("bench", "bench-token")],
+        );
+        Ours {
+            client: server.client("bench", "bench-token"),
+            server,
+            prefix,
+        }
+    }
+
     fn run(&self, b: &Bench, args: &[&str], stdout: Stdio) -> Res<Sample> {
         let pid = self.server.pid().unwrap_or(0);
         reset_hwm(pid);
@@ -454,19 +471,7 @@ fn tree_scenarios(
     let order = b.order(rep, exclude);
     let tag = ds.to_string();
     let dm_prefix = format!("{ds}-dm-{rep}");
-    let server = Server::start(
-        Storage::S3 {
-            garage: &b.garage,
-            bucket: &b.garage.bucket,
-            prefix: &dm_prefix,
-        },
-        &[("bench", "bench-token")],
-    );
-    let ours = Ours {
-        client: server.client("bench", "bench-token"),
-        server,
-        prefix: dm_prefix.clone(),
-    };
+    let ours = Ours::start(b, dm_prefix.clone());
     let restic_prefix = format!("{ds}-restic-{rep}");
     let rclone_prefix = format!("{ds}-rclone-{rep}");
     measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
@@ -573,19 +578,7 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let ds = "stream";
     let order = b.order(rep, &[]);
     let dm_prefix = format!("stream-dm-{rep}");
-    let server = Server::start(
-        Storage::S3 {
-            garage: &b.garage,
-            bucket: &b.garage.bucket,
-            prefix: &dm_prefix,
-        },
-        &[("bench", "bench-token")],
-    );
-    let ours = Ours {
-        client: server.client("bench", "bench-token"),
-        server,
-        prefix: dm_prefix,
-    };
+    let ours = Ours::start(b, dm_prefix);
     let restic_prefix = format!("stream-restic-{rep}");
     let rclone_prefix = format!("stream-rclone-{rep}");
     measured(b.restic(&restic_prefix, &["init"]), "restic init")?;

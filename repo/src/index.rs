@@ -227,17 +227,7 @@ mod tests {
         assert!(!ix.reserve("a", id));
         assert!(ix.is_pending("a", &id));
         assert!(!ix.is_pending("b", &id));
-        ix.add_pack(&PackEntries {
-            name: "p".into(),
-            blobs: vec![BlobEntry {
-                id: id.0.to_vec(),
-                offset: 0,
-                length: 10,
-                raw_length: 5,
-                tenant: "a".into(),
-            }],
-            created_unix: 0,
-        });
+        ix.add_pack(&pack("p", id));
         assert!(ix.is_stored("a", &id));
         assert!(!ix.is_stored("b", &id));
         assert!(ix.find("b", &id).is_none());

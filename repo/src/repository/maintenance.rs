@@ -878,7 +878,6 @@ impl Repository {
         })
         .await
         .map_err(|e| RepoError::Task(e.to_string()))
-        .map(Ok)?
     }
 }
 
