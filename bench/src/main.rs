@@ -20,6 +20,8 @@ use std::time::Instant;
 use datamover_tests::{Garage, Server, Storage};
 use rand::{Rng, RngCore, SeedableRng};
 
+mod sync;
+
 type Res<T> = Result<T, String>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +49,9 @@ enum Scenario {
     Restore,
     StreamBackup,
     StreamRestore,
+    SyncFirst,
+    SyncUnchanged,
+    SyncDownload,
 }
 
 impl Scenario {
@@ -58,6 +63,9 @@ impl Scenario {
             Scenario::Restore => "full restore",
             Scenario::StreamBackup => "stream backup (named pipe)",
             Scenario::StreamRestore => "stream restore",
+            Scenario::SyncFirst => "first sync to the bucket",
+            Scenario::SyncUnchanged => "unchanged sync pass",
+            Scenario::SyncDownload => "download into an empty directory",
         }
     }
 }
@@ -719,9 +727,9 @@ fn real_main() -> Res<()> {
         .unwrap_or(1024);
     let output = get("--output");
     let skip_tree = args.iter().any(|a| a == "--no-toolchain");
-    // --datasets mixed,toolchain,stream,many (all by default); --tools datamover,restic,rclone
+    // --datasets mixed,toolchain,stream,many,sync (all by default); --tools datamover,restic,rclone
     let datasets: Vec<String> = get("--datasets")
-        .unwrap_or_else(|| "mixed,toolchain,stream,many".into())
+        .unwrap_or_else(|| "mixed,toolchain,stream,many,sync".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
@@ -875,6 +883,19 @@ fn real_main() -> Res<()> {
         let _ = std::fs::remove_dir_all(&many);
     }
 
+    // (e) edge sync against rclone copy, on a fresh copy of the mixed data.
+    if want("sync") {
+        eprintln!("generating the mixed data set for edge sync, scale {scale}");
+        let dir = work.path().join("sync-src");
+        make_mixed(&dir, 43, scale)?;
+        for rep in 0..reps {
+            eprintln!("sync: repetition {}", rep + 1);
+            sync::sync_scenarios(&mut b, &dir, rep)?;
+            checkpoint(&b);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -901,7 +922,7 @@ fn real_main() -> Res<()> {
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
          (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
-         (d) many: {many_desc}.\n",
+         (d) many: {many_desc}; (e) sync: edge sync (`sync_egress`/`sync_ingress --once`) against `rclone copy` on a mixed data set like (a).\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()

@@ -7,6 +7,7 @@ use std::time::Duration;
 use datamover_core::chunk::{ChunkIdKey, ChunkerParams};
 use datamover_proto::fingerprint::Fingerprint;
 use datamover_proto::v1::datamover_client::DatamoverClient;
+use datamover_proto::v1::sync_client::SyncClient;
 use datamover_proto::v1::{HelloRequest, HelloResponse};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -37,10 +38,13 @@ impl Interceptor for Auth {
 }
 
 pub type Api = DatamoverClient<InterceptedService<Channel, Auth>>;
+/// The edge sync service on the same channel.
+pub type SyncApi = SyncClient<InterceptedService<Channel, Auth>>;
 
 /// A connected, authenticated client.
 pub struct Conn {
     pub api: Api,
+    pub sync: SyncApi,
     pub hello: HelloResponse,
     pub key: ChunkIdKey,
     pub chunker: ChunkerParams,
@@ -243,6 +247,9 @@ pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
             ClientError::Auth("the client credential has characters that cannot be sent; use a printable ASCII token".into())
         })?,
     };
+    let sync = SyncClient::with_interceptor(channel.clone(), auth.clone())
+        .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
     let mut api = DatamoverClient::with_interceptor(channel, auth)
         .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
@@ -265,6 +272,7 @@ pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
         .map_err(|e| ClientError::Server(format!("server sent bad chunker parameters: {e}")))?;
     Ok(Conn {
         api,
+        sync,
         hello,
         key,
         chunker,

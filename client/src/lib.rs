@@ -10,6 +10,8 @@
 //!   the upload; files and streams share it.
 //! - [`restore`]: writes a snapshot back, never outside its target, files under temporary
 //!   names until complete; streams into a FIFO, a file or stdout.
+//! - [`sync`]: edge sync of device directories with plain objects (egress, ingress, a
+//!   Flotta `EdgeWorkload`), once or continuously.
 //! - [`modes`]: the command line modes, `command_from_file`, and the result lines.
 //! - [`progress`]: progress on stderr.
 
@@ -20,5 +22,6 @@ pub mod modes;
 pub mod progress;
 pub mod restore;
 pub mod settings;
+pub mod sync;
 
 pub use error::ClientError;

@@ -10,6 +10,7 @@ use crate::backup::{self, BackupResult};
 use crate::connect::{self, Conn};
 use crate::restore::{self, RestoreResult};
 use crate::settings::ClientSettings;
+use crate::sync::{self, Direction, SyncOptions};
 
 pub const USAGE: &str = "usage: datamover-client <mode> <args>
   backup_files <path> <tag>          back up a directory tree            (alias fs_backup)
@@ -25,6 +26,16 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
                                      read packs back and check every chunk (exit 8 if not)
   maintenance [--dry-run]            garbage collection, repacking, index compaction
                                      (role admin; alias prune)
+  sync_egress <dir> <target> [opts]  keep <target> (plain objects under the tenant's sync
+                                     prefix) in step with the directory <dir>
+  sync_ingress <target> <dir> [opts] keep the directory <dir> in step with <target>
+  sync_workload <edgeworkload.yaml> [--export-root DIR] [opts]
+                                     the spec.data egress/ingress paths of a Flotta
+                                     EdgeWorkload (device paths relative to /export)
+    sync options: --once (one pass; default: every --interval, 15s, and on changes)
+                  --delete (propagate deletions)  --point-in-time (egress: a full copy
+                  under <target>/YYYY-MM-DD-HHMMSS/)  --disk-budget SIZE (ingress)
+                  --bwlimit SIZE/s  --transfers N (4)  --state-dir DIR
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
 
@@ -64,6 +75,10 @@ pub enum Mode {
     CommandFromFile {
         file: PathBuf,
     },
+    Sync {
+        mode: &'static str,
+        jobs: Vec<SyncOptions>,
+    },
 }
 
 impl Mode {
@@ -79,6 +94,7 @@ impl Mode {
             Mode::Verify { .. } => "verify",
             Mode::Maintenance { .. } => "maintenance",
             Mode::CommandFromFile { .. } => "command_from_file",
+            Mode::Sync { mode, .. } => mode,
         }
     }
 
@@ -152,6 +168,7 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ("delete" | "forget_snapshot", [id]) => Ok(Mode::Delete {
             id: nonempty(id, "snapshot id")?,
         }),
+        ("sync_egress" | "sync_ingress" | "sync_workload", opts) => parse_sync(mode, opts),
         ("command_from_file" | "fs_sidecar", [file]) => Ok(Mode::CommandFromFile {
             file: PathBuf::from(nonempty(file, "file")?),
         }),
@@ -163,6 +180,94 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
     }
+}
+
+fn parse_sync(mode: &str, opts: &[&str]) -> Result<Mode, ClientError> {
+    let mut o = SyncOptions::new(Direction::Egress, PathBuf::new(), String::new());
+    let mut positional = Vec::new();
+    let mut export_root = PathBuf::from("/export");
+    let mut it = opts.iter();
+    while let Some(opt) = it.next() {
+        let mut value = |what: &str| {
+            it.next()
+                .map(|v| v.to_string())
+                .ok_or_else(|| usage(&format!("{opt} needs {what}")))
+        };
+        match *opt {
+            "--once" => o.once = true,
+            "--delete" => o.delete = true,
+            "--point-in-time" => o.point_in_time = true,
+            "--interval" => {
+                let v = value("a duration, e.g. 15s")?;
+                o.interval = humantime::parse_duration(&v)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        usage(&format!(
+                            "--interval takes a duration such as 15s or 5m, not '{v}'"
+                        ))
+                    })?;
+            }
+            "--disk-budget" | "--bwlimit" => {
+                let v = value("a size, e.g. 500MiB")?;
+                let n = sync::parse_size(&v).ok_or_else(|| {
+                    usage(&format!(
+                        "{opt} takes a size such as 500MiB or 2G, not '{v}'"
+                    ))
+                })?;
+                if *opt == "--disk-budget" {
+                    o.disk_budget = Some(n);
+                } else {
+                    o.bwlimit = Some(n);
+                }
+            }
+            "--transfers" => {
+                let v = value("a number")?;
+                o.transfers = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| usage(&format!("--transfers takes 1 to 64, not '{v}'")))?;
+            }
+            "--state-dir" => o.state_dir = Some(PathBuf::from(value("a directory")?)),
+            "--export-root" if mode == "sync_workload" => {
+                export_root = PathBuf::from(value("a directory")?);
+            }
+            other if other.starts_with("--") => {
+                return Err(usage(&format!("unknown {mode} option '{other}'")));
+            }
+            other => positional.push(other.to_string()),
+        }
+    }
+    let jobs = match (mode, positional.as_slice()) {
+        ("sync_egress", [dir, target]) => {
+            o.direction = Direction::Egress;
+            o.local = PathBuf::from(dir);
+            o.target = target.clone();
+            vec![o]
+        }
+        ("sync_ingress", [target, dir]) => {
+            o.direction = Direction::Ingress;
+            o.local = PathBuf::from(dir);
+            o.target = target.clone();
+            vec![o]
+        }
+        ("sync_workload", [file]) => sync::workload::load(Path::new(file), &export_root, &o)?,
+        _ => return Err(usage(&format!("wrong arguments for {mode}"))),
+    };
+    for j in &jobs {
+        if j.target.trim_matches('/').is_empty() || j.local.as_os_str().is_empty() {
+            return Err(usage(&format!(
+                "{mode} needs a directory and a non-empty target"
+            )));
+        }
+    }
+    let mode = match mode {
+        "sync_egress" => "sync_egress",
+        "sync_ingress" => "sync_ingress",
+        _ => "sync_workload",
+    };
+    Ok(Mode::Sync { mode, jobs })
 }
 
 fn parse_verify(opts: &[&str]) -> Result<Mode, ClientError> {
@@ -420,6 +525,7 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
             }
             Ok(Value::Object(m))
         }
+        Mode::Sync { mode, jobs } => sync::run_once(conn, jobs, mode).await,
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
 }
@@ -428,6 +534,13 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
 pub async fn run(mode: Mode, settings: &ClientSettings) -> Result<(), ClientError> {
     if let Mode::CommandFromFile { file } = &mode {
         return command_from_file(file, settings).await;
+    }
+    if let Mode::Sync { mode, jobs } = &mode
+        && !jobs.iter().all(|j| j.once)
+    {
+        let result = sync::run_continuous(settings, jobs.clone(), mode).await?;
+        print_result(&result, false);
+        return Ok(());
     }
     // A directory can be read again, so a backup that loses its connection reconnects
     // and starts over; chunks the server already stored are found and not sent again.

@@ -16,6 +16,8 @@
 //! - Maintenance (in `repository/maintenance.rs`): two-phase garbage collection that is
 //!   safe while backups run on any replica, repacking, index compaction, adoption of
 //!   packs a crashed server left unindexed, and `verify`.
+//! - [`objects`]: the second layout, plain objects for edge sync ([`objects::ObjectStore`]
+//!   on S3 or a directory), beside the repository and independent of it.
 //! - [`retention`]: which snapshots a `forget` policy keeps.
 //!
 //! Object layout: `config`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`,
@@ -24,6 +26,7 @@
 pub mod crypto;
 mod error;
 mod index;
+pub mod objects;
 mod pack;
 mod repository;
 pub mod retention;

@@ -12,6 +12,8 @@
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
 //! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`].
+//! - [`sync`]: edge sync, the second service: devices' directories as plain objects under
+//!   `<sync prefix>/<tenant>/<target>/`, beside the repository.
 //! - [`maintenance`]: maintenance on request and on a schedule, and the publication of
 //!   running sessions that keeps maintenance on other replicas safe.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` on a plaintext port; [`metered`] counts
@@ -33,6 +35,7 @@ pub mod reload;
 pub mod run;
 pub mod service;
 pub mod settings;
+pub mod sync;
 pub mod tls;
 
 pub use error::ServerError;

@@ -20,6 +20,11 @@ pub struct Metrics {
     /// and outcome.
     pub store_requests: IntCounterVec,
     pub store_seconds: HistogramVec,
+    /// Edge sync: files and bytes moved, and the time per file, by direction (`egress`
+    /// device to bucket, `ingress` bucket to device).
+    pub sync_files: IntCounterVec,
+    pub sync_bytes: IntCounterVec,
+    pub sync_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -79,8 +84,33 @@ impl Metrics {
                 ]),
                 &["operation"],
             )?,
+            sync_files: IntCounterVec::new(
+                Opts::new(
+                    "datamover_sync_files_total",
+                    "Files moved by edge sync, by direction",
+                ),
+                &["direction"],
+            )?,
+            sync_bytes: IntCounterVec::new(
+                Opts::new(
+                    "datamover_sync_bytes_total",
+                    "File bytes moved by edge sync, by direction",
+                ),
+                &["direction"],
+            )?,
+            sync_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "datamover_sync_file_seconds",
+                    "Time to move one file by edge sync, by direction",
+                )
+                .buckets(vec![0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0]),
+                &["direction"],
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.sync_files.clone()))?;
+        m.registry.register(Box::new(m.sync_bytes.clone()))?;
+        m.registry.register(Box::new(m.sync_seconds.clone()))?;
         m.registry.register(Box::new(m.store_requests.clone()))?;
         m.registry.register(Box::new(m.store_seconds.clone()))?;
         m.registry.register(Box::new(m.operations.clone()))?;

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use datamover_proto::v1::datamover_server::DatamoverServer;
+use datamover_proto::v1::sync_server::SyncServer;
+use datamover_repo::objects::{FsObjects, ObjectStore, S3Objects};
 use datamover_repo::store::{FsStore, S3Store, Store, StoreError};
 use datamover_repo::{RepoError, Repository, RepositoryOptions};
 use tokio::net::TcpListener;
@@ -19,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::reload;
 use crate::service::{DatamoverService, Sessions};
 use crate::settings::{Settings, StorageSettings};
+use crate::sync::SyncService;
 use crate::{ServerError, tls};
 
 /// How long in-flight operations may finish after SIGTERM.
@@ -57,6 +60,18 @@ async fn open_repository(
         }
     }
     Err(ServerError::Config("storage retries exhausted".into()))
+}
+
+/// The plain-object store of edge sync, beside the repository.
+fn open_objects(settings: &Settings) -> Result<Arc<dyn ObjectStore>, ServerError> {
+    Ok(match &settings.storage {
+        StorageSettings::Filesystem(p) => Arc::new(FsObjects::new(p.join(&settings.sync_prefix))),
+        StorageSettings::S3(o) => {
+            let s3 =
+                S3Store::new(o.clone()).map_err(|e| ServerError::Storage(RepoError::Store(e)))?;
+            Arc::new(S3Objects::new(&s3, &settings.sync_prefix))
+        }
+    })
 }
 
 async fn shutdown_signal() {
@@ -150,6 +165,13 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     ))
     .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    let objects = open_objects(&settings)?;
+    tracing::info!(location = %objects.location(), "edge sync objects");
+    let sync = SyncService::new(objects, Arc::clone(&creds), Arc::clone(&metrics));
+    let flusher = sync.spawn_flusher();
+    let sync_service = SyncServer::new(sync)
+        .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
 
     let mut builder = Server::builder()
         .tls_config(
@@ -165,6 +187,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         builder
             .add_service(health_service)
             .add_service(service)
+            .add_service(sync_service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
                 let _ = stop_rx.await;
             }),
@@ -200,6 +223,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
         tracing::warn!("in-flight calls did not finish in time; their backups are not committed");
     }
+    flusher.flush().await;
     tracing::info!("stopped");
     Ok(())
 }

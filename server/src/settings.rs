@@ -92,6 +92,9 @@ pub struct Settings {
     pub startup_attempts: u32,
     pub log_json: bool,
     pub maintenance: crate::maintenance::MaintenanceSettings,
+    /// Where edge sync keeps plain objects, relative to the bucket (S3) or the storage
+    /// directory (filesystem): config key `syncPrefix`, default `<prefix>/sync`.
+    pub sync_prefix: String,
     pub config: BTreeMap<String, String>,
 }
 
@@ -234,7 +237,25 @@ impl Settings {
             maintenance.grace = g;
         }
 
+        let sync_prefix = match config.get("syncPrefix").map(|s| s.trim().trim_matches('/')) {
+            Some(p) if !p.is_empty() => {
+                if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                    return Err(ServerError::Config(format!(
+                        "config key syncPrefix = '{p}' is not a plain key prefix: use names separated by '/', e.g. edge/sync"
+                    )));
+                }
+                p.to_string()
+            }
+            _ => match &storage {
+                StorageSettings::S3(o) if !o.prefix.trim_matches('/').is_empty() => {
+                    format!("{}/sync", o.prefix.trim_matches('/'))
+                }
+                _ => "sync".to_string(),
+            },
+        };
+
         Ok(Settings {
+            sync_prefix,
             maintenance,
             port,
             listen_host: env("DATAMOVER_LISTEN_HOST").unwrap_or_else(|| "0.0.0.0".into()),

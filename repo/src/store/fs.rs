@@ -23,26 +23,27 @@ impl FsStore {
     }
 
     fn map(&self, e: std::io::Error, path: &Path) -> StoreError {
-        let what = path.display().to_string();
-        match e.kind() {
-            ErrorKind::NotFound => StoreError::NotFound(what),
-            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
-                StoreError::AccessDenied {
-                    what,
-                    detail: e.to_string(),
-                }
-            }
-            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StoreError::NoSpace(what),
-            _ if e.raw_os_error() == Some(libc::ENOSPC)
-                || e.raw_os_error() == Some(libc::EDQUOT) =>
-            {
-                StoreError::NoSpace(what)
-            }
-            _ => StoreError::Other {
-                what,
-                detail: e.to_string(),
-            },
+        io_error(e, path)
+    }
+}
+
+/// Maps an I/O error on `path` to a [`StoreError`].
+pub(crate) fn io_error(e: std::io::Error, path: &Path) -> StoreError {
+    let what = path.display().to_string();
+    match e.kind() {
+        ErrorKind::NotFound => StoreError::NotFound(what),
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => StoreError::AccessDenied {
+            what,
+            detail: e.to_string(),
+        },
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StoreError::NoSpace(what),
+        _ if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) => {
+            StoreError::NoSpace(what)
         }
+        _ => StoreError::Other {
+            what,
+            detail: e.to_string(),
+        },
     }
 }
 

@@ -7,8 +7,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-mod fs;
-mod s3;
+pub(crate) mod fs;
+pub(crate) mod s3;
 
 pub use fs::FsStore;
 pub use s3::{S3Options, S3Store};

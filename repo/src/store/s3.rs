@@ -49,11 +49,12 @@ impl std::fmt::Debug for S3Options {
 /// Attempts at downloading an object whose body breaks off.
 const BODY_ATTEMPTS: u32 = 4;
 
+#[derive(Clone)]
 pub struct S3Store {
-    client: aws_sdk_s3::Client,
-    bucket: String,
-    prefix: String,
-    location: String,
+    pub(crate) client: aws_sdk_s3::Client,
+    pub(crate) bucket: String,
+    pub(crate) prefix: String,
+    pub(crate) location: String,
 }
 
 impl S3Store {
@@ -131,7 +132,7 @@ impl S3Store {
         }
     }
 
-    fn map<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    pub(crate) fn map<E: ProvideErrorMetadata + std::error::Error + 'static>(
         &self,
         e: SdkError<E>,
         what: &str,

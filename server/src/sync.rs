@@ -1,0 +1,834 @@
+//! The `Sync` gRPC service: edge devices' directories as plain objects.
+//!
+//! Objects live under `<tenant>/<target>/<path>` in an [`ObjectStore`] (the sync root, a
+//! prefix beside the repository). Callers name only a target and relative paths; the
+//! tenant comes from their credential, so no device reaches another tenant's objects.
+//! Uploads are checked against the declared size and BLAKE3 hash before an object is
+//! replaced; large ones go through multipart uploads that survive an interrupted call.
+//! See [`state`] for the manifest that makes an unchanged pass one listing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use datamover_proto::v1::sync_server::Sync;
+use datamover_proto::v1::{self, sync_put_request::Part as PutPart};
+use datamover_repo::RepoError;
+use datamover_repo::objects::{FileMeta, ObjectHead, ObjectStore};
+use datamover_repo::store::StoreError;
+use futures::StreamExt as _;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::access::Op;
+use crate::credentials::{CredentialStore, Identity};
+use crate::error::status;
+use crate::metrics::Metrics;
+
+pub mod state;
+
+use state::{Entry, Manifest, SyncState, UploadRecord, manifest_key, upload_key};
+
+/// Files up to this size are sent in one PUT; larger ones by multipart upload.
+pub const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
+/// The smallest multipart part (S3 needs 5 MiB); parts grow for huge files so that a file
+/// needs at most [`MAX_PARTS`] of them.
+const MIN_PART: u64 = 8 * 1024 * 1024;
+const MAX_PARTS: u64 = 9_000;
+/// Largest data message sent to a downloading client.
+const GET_PIECE: usize = 1024 * 1024;
+/// Uploads handled at once (each holds up to one part in memory).
+const UPLOAD_SLOTS: usize = 16;
+/// Objects per listing message.
+const LIST_BATCH: usize = 1000;
+/// Lookups of objects the manifest does not know, at once.
+const HEAD_CONCURRENCY: usize = 16;
+/// How often changed manifests are written back.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The part size for a file of `size` bytes: 8 MiB, or more (whole MiB) for huge files.
+pub fn part_size_for(size: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS);
+    needed.div_ceil(1024 * 1024).max(1) * 1024 * 1024
+}
+
+fn part_size(size: u64) -> u64 {
+    part_size_for(size).max(MIN_PART)
+}
+
+/// Checks a target or object path: relative, plain names joined by '/'.
+fn check_rel(what: &str, s: &str) -> Result<String, Status> {
+    if s.len() > 1024 || s.chars().any(char::is_control) || s.contains('\\') {
+        return Err(Status::invalid_argument(format!(
+            "{what} '{s}' is not allowed: use at most 1024 printable characters and '/' as separator"
+        )));
+    }
+    datamover_core::paths::safe_relative(s.trim_end_matches('/').as_bytes()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "{what} '{s}' is not allowed ({}): use a relative path without '.' or '..' components",
+            e.why
+        ))
+    })?;
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+fn store_status(e: StoreError) -> Status {
+    status(RepoError::Store(e))
+}
+
+fn to_proto(path: String, size: u64, etag: &str, e: Option<&Entry>) -> v1::SyncObject {
+    let e = e.filter(|e| e.hash != UNKNOWN_HASH);
+    v1::SyncObject {
+        path,
+        size,
+        hash: e
+            .map(|e| Bytes::copy_from_slice(&e.hash))
+            .unwrap_or_default(),
+        mtime_ns: e.map_or(0, |e| e.mtime_ns),
+        mode: e.map_or(0, |e| e.mode),
+        etag: etag.to_string(),
+    }
+}
+
+/// The manifest's hash of an object written by another tool (no metadata of ours).
+const UNKNOWN_HASH: [u8; 32] = [0; 32];
+
+/// One message of an upload after its header.
+enum Piece {
+    Data(Bytes),
+    Trailer([u8; 32]),
+}
+
+async fn next_piece(stream: &mut Streaming<v1::SyncPutRequest>) -> Result<Piece, Status> {
+    match stream.message().await? {
+        Some(v1::SyncPutRequest {
+            part: Some(PutPart::Data(d)),
+        }) => Ok(Piece::Data(d)),
+        Some(v1::SyncPutRequest {
+            part: Some(PutPart::Trailer(t)),
+        }) => {
+            let h = t.hash.as_ref().try_into().map_err(|_| {
+                Status::invalid_argument("the upload's trailer needs a 32-byte BLAKE3 hash")
+            })?;
+            Ok(Piece::Trailer(h))
+        }
+        Some(_) => Err(Status::invalid_argument(
+            "unexpected message in an upload: send the header once, then data, then the trailer",
+        )),
+        None => Err(Status::cancelled(
+            "the upload ended before its trailer: the file is sent again (an unfinished large upload resumes)",
+        )),
+    }
+}
+
+fn changed_while_sent(path: &str) -> Status {
+    Status::aborted(format!(
+        "{path} changed while it was being uploaded (its bytes no longer match the size and hash read before): the stored object was left as it was; the file is sent again on the next pass"
+    ))
+}
+
+pub struct SyncService {
+    objects: Arc<dyn ObjectStore>,
+    creds: Arc<CredentialStore>,
+    metrics: Arc<Metrics>,
+    state: Arc<SyncState>,
+    slots: Arc<Semaphore>,
+}
+
+impl SyncService {
+    pub fn new(
+        objects: Arc<dyn ObjectStore>,
+        creds: Arc<CredentialStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        SyncService {
+            objects,
+            creds,
+            metrics,
+            state: Arc::default(),
+            slots: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
+        }
+    }
+
+    /// Writes changed manifests back every few seconds, for as long as the server runs.
+    pub fn spawn_flusher(&self) -> Flusher {
+        let flusher = Flusher {
+            objects: Arc::clone(&self.objects),
+            state: Arc::clone(&self.state),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let f = flusher.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            loop {
+                tick.tick().await;
+                f.flush().await;
+            }
+        });
+        flusher
+    }
+
+    async fn auth(
+        &self,
+        (meta, peer): (tonic::metadata::MetadataMap, Option<std::net::IpAddr>),
+        op: Op,
+    ) -> Result<Identity, Status> {
+        let id = self.creds.authenticate(&meta, peer).await?;
+        id.require(op)?;
+        if id.tenant.starts_with('.') || id.tenant.contains('/') {
+            return Err(Status::permission_denied(
+                "a tenant that syncs needs a name without '/' that does not begin with '.': rename it in the config key tenants",
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Times and counts one request to the object store.
+    async fn req<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        record(&self.metrics, op, "sync", fut).await
+    }
+
+    /// The manifest of a tenant's target, loaded on first use.
+    async fn manifest(
+        &self,
+        tenant: &str,
+        target: &str,
+    ) -> Result<(String, Arc<tokio::sync::Mutex<Option<Manifest>>>), Status> {
+        let key = manifest_key(tenant, target);
+        let slot = self.state.manifest_slot(&key);
+        {
+            let mut m = slot.lock().await;
+            if m.is_none() {
+                *m = Some(self.load_manifest(&key).await?);
+            }
+        }
+        Ok((key, slot))
+    }
+
+    async fn load_manifest(&self, key: &str) -> Result<Manifest, Status> {
+        let bytes = match record(&self.metrics, "get", "sync-state", async {
+            let (_, body) = self.objects.get(key, 0).await?;
+            collect(body).await
+        })
+        .await
+        {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(Manifest::default()),
+            Err(e) => return Err(store_status(e)),
+        };
+        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(key, error = %e, "unreadable sync manifest: starting a new one (objects are looked up again)");
+            Manifest::default()
+        }))
+    }
+
+    async fn remember(&self, tenant: &str, target: &str, rel: &str, entry: Entry) {
+        if let Ok((key, slot)) = self.manifest(tenant, target).await {
+            if let Some(m) = slot.lock().await.as_mut() {
+                m.entries.insert(rel.to_string(), entry);
+            }
+            self.state.mark_dirty(&key);
+        }
+    }
+
+    async fn load_upload(&self, key: &str) -> Result<Option<UploadRecord>, Status> {
+        let rkey = upload_key(key);
+        let got = record(&self.metrics, "get", "sync-state", async {
+            let (_, body) = self.objects.get(&rkey, 0).await?;
+            collect(body).await
+        })
+        .await;
+        match got {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(store_status(e)),
+        }
+    }
+
+    async fn save_upload(&self, key: &str, rec: &UploadRecord) -> Result<(), Status> {
+        let json = serde_json::to_vec(rec).map_err(|e| Status::internal(e.to_string()))?;
+        record(
+            &self.metrics,
+            "put",
+            "sync-state",
+            self.objects.put(&upload_key(key), Bytes::from(json), None),
+        )
+        .await
+        .map_err(store_status)?;
+        Ok(())
+    }
+
+    async fn drop_upload(&self, key: &str, rec: &UploadRecord) {
+        let _ = self
+            .req(
+                "abort_multipart",
+                self.objects.abort_multipart(key, &rec.upload_id),
+            )
+            .await;
+        let _ = record(
+            &self.metrics,
+            "delete",
+            "sync-state",
+            self.objects.delete(&upload_key(key)),
+        )
+        .await;
+    }
+
+    /// Receives a whole small file.
+    async fn receive_small(
+        stream: &mut Streaming<v1::SyncPutRequest>,
+        path: &str,
+        size: u64,
+        hash: [u8; 32],
+    ) -> Result<Bytes, Status> {
+        let mut buf = BytesMut::with_capacity(size as usize);
+        let trailer = loop {
+            match next_piece(stream).await? {
+                Piece::Data(d) => {
+                    if (buf.len() + d.len()) as u64 > size {
+                        return Err(changed_while_sent(path));
+                    }
+                    buf.extend_from_slice(&d);
+                }
+                Piece::Trailer(h) => break h,
+            }
+        };
+        let data = buf.freeze();
+        if data.len() as u64 != size || trailer != hash || *blake3::hash(&data).as_bytes() != hash {
+            return Err(changed_while_sent(path));
+        }
+        Ok(data)
+    }
+
+    /// Receives a large file into a multipart upload, resuming a recorded one.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_multipart(
+        &self,
+        id: &Identity,
+        stream: &mut Streaming<v1::SyncPutRequest>,
+        key: &str,
+        path: &str,
+        meta: FileMeta,
+        size: u64,
+        offset: u64,
+    ) -> Result<String, Status> {
+        let existing = self.load_upload(key).await?;
+        let mut rec = match existing {
+            Some(r)
+                if offset > 0 && r.hash == meta.hash && r.size == size && r.offset() == offset =>
+            {
+                r
+            }
+            other if offset == 0 => {
+                if let Some(old) = other {
+                    self.drop_upload(key, &old).await;
+                }
+                let upload_id = self
+                    .req("create_multipart", self.objects.create_multipart(key, meta))
+                    .await
+                    .map_err(store_status)?;
+                let rec = UploadRecord {
+                    upload_id,
+                    size,
+                    hash: meta.hash,
+                    part_size: part_size(size),
+                    parts: Vec::new(),
+                };
+                self.save_upload(key, &rec).await?;
+                rec
+            }
+            other => {
+                let held = other
+                    .filter(|r| r.hash == meta.hash && r.size == size)
+                    .map_or(0, |r| r.offset());
+                return Err(Status::failed_precondition(format!(
+                    "the server holds {held} bytes of this upload of {path}, not {offset}: ask again where to resume (run the sync again)"
+                )));
+            }
+        };
+        let part_size = rec.part_size as usize;
+        // Only an upload from the start can be hashed here; a resumed one relies on the
+        // client, which hashes the whole file again while sending.
+        let mut hasher = (offset == 0).then(blake3::Hasher::new);
+        let mut received = offset;
+        let mut buf = BytesMut::with_capacity(part_size);
+        let trailer = loop {
+            match next_piece(stream).await? {
+                Piece::Data(mut d) => {
+                    received += d.len() as u64;
+                    if received > size {
+                        self.drop_upload(key, &rec).await;
+                        return Err(changed_while_sent(path));
+                    }
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&d);
+                    }
+                    while !d.is_empty() {
+                        let take = (part_size - buf.len()).min(d.len());
+                        buf.extend_from_slice(&d.split_to(take));
+                        if buf.len() == part_size {
+                            self.creds.still_valid(id)?;
+                            let number = rec.parts.len() as i32 + 1;
+                            let data = buf.split().freeze();
+                            buf.reserve(part_size);
+                            let etag = match self
+                                .req(
+                                    "upload_part",
+                                    self.objects.upload_part(key, &rec.upload_id, number, data),
+                                )
+                                .await
+                            {
+                                Ok(etag) => etag,
+                                // The storage forgot the upload (expired or aborted):
+                                // start afresh next time rather than failing forever.
+                                Err(StoreError::NotFound(_)) => {
+                                    self.drop_upload(key, &rec).await;
+                                    return Err(Status::aborted(format!(
+                                        "the unfinished upload of {path} expired on the storage: it is sent again from the start"
+                                    )));
+                                }
+                                Err(e) => return Err(store_status(e)),
+                            };
+                            rec.parts.push((number, etag));
+                            self.save_upload(key, &rec).await?;
+                        }
+                    }
+                }
+                Piece::Trailer(h) => break h,
+            }
+        };
+        let ours_ok = hasher.is_none_or(|h| *h.finalize().as_bytes() == meta.hash);
+        if received != size || trailer != meta.hash || !ours_ok {
+            self.drop_upload(key, &rec).await;
+            return Err(changed_while_sent(path));
+        }
+        if !buf.is_empty() || rec.parts.is_empty() {
+            let number = rec.parts.len() as i32 + 1;
+            let etag = self
+                .req(
+                    "upload_part",
+                    self.objects
+                        .upload_part(key, &rec.upload_id, number, buf.freeze()),
+                )
+                .await
+                .map_err(store_status)?;
+            rec.parts.push((number, etag));
+        }
+        let etag = self
+            .req(
+                "complete_multipart",
+                self.objects
+                    .complete_multipart(key, &rec.upload_id, &rec.parts),
+            )
+            .await
+            .map_err(store_status)?;
+        let _ = record(
+            &self.metrics,
+            "delete",
+            "sync-state",
+            self.objects.delete(&upload_key(key)),
+        )
+        .await;
+        Ok(etag)
+    }
+}
+
+/// Who calls: the metadata with the credential, and the peer address.
+fn caller<T>(req: &Request<T>) -> (tonic::metadata::MetadataMap, Option<std::net::IpAddr>) {
+    (req.metadata().clone(), req.remote_addr().map(|a| a.ip()))
+}
+
+async fn record<T>(
+    metrics: &Metrics,
+    op: &'static str,
+    ty: &'static str,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let t = Instant::now();
+    let r = fut.await;
+    metrics
+        .store_requests
+        .with_label_values(&[op, ty, if r.is_ok() { "ok" } else { "error" }])
+        .inc();
+    metrics
+        .store_seconds
+        .with_label_values(&[op])
+        .observe(t.elapsed().as_secs_f64());
+    r
+}
+
+async fn collect(mut body: datamover_repo::objects::ByteStream) -> Result<Bytes, StoreError> {
+    let mut out = BytesMut::new();
+    while let Some(piece) = body.next().await {
+        out.extend_from_slice(&piece?);
+    }
+    Ok(out.freeze())
+}
+
+/// Writes changed manifests back.
+#[derive(Clone)]
+pub struct Flusher {
+    objects: Arc<dyn ObjectStore>,
+    state: Arc<SyncState>,
+    metrics: Arc<Metrics>,
+}
+
+impl Flusher {
+    pub async fn flush(&self) {
+        for key in self.state.take_dirty() {
+            let slot = self.state.manifest_slot(&key);
+            let json = {
+                let m = slot.lock().await;
+                match m.as_ref().map(serde_json::to_vec) {
+                    Some(Ok(j)) => j,
+                    _ => continue,
+                }
+            };
+            if let Err(e) = record(
+                &self.metrics,
+                "put",
+                "sync-state",
+                self.objects.put(&key, Bytes::from(json), None),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "writing a sync manifest failed: retried shortly");
+                self.state.mark_dirty(&key);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Sync for SyncService {
+    type ListStream = ReceiverStream<Result<v1::SyncListResponse, Status>>;
+    type GetStream = ReceiverStream<Result<v1::SyncGetResponse, Status>>;
+
+    async fn list(
+        &self,
+        req: Request<v1::SyncListRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let id = self.auth(caller(&req), Op::List).await?;
+        let target = check_rel("target", &req.get_ref().target)?;
+        let prefix = format!("{}/{target}/", id.tenant);
+        let listed = self
+            .req("list", self.objects.list(&prefix))
+            .await
+            .map_err(store_status)?;
+        let (mkey, slot) = self.manifest(&id.tenant, &target).await?;
+        let mut objects = Vec::with_capacity(listed.len());
+        let mut unknown = Vec::new();
+        let mut changed = false;
+        {
+            let mut guard = slot.lock().await;
+            let m = guard.get_or_insert_with(Manifest::default);
+            let mut seen = std::collections::HashSet::with_capacity(listed.len());
+            for info in listed {
+                let Some(rel) = info.key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if check_rel("object path", rel).is_err() {
+                    tracing::warn!(key = %info.key, "object with an unsafe path under a sync target: not listed");
+                    continue;
+                }
+                seen.insert(rel.to_string());
+                match m.entries.get(rel) {
+                    Some(e) if e.etag == info.etag && e.size == info.size => {
+                        objects.push(to_proto(rel.to_string(), info.size, &info.etag, Some(e)));
+                    }
+                    _ => unknown.push((rel.to_string(), info)),
+                }
+            }
+            let before = m.entries.len();
+            m.entries.retain(|k, _| seen.contains(k));
+            changed |= m.entries.len() != before;
+        }
+        // Objects written or changed by someone else: one lookup each, then remembered.
+        let heads: Vec<(String, u64, Option<ObjectHead>)> =
+            futures::stream::iter(unknown.into_iter().map(|(rel, info)| {
+                let key = info.key.clone();
+                async move {
+                    let head = self.req("head", self.objects.head(&key)).await;
+                    (rel, info.size, head)
+                }
+            }))
+            .buffer_unordered(HEAD_CONCURRENCY)
+            .map(|(rel, size, head)| head.map(|h| (rel, size, h)))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(store_status)?;
+        {
+            let mut guard = slot.lock().await;
+            let m = guard.get_or_insert_with(Manifest::default);
+            for (rel, size, head) in heads {
+                let Some(head) = head else { continue };
+                let meta = head.meta.unwrap_or(FileMeta {
+                    hash: UNKNOWN_HASH,
+                    mtime_ns: 0,
+                    mode: 0,
+                });
+                let e = Entry::new(head.etag.clone(), head.size.max(size), meta);
+                objects.push(to_proto(rel.clone(), e.size, &head.etag, Some(&e)));
+                m.entries.insert(rel, e);
+                changed = true;
+            }
+        }
+        if changed {
+            self.state.mark_dirty(&mkey);
+        }
+        objects.sort_by(|a, b| a.path.cmp(&b.path));
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut it = objects.into_iter().peekable();
+            // Bounded by the listing; an empty target still gets one (empty) message.
+            loop {
+                let batch: Vec<v1::SyncObject> = it.by_ref().take(LIST_BATCH).collect();
+                let last = it.peek().is_none();
+                if tx
+                    .send(Ok(v1::SyncListResponse { objects: batch }))
+                    .await
+                    .is_err()
+                    || last
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn put_offset(
+        &self,
+        req: Request<v1::SyncPutOffsetRequest>,
+    ) -> Result<Response<v1::SyncPutOffsetResponse>, Status> {
+        let id = self.auth(caller(&req), Op::Backup).await?;
+        let r = req.into_inner();
+        let target = check_rel("target", &r.target)?;
+        let obj = r.object.unwrap_or_default();
+        let path = check_rel("path", &obj.path)?;
+        let key = format!("{}/{target}/{path}", id.tenant);
+        let offset = if obj.size > SINGLE_PUT_MAX {
+            self.load_upload(&key)
+                .await?
+                .filter(|rec| rec.size == obj.size && rec.hash.as_slice() == obj.hash.as_ref())
+                .map_or(0, |rec| rec.offset())
+        } else {
+            0
+        };
+        Ok(Response::new(v1::SyncPutOffsetResponse { offset }))
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<v1::SyncPutRequest>>,
+    ) -> Result<Response<v1::SyncPutResponse>, Status> {
+        let id = self.auth(caller(&req), Op::Backup).await?;
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(v1::SyncPutRequest {
+                part: Some(PutPart::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an upload begins with its header (target, path, size, hash)",
+                ));
+            }
+        };
+        let target = check_rel("target", &header.target)?;
+        let obj = header.object.unwrap_or_default();
+        let path = check_rel("path", &obj.path)?;
+        let hash: [u8; 32] = obj
+            .hash
+            .as_ref()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("an upload needs the file's BLAKE3 hash"))?;
+        let key = format!("{}/{target}/{path}", id.tenant);
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down: retry"))?;
+        let Some(_guard) = self.state.begin_upload(&key) else {
+            return Err(Status::aborted(format!(
+                "another upload of {path} to {target} is running: it is retried on the next pass"
+            )));
+        };
+        let started = Instant::now();
+        let meta = FileMeta {
+            hash,
+            mtime_ns: obj.mtime_ns,
+            mode: obj.mode,
+        };
+        let etag = if obj.size <= SINGLE_PUT_MAX {
+            if header.offset != 0 {
+                return Err(Status::invalid_argument(
+                    "only uploads of more than 8 MiB resume from an offset",
+                ));
+            }
+            let data = Self::receive_small(&mut stream, &path, obj.size, hash).await?;
+            self.creds.still_valid(&id)?;
+            self.req("put", self.objects.put(&key, data, Some(meta)))
+                .await
+                .map_err(store_status)?
+        } else {
+            self.receive_multipart(&id, &mut stream, &key, &path, meta, obj.size, header.offset)
+                .await?
+        };
+        self.remember(&id.tenant, &target, &path, Entry::new(etag, obj.size, meta))
+            .await;
+        let sent = obj.size - header.offset;
+        self.metrics.sync_files.with_label_values(&["egress"]).inc();
+        self.metrics
+            .sync_bytes
+            .with_label_values(&["egress"])
+            .inc_by(sent);
+        self.metrics
+            .sync_seconds
+            .with_label_values(&["egress"])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(client = %id.client_id, %target, %path, bytes = sent, "synced file stored");
+        Ok(Response::new(v1::SyncPutResponse {
+            bytes_received: sent,
+            offset: header.offset,
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<v1::SyncGetRequest>,
+    ) -> Result<Response<Self::GetStream>, Status> {
+        let id = self.auth(caller(&req), Op::Restore).await?;
+        let r = req.into_inner();
+        let target = check_rel("target", &r.target)?;
+        let path = check_rel("path", &r.path)?;
+        let key = format!("{}/{target}/{path}", id.tenant);
+        let (head, mut body) = self
+            .req("get", self.objects.get(&key, r.offset))
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => Status::not_found(format!(
+                    "{path} is no longer under {target} (removed since the listing): it is skipped; the next pass catches up"
+                )),
+                other => store_status(other),
+            })?;
+        let entry = match head.meta {
+            Some(meta) => Some(Entry::new(head.etag.clone(), head.size, meta)),
+            None => {
+                let (_, slot) = self.manifest(&id.tenant, &target).await?;
+                let m = slot.lock().await;
+                m.as_ref()
+                    .and_then(|m| m.entries.get(&path))
+                    .filter(|e| e.etag == head.etag)
+                    .cloned()
+            }
+        };
+        let first = to_proto(path, head.size, &head.etag, entry.as_ref());
+        let metrics = Arc::clone(&self.metrics);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let mut object = Some(first);
+            if tx
+                .send(Ok(v1::SyncGetResponse {
+                    object: object.take(),
+                    data: Bytes::new(),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // Bounded by the object's size.
+            while let Some(piece) = body.next().await {
+                let mut piece = match piece {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                };
+                while !piece.is_empty() {
+                    let data = piece.split_to(piece.len().min(GET_PIECE));
+                    sent += data.len() as u64;
+                    if tx
+                        .send(Ok(v1::SyncGetResponse { object: None, data }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            metrics.sync_files.with_label_values(&["ingress"]).inc();
+            metrics
+                .sync_bytes
+                .with_label_values(&["ingress"])
+                .inc_by(sent);
+            metrics
+                .sync_seconds
+                .with_label_values(&["ingress"])
+                .observe(started.elapsed().as_secs_f64());
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<v1::SyncDeleteRequest>,
+    ) -> Result<Response<v1::SyncDeleteResponse>, Status> {
+        let id = self.auth(caller(&req), Op::Delete).await?;
+        let r = req.into_inner();
+        let target = check_rel("target", &r.target)?;
+        let paths = r
+            .paths
+            .iter()
+            .map(|p| check_rel("path", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mkey, slot) = self.manifest(&id.tenant, &target).await?;
+        let mut deleted = 0;
+        for path in paths {
+            let key = format!("{}/{target}/{path}", id.tenant);
+            self.req("delete", self.objects.delete(&key))
+                .await
+                .map_err(store_status)?;
+            if let Some(m) = slot.lock().await.as_mut() {
+                m.entries.remove(&path);
+            }
+            deleted += 1;
+        }
+        self.state.mark_dirty(&mkey);
+        tracing::info!(client = %id.client_id, %target, deleted, "synced objects deleted");
+        Ok(Response::new(v1::SyncDeleteResponse { deleted }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes() {
+        assert_eq!(part_size(9 * 1024 * 1024), MIN_PART);
+        let huge = 200u64 * 1024 * 1024 * 1024;
+        let p = part_size(huge);
+        assert!(huge.div_ceil(p) <= MAX_PARTS);
+        assert_eq!(p % (1024 * 1024), 0);
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        assert!(check_rel("t", "a/b").is_ok());
+        assert_eq!(check_rel("t", "a/b/").unwrap(), "a/b");
+        for bad in ["", "/a", "a/../b", "..", "a//b", "./a", "a\\b", "a\nb"] {
+            assert!(check_rel("t", bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}
