@@ -594,6 +594,15 @@ fn disk_budget_tenants_and_edge_workload() {
     let r = c2.ok(&["sync_ingress", "in", d2.to_str().unwrap(), "--once"]);
     assert_eq!(n(&r, "files_sent"), 0, "{r}");
 
+    // A point-in-time copy lands under <target>/YYYY-MM-DD-HHMMSS/.
+    c1.ok(&["sync_egress", models.to_str().unwrap(), "snap", "--once", "--point-in-time"]);
+    let keys = bucket.keys(&format!("{PREFIX}/sync/dev-1/snap/"));
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    let stamp = keys[0].split('/').nth(4).unwrap();
+    assert_eq!(stamp.len(), "2026-11-22-060122".len(), "{keys:?}");
+    assert!(stamp.chars().all(|c| c.is_ascii_digit() || c == '-'), "{keys:?}");
+    assert!(keys.iter().all(|k| k.contains(&format!("/snap/{stamp}/m"))), "{keys:?}");
+
     // Roles: a read-only client cannot upload.
     let r = viewer.run(&["sync_egress", models.to_str().unwrap(), "x", "--once"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
