@@ -35,7 +35,7 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
     sync options: --once (one pass; default: every --interval, 15s, and on changes)
                   --delete (propagate deletions)  --point-in-time (egress: a full copy
                   under <target>/YYYY-MM-DD-HHMMSS/)  --disk-budget SIZE (ingress)
-                  --bwlimit SIZE/s  --transfers N (4)  --state-dir DIR
+                  --bwlimit SIZE/s  --transfers N (16)  --state-dir DIR
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
 

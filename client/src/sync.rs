@@ -79,7 +79,7 @@ pub struct SyncOptions {
     pub disk_budget: Option<u64>,
     /// Bytes per second for all transfers of this mapping.
     pub bwlimit: Option<u64>,
-    /// Files moved at once.
+    /// Files moved at once (small files are bound by request latency, not bandwidth).
     pub transfers: usize,
     pub state_dir: Option<PathBuf>,
 }
@@ -96,7 +96,7 @@ impl SyncOptions {
             point_in_time: false,
             disk_budget: None,
             bwlimit: None,
-            transfers: 4,
+            transfers: 16,
             state_dir: None,
         }
     }
@@ -476,7 +476,11 @@ async fn sync_one_file(
         {
             Ok(sent) => return Ok(Some((entry, Some(sent)))),
             Err(s) if is_changed(&s) && attempt < CHANGE_ATTEMPTS => {
-                tracing::warn!(path = %f.rel, reason = %s.message(), "file changed while it was sent: reading it again");
+                eprintln!(
+                    "datamover-client: {} changed while it was sent: reading it again ({})",
+                    f.rel,
+                    s.message()
+                );
                 hash = None;
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
@@ -609,7 +613,7 @@ async fn download(
             )),
         ));
     }
-    file.sync_all()
+    file.flush()
         .await
         .map_err(|e| fail(&partial, ClientError::io(partial.display(), e)))?;
     drop(file);
@@ -826,6 +830,17 @@ pub async fn ingress_pass(
                 result.first_failure.get_or_insert_with(|| e.to_string());
             }
         }
+    }
+    // One flush of the file system for the whole pass instead of one per file: a file a
+    // crash left short or empty is not in the saved state, so the next pass hashes it,
+    // sees it differ and downloads it again.
+    if result.files_sent > 0 {
+        let dir = root.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&dir)
+                .map(|d| nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)))
+        })
+        .await;
     }
     state.entries = fresh;
     state.save(&state_path);

@@ -438,6 +438,19 @@ impl SyncService {
     }
 }
 
+/// Counts one file moved in `direction`.
+fn count_file(metrics: &Metrics, direction: &str, bytes: u64, started: Instant) {
+    metrics.sync_files.with_label_values(&[direction]).inc();
+    metrics
+        .sync_bytes
+        .with_label_values(&[direction])
+        .inc_by(bytes);
+    metrics
+        .sync_seconds
+        .with_label_values(&[direction])
+        .observe(started.elapsed().as_secs_f64());
+}
+
 /// Who calls: the metadata with the credential, and the peer address.
 fn caller<T>(req: &Request<T>) -> (tonic::metadata::MetadataMap, Option<std::net::IpAddr>) {
     (req.metadata().clone(), req.remote_addr().map(|a| a.ip()))
@@ -684,15 +697,7 @@ impl Sync for SyncService {
         self.remember(&id.tenant, &target, &path, Entry::new(etag, obj.size, meta))
             .await;
         let sent = obj.size - header.offset;
-        self.metrics.sync_files.with_label_values(&["egress"]).inc();
-        self.metrics
-            .sync_bytes
-            .with_label_values(&["egress"])
-            .inc_by(sent);
-        self.metrics
-            .sync_seconds
-            .with_label_values(&["egress"])
-            .observe(started.elapsed().as_secs_f64());
+        count_file(&self.metrics, "egress", sent, started);
         tracing::debug!(client = %id.client_id, %target, %path, bytes = sent, "synced file stored");
         Ok(Response::new(v1::SyncPutResponse {
             bytes_received: sent,
@@ -767,15 +772,7 @@ impl Sync for SyncService {
                     }
                 }
             }
-            metrics.sync_files.with_label_values(&["ingress"]).inc();
-            metrics
-                .sync_bytes
-                .with_label_values(&["ingress"])
-                .inc_by(sent);
-            metrics
-                .sync_seconds
-                .with_label_values(&["ingress"])
-                .observe(started.elapsed().as_secs_f64());
+            count_file(&metrics, "ingress", sent, started);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

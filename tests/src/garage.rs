@@ -311,6 +311,20 @@ s3_region = "{REGION}"
         }
     }
 
+    /// Starts Garage, or returns `None` (test skipped) when it is not installed; under CI
+    /// a missing Garage is a failure, since the test command installs it.
+    pub fn start_or_skip() -> Option<Garage> {
+        if garage_binary().is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
+            );
+            eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
+            return None;
+        }
+        Some(Garage::start().expect("start garage"))
+    }
+
     /// Creates another bucket, accessible (read/write/owner) by the same key.
     pub fn create_bucket(&self, name: &str) -> Result<(), String> {
         self.step(&["bucket", "create", name])

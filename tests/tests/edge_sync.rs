@@ -9,22 +9,9 @@ use std::time::{Duration, Instant};
 
 use datamover_repo::objects::{ObjectStore, S3Objects};
 use datamover_repo::store::{S3Options, S3Store};
-use datamover_tests::{Garage, Server, Storage, garage, random_bytes, write};
+use datamover_tests::{Garage, Server, Storage, random_bytes, write};
 
 const PREFIX: &str = "fleet";
-
-fn garage_or_skip() -> Option<Garage> {
-    if garage::garage_binary().is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
-            );
-        }
-        eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
-        return None;
-    }
-    Some(Garage::start().expect("start garage"))
-}
 
 fn s3_server(g: &Garage, clients: &[(&str, &str)], config: &[(&str, &str)]) -> Server {
     let root = tempfile::tempdir().unwrap();
@@ -190,7 +177,9 @@ fn set_mtime(p: &Path, delta_secs: i64) {
 
 #[test]
 fn egress_ingress_round_trip_plain_objects_and_unchanged_passes() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let mut server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
@@ -288,7 +277,9 @@ fn egress_ingress_round_trip_plain_objects_and_unchanged_passes() {
 
 #[test]
 fn clock_skew_and_deletions() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
@@ -389,9 +380,38 @@ fn wait_child(mut c: std::process::Child, secs: u64) -> std::process::Output {
     c.wait_with_output().unwrap()
 }
 
+/// Waits (bounded) until the server has stored `n` more multipart parts than when
+/// called, i.e. until an upload is under way, whatever the machine's load.
+fn wait_parts(server: &Server, n: u64) {
+    let parts = || {
+        sync_requests(server)
+            .get("upload_part")
+            .copied()
+            .unwrap_or(0)
+    };
+    let base = parts();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while parts() < base + n {
+        assert!(Instant::now() < deadline, "no upload under way after 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a once-egress of `src` to target `t` at 16 MiB/s, in the background.
+fn slow_egress(client: &datamover_tests::Client, src: &str, out: Stdio) -> std::process::Child {
+    client
+        .command(&["sync_egress", src, "t", "--once", "--bwlimit", "16MiB"])
+        .stdout(Stdio::piped())
+        .stderr(out)
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
@@ -405,13 +425,8 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
 
     // Appended while it is sent (~2.5 s at 16 MiB/s): the object is the whole earlier
     // version, never a mix; the next pass sends the new one.
-    let child = client
-        .command(&["sync_egress", src_s, "t", "--once", "--bwlimit", "16MiB"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let child = slow_egress(&client, src_s, Stdio::piped());
+    wait_parts(&server, 1);
     let extra = random_bytes(3, 1024 * 1024);
     {
         use std::io::Write;
@@ -442,13 +457,8 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
     // Rewritten in place while it is sent: the server refuses the mix, the client reads
     // the file again and sends the new version.
     write(&big, &random_bytes(6, grown.len()));
-    let child = client
-        .command(&["sync_egress", src_s, "t", "--once", "--bwlimit", "16MiB"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    let child = slow_egress(&client, src_s, Stdio::piped());
+    wait_parts(&server, 1);
     let rewritten = random_bytes(4, grown.len());
     {
         use std::io::{Seek, Write};
@@ -463,29 +473,24 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("changed while it was sent"),
-        "the mixed upload was refused and retried: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let stored = bucket.get(&key).unwrap();
     assert!(
         stored == rewritten,
         "stored object is not the rewritten file ({} bytes)",
         stored.len()
     );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("changed while it was sent"),
+        "the mixed upload was refused and retried: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // An interrupted large upload resumes where it stopped.
     let huge = src.join("huge.bin");
     let content = random_bytes(5, 64 * 1024 * 1024);
     write(&huge, &content);
-    let child = client
-        .command(&["sync_egress", src_s, "t", "--once", "--bwlimit", "16MiB"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2800));
+    let child = slow_egress(&client, src_s, Stdio::null());
+    wait_parts(&server, 3);
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     let _ = wait_child(child, 10);
@@ -511,7 +516,9 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
 
 #[test]
 fn disk_budget_tenants_and_edge_workload() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let server = s3_server(
         &g,
         &[("dev-1", "tok-1"), ("dev-2", "tok-2"), ("viewer", "tok-3")],
@@ -595,13 +602,25 @@ fn disk_budget_tenants_and_edge_workload() {
     assert_eq!(n(&r, "files_sent"), 0, "{r}");
 
     // A point-in-time copy lands under <target>/YYYY-MM-DD-HHMMSS/.
-    c1.ok(&["sync_egress", models.to_str().unwrap(), "snap", "--once", "--point-in-time"]);
+    c1.ok(&[
+        "sync_egress",
+        models.to_str().unwrap(),
+        "snap",
+        "--once",
+        "--point-in-time",
+    ]);
     let keys = bucket.keys(&format!("{PREFIX}/sync/dev-1/snap/"));
     assert_eq!(keys.len(), 6, "{keys:?}");
     let stamp = keys[0].split('/').nth(4).unwrap();
     assert_eq!(stamp.len(), "2026-11-22-060122".len(), "{keys:?}");
-    assert!(stamp.chars().all(|c| c.is_ascii_digit() || c == '-'), "{keys:?}");
-    assert!(keys.iter().all(|k| k.contains(&format!("/snap/{stamp}/m"))), "{keys:?}");
+    assert!(
+        stamp.chars().all(|c| c.is_ascii_digit() || c == '-'),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().all(|k| k.contains(&format!("/snap/{stamp}/m"))),
+        "{keys:?}"
+    );
 
     // Roles: a read-only client cannot upload.
     let r = viewer.run(&["sync_egress", models.to_str().unwrap(), "x", "--once"]);
@@ -636,7 +655,9 @@ fn disk_budget_tenants_and_edge_workload() {
 
 #[test]
 fn continuous_egress_follows_changes_and_stops_on_sigterm() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);

@@ -5,24 +5,13 @@
 use std::time::Duration;
 
 use datamover_tests::faults::{FaultProxy, Faults};
-use datamover_tests::{Garage, Server, Storage, assert_same_tree, garage, random_bytes};
-
-fn garage_or_skip() -> Option<Garage> {
-    if garage::garage_binary().is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
-            );
-        }
-        eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
-        return None;
-    }
-    Some(Garage::start().expect("start garage"))
-}
+use datamover_tests::{Garage, Server, Storage, assert_same_tree, random_bytes};
 
 #[test]
 fn backups_complete_while_the_storage_connection_drops_and_resets() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let upstream = g
         .endpoint
         .trim_start_matches("http://")
@@ -90,7 +79,9 @@ fn backups_complete_while_the_storage_connection_drops_and_resets() {
 
 #[test]
 fn two_replicas_serve_eight_concurrent_clients_on_one_bucket() {
-    let Some(g) = garage_or_skip() else { return };
+    let Some(g) = Garage::start_or_skip() else {
+        return;
+    };
     let clients: Vec<(String, String)> = (0..8)
         .map(|i| (format!("client-{i}"), format!("token-{i}")))
         .collect();

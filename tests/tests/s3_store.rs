@@ -2,20 +2,13 @@
 
 use std::process::{Command, Stdio};
 
-use datamover_tests::{Garage, Server, Storage, assert_same_tree, garage, random_bytes};
+use datamover_tests::{Garage, Server, Storage, assert_same_tree, random_bytes};
 
 #[test]
 fn all_modes_against_garage() {
-    if garage::garage_binary().is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
-            );
-        }
-        eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
+    let Some(g) = Garage::start_or_skip() else {
         return;
-    }
-    let g = Garage::start().expect("start garage");
+    };
     let server = Server::start(
         Storage::S3 {
             garage: &g,
