@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use datamover_core::catalog::encode_node;
-use datamover_core::chunk::{ChunkId, ChunkIdKey, Chunker, ChunkerParams};
+use datamover_core::chunk::{ChunkBuffer, ChunkError, ChunkId, ChunkIdKey, ChunkerParams};
 use datamover_core::paths::walk_order;
 use datamover_proto::v1::{self, Node, NodeType, SnapshotKind};
 use tokio::sync::mpsc;
@@ -29,6 +29,10 @@ use crate::progress::{Counters, Reporter};
 const CHUNK_QUEUE: usize = 32;
 /// Chunk ids asked about in one FindMissing call.
 const QUERY_BATCH: usize = 1024;
+/// Chunk ids this backup already queued, remembered up to this many (then forgotten at
+/// once): the server answers for older ones (stored or being stored), so the client's
+/// memory does not grow with the number of files.
+const SEEN_LIMIT: usize = 64 * 1024;
 
 /// What a finished backup reports.
 #[derive(Debug, Clone)]
@@ -42,19 +46,28 @@ pub struct BackupResult {
 pub struct Emitter {
     key: ChunkIdKey,
     params: ChunkerParams,
+    /// One chunking buffer for every file of the backup.
+    chunker: ChunkBuffer,
     tx: mpsc::Sender<(ChunkId, Bytes)>,
     catalog: CatalogWriter,
     counters: Arc<Counters>,
     pub stats: v1::BackupStats,
 }
 
+fn send_chunk(
+    key: &ChunkIdKey,
+    tx: &mpsc::Sender<(ChunkId, Bytes)>,
+    data: Vec<u8>,
+) -> Result<ChunkId, ClientError> {
+    let id = key.id(&data);
+    tx.blocking_send((id, Bytes::from(data)))
+        .map_err(|_| ClientError::Server("the upload stopped".into()))?;
+    Ok(id)
+}
+
 impl Emitter {
     fn send(&mut self, data: Vec<u8>) -> Result<ChunkId, ClientError> {
-        let id = self.key.id(&data);
-        self.tx
-            .blocking_send((id, Bytes::from(data)))
-            .map_err(|_| ClientError::Server("the upload stopped".into()))?;
-        Ok(id)
+        send_chunk(&self.key, &self.tx, data)
     }
 
     /// Chunks everything `reader` yields; returns the ids and the byte count.
@@ -64,17 +77,23 @@ impl Emitter {
     ) -> Result<(Vec<ChunkId>, u64), std::io::Error> {
         let mut ids = Vec::new();
         let mut total = 0u64;
-        let chunker = Chunker::new(reader, self.params).map_err(std::io::Error::other)?;
-        for chunk in chunker {
+        let Emitter {
+            key,
+            chunker,
+            tx,
+            counters,
+            stats,
+            ..
+        } = self;
+        for chunk in chunker.chunks(reader) {
             let data = chunk.map_err(|e| match e {
-                datamover_core::chunk::ChunkError::Io(io) => io,
+                ChunkError::Io(io) => io,
                 other => std::io::Error::other(other),
             })?;
             total += data.len() as u64;
-            self.counters.add_bytes(data.len() as u64);
-            self.stats.chunks += 1;
-            let id = self
-                .send(data)
+            counters.add_bytes(data.len() as u64);
+            stats.chunks += 1;
+            let id = send_chunk(key, tx, data)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.to_string()))?;
             ids.push(id);
         }
@@ -332,6 +351,9 @@ async fn upload(
         let Some(first) = first else { break };
         let mut push =
             |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>, bytes: &mut usize| {
+                if seen.len() >= SEEN_LIMIT {
+                    seen.clear();
+                }
                 if seen.insert(item.0) {
                     *bytes += item.1.len();
                     batch.push(item);
@@ -490,9 +512,12 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         rx,
         Arc::clone(&counters),
     ));
+    let chunker = ChunkBuffer::new(conn.chunker)
+        .map_err(|e| ClientError::Server(format!("the server's chunker parameters: {e}")))?;
     let mut em = Emitter {
         key: conn.key.clone(),
         params: conn.chunker,
+        chunker,
         tx,
         catalog: CatalogWriter::default(),
         counters,
