@@ -39,6 +39,9 @@ pub struct RepositoryOptions {
     pub kdf_memory_kib: u32,
     /// An index object is written after this many packs even before a commit.
     pub packs_per_index: usize,
+    /// ... or once the packs not yet indexed hold this many chunks (so the entries
+    /// waiting for an index object stay few whatever the chunk size).
+    pub chunks_per_index: usize,
     /// Packs uploaded at once in the background (each holds one pack in memory).
     pub upload_concurrency: usize,
 }
@@ -51,6 +54,7 @@ impl Default for RepositoryOptions {
             pack_cache_packs: 6,
             kdf_memory_kib: 64 * 1024,
             packs_per_index: 32,
+            chunks_per_index: 50_000,
             upload_concurrency: 4,
         }
     }
@@ -327,8 +331,12 @@ impl Repository {
                 self.write_pack(&mut w).await?;
             }
         }
-        let unindexed = self.unindexed.lock().map_err(poisoned)?.len();
-        if unindexed >= self.opts.packs_per_index {
+        let due = {
+            let u = self.unindexed.lock().map_err(poisoned)?;
+            u.len() >= self.opts.packs_per_index
+                || u.iter().map(|p| p.blobs.len()).sum::<usize>() >= self.opts.chunks_per_index
+        };
+        if due {
             self.write_index().await?;
         }
         Ok(())
@@ -520,11 +528,12 @@ impl Repository {
         let key = self.keys.chunk_id_key(tenant);
         let id = *id;
         tokio::task::spawn_blocking(move || {
-            let data = crypto::unpack_blob(&me.keys, &sealed, found.raw_length as usize, &what)?;
+            let data =
+                crypto::unpack_blob_bytes(&me.keys, &sealed, found.raw_length as usize, &what)?;
             if key.id(&data) != id {
                 return Err(RepoError::corrupt(&what, "content does not match its id"));
             }
-            Ok(Bytes::from(data))
+            Ok(data)
         })
         .await
         .map_err(|e| RepoError::Task(e.to_string()))?

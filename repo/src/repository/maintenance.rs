@@ -211,29 +211,41 @@ impl Repository {
             .any(|n| !listed.contains(n.as_str()));
         // Condemnations first, so that a reload prefers live copies.
         self.refresh_condemned(reload).await?;
-        let mut files = Vec::new();
-        for name in &names {
-            if !reload
-                && self
+        if !reload {
+            // New objects only add chunks: each is indexed as soon as it is read, so
+            // one object's entries are held at a time.
+            for name in &names {
+                let known = self
                     .index
                     .read()
                     .map_err(poisoned)?
                     .loaded_files
-                    .contains(name)
-            {
-                continue;
+                    .contains(name);
+                if known {
+                    continue;
+                }
+                if let Some(file) = self.read_index_file(name).await? {
+                    let mut ix = self.index.write().map_err(poisoned)?;
+                    for p in &file.packs {
+                        ix.add_pack(p);
+                    }
+                    ix.loaded_files.insert(name.clone());
+                }
             }
+            return Ok(());
+        }
+        // A reload replaces everything at once, so readers never see a partial index.
+        let mut files = Vec::new();
+        for name in &names {
             if let Some(file) = self.read_index_file(name).await? {
                 files.push((name.clone(), file));
             }
         }
         let mut ix = self.index.write().map_err(poisoned)?;
-        if reload {
-            ix.clear_stored();
-            // Packs this server uploaded but has not indexed yet stay known.
-            for p in self.unindexed.lock().map_err(poisoned)?.iter() {
-                ix.add_pack(p);
-            }
+        ix.clear_stored();
+        // Packs this server uploaded but has not indexed yet stay known.
+        for p in self.unindexed.lock().map_err(poisoned)?.iter() {
+            ix.add_pack(p);
         }
         for (name, file) in files {
             for p in &file.packs {
