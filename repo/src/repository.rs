@@ -26,6 +26,8 @@ const KEY_CHECK: &[u8] = b"datamover repository key check v1";
 const CATALOG_NODE_QUEUE: usize = 1024;
 /// Catalog chunks read ahead of the one being decoded.
 const CATALOG_READ_AHEAD: usize = 4;
+/// Sealed chunks up to this size are opened on the calling task.
+const INLINE_OPEN_BYTES: usize = 16 * 1024;
 
 /// Tuning of a repository.
 #[derive(Debug, Clone)]
@@ -516,27 +518,38 @@ impl Repository {
             found.offset as usize,
             found.offset as usize + found.length as usize,
         );
-        let what = format!("chunk {} in pack {}", id.to_hex(), found.pack);
         if pack.len() < end {
             return Err(RepoError::corrupt(
-                &what,
+                format!("chunk {} in pack {}", id.to_hex(), found.pack),
                 "pack is shorter than its index says",
             ));
         }
         let sealed = pack.slice(start..end);
-        let me = Arc::clone(self);
         let key = self.keys.chunk_id_key(tenant);
         let id = *id;
-        tokio::task::spawn_blocking(move || {
-            let data =
-                crypto::unpack_blob_bytes(&me.keys, &sealed, found.raw_length as usize, &what)?;
+        let open = move |keys: &Keys| {
+            let data = crypto::unpack_blob_bytes(keys, &sealed, found.raw_length as usize, "")?;
             if key.id(&data) != id {
-                return Err(RepoError::corrupt(&what, "content does not match its id"));
+                return Err(RepoError::corrupt("", "content does not match its id"));
             }
             Ok(data)
-        })
-        .await
-        .map_err(|e| RepoError::Task(e.to_string()))?
+        };
+        let named = |e: RepoError| match e {
+            RepoError::Corrupt { why, .. } => {
+                RepoError::corrupt(format!("chunk {} in pack {}", id.to_hex(), found.pack), why)
+            }
+            other => other,
+        };
+        // A small chunk is opened where it is (a hand-off to the blocking pool would
+        // cost more); larger ones on the blocking pool, so many reads proceed at once.
+        if (found.length as usize) <= INLINE_OPEN_BYTES {
+            return open(&self.keys).map_err(named);
+        }
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || open(&me.keys))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))?
+            .map_err(named)
     }
 
     /// Streams the nodes of a catalog in order, reading its chunks a few ahead. The

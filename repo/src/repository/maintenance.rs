@@ -607,9 +607,27 @@ impl Repository {
             survivors.push(self.write_whole_pack(builder).await?);
             report.packs_written += 1;
         }
-        let index_name = self
-            .write_index_file(&IndexFile { packs: survivors })
-            .await?;
+        // The compacted index, in objects of about `chunks_per_index` chunks, so a
+        // server loading it holds one object's entries at a time.
+        let mut written: HashSet<String> = HashSet::new();
+        let mut group: Vec<PackEntries> = Vec::new();
+        let mut group_chunks = 0usize;
+        let last = survivors.len();
+        for (i, p) in survivors.into_iter().enumerate() {
+            group_chunks += p.blobs.len();
+            group.push(p);
+            if group_chunks >= self.opts.chunks_per_index || i + 1 == last {
+                let packs = std::mem::take(&mut group);
+                written.insert(self.write_index_file(&IndexFile { packs }).await?);
+                group_chunks = 0;
+            }
+        }
+        if written.is_empty() {
+            written.insert(
+                self.write_index_file(&IndexFile { packs: Vec::new() })
+                    .await?,
+            );
+        }
         // Condemnations: records keep their age; swept or rescued entries leave them.
         let remaining: HashSet<&CondemnedEntry> = still_condemned.iter().collect();
         for (name, r) in &records {
@@ -639,7 +657,7 @@ impl Repository {
             .await?;
         }
         // Then deletions: old index objects, dead and rewritten packs.
-        for name in index_names.iter().filter(|n| **n != index_name) {
+        for name in index_names.iter().filter(|n| !written.contains(*n)) {
             self.store.remove(FileType::Index, name).await?;
             report.index_objects_replaced += 1;
         }
