@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use datamover_core::catalog::encode_node;
-use datamover_core::chunk::{ChunkId, ChunkIdKey, Chunker, ChunkerParams};
+use datamover_core::chunk::{ChunkBuffer, ChunkError, ChunkId, ChunkIdKey, ChunkerParams};
 use datamover_core::paths::walk_order;
 use datamover_proto::v1::{self, Node, NodeType, SnapshotKind};
 use tokio::sync::mpsc;
@@ -25,10 +25,18 @@ use crate::ClientError;
 use crate::connect::{Api, Conn};
 use crate::progress::{Counters, Reporter};
 
-/// Chunks queued between the producer and the uploader (each at most 1 MiB).
-const CHUNK_QUEUE: usize = 32;
+/// Batches of chunks queued between the producer and the uploader.
+const CHUNK_QUEUE: usize = 8;
+/// A batch is handed over once it holds this many chunks or bytes (so small files do
+/// not cost a thread hand-off each; at most about 2 MiB per batch).
+const HANDOFF_CHUNKS: usize = 256;
+const HANDOFF_BYTES: usize = 1024 * 1024;
 /// Chunk ids asked about in one FindMissing call.
 const QUERY_BATCH: usize = 1024;
+/// Chunk ids this backup already queued, remembered up to this many (then forgotten at
+/// once): the server answers for older ones (stored or being stored), so the client's
+/// memory does not grow with the number of files.
+const SEEN_LIMIT: usize = 64 * 1024;
 
 /// What a finished backup reports.
 #[derive(Debug, Clone)]
@@ -42,19 +50,54 @@ pub struct BackupResult {
 pub struct Emitter {
     key: ChunkIdKey,
     params: ChunkerParams,
-    tx: mpsc::Sender<(ChunkId, Bytes)>,
+    /// One chunking buffer for every file of the backup.
+    chunker: ChunkBuffer,
+    tx: Handoff,
     catalog: CatalogWriter,
     counters: Arc<Counters>,
     pub stats: v1::BackupStats,
 }
 
+type ChunkBatch = Vec<(ChunkId, Bytes)>;
+
+/// Chunks on their way to the uploader, handed over in batches.
+struct Handoff {
+    tx: mpsc::Sender<ChunkBatch>,
+    batch: ChunkBatch,
+    bytes: usize,
+}
+
+impl Handoff {
+    fn push(&mut self, id: ChunkId, data: Bytes) -> Result<(), ClientError> {
+        self.bytes += data.len();
+        self.batch.push((id, data));
+        if self.batch.len() >= HANDOFF_CHUNKS || self.bytes >= HANDOFF_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ClientError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(HANDOFF_CHUNKS));
+        self.tx
+            .blocking_send(batch)
+            .map_err(|_| ClientError::Server("the upload stopped".into()))
+    }
+}
+
+fn send_chunk(key: &ChunkIdKey, tx: &mut Handoff, data: Vec<u8>) -> Result<ChunkId, ClientError> {
+    let id = key.id(&data);
+    tx.push(id, Bytes::from(data))?;
+    Ok(id)
+}
+
 impl Emitter {
     fn send(&mut self, data: Vec<u8>) -> Result<ChunkId, ClientError> {
-        let id = self.key.id(&data);
-        self.tx
-            .blocking_send((id, Bytes::from(data)))
-            .map_err(|_| ClientError::Server("the upload stopped".into()))?;
-        Ok(id)
+        send_chunk(&self.key, &mut self.tx, data)
     }
 
     /// Chunks everything `reader` yields; returns the ids and the byte count.
@@ -64,17 +107,23 @@ impl Emitter {
     ) -> Result<(Vec<ChunkId>, u64), std::io::Error> {
         let mut ids = Vec::new();
         let mut total = 0u64;
-        let chunker = Chunker::new(reader, self.params).map_err(std::io::Error::other)?;
-        for chunk in chunker {
+        let Emitter {
+            key,
+            chunker,
+            tx,
+            counters,
+            stats,
+            ..
+        } = self;
+        for chunk in chunker.chunks(reader) {
             let data = chunk.map_err(|e| match e {
-                datamover_core::chunk::ChunkError::Io(io) => io,
+                ChunkError::Io(io) => io,
                 other => std::io::Error::other(other),
             })?;
             total += data.len() as u64;
-            self.counters.add_bytes(data.len() as u64);
-            self.stats.chunks += 1;
-            let id = self
-                .send(data)
+            counters.add_bytes(data.len() as u64);
+            stats.chunks += 1;
+            let id = send_chunk(key, tx, data)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.to_string()))?;
             ids.push(id);
         }
@@ -96,6 +145,7 @@ impl Emitter {
             let id = self.send(data)?;
             self.catalog.ids.push(id);
         }
+        self.tx.flush()?;
         Ok((self.catalog.ids, self.stats))
     }
 }
@@ -307,7 +357,7 @@ fn walk(root: &Path, em: &mut Emitter, mut prev: Option<PrevCatalog>) -> Result<
 async fn upload(
     mut api: Api,
     session: String,
-    mut rx: mpsc::Receiver<(ChunkId, Bytes)>,
+    mut rx: mpsc::Receiver<ChunkBatch>,
     counters: Arc<Counters>,
 ) -> Result<(u64, u64), ClientError> {
     let (ptx, prx) = mpsc::channel::<v1::PutChunksRequest>(4);
@@ -319,29 +369,40 @@ async fn upload(
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let (mut chunks_sent, mut bytes_sent) = (0u64, 0u64);
     let mut stream_closed = false;
+    let mut inbox = ChunkBatch::new().into_iter();
     'outer: loop {
         let mut batch: Vec<(ChunkId, Bytes)> = Vec::new();
         let mut batch_bytes = 0usize;
-        let first = tokio::select! {
-            item = rx.recv() => item,
-            res = &mut put => {
-                put_done = Some(res);
-                break;
-            }
-        };
-        let Some(first) = first else { break };
-        let mut push =
-            |item: (ChunkId, Bytes), batch: &mut Vec<(ChunkId, Bytes)>, bytes: &mut usize| {
+        while batch.len() < QUERY_BATCH && batch_bytes < datamover_proto::BATCH_BYTES {
+            if let Some(item) = inbox.next() {
+                if seen.len() >= SEEN_LIMIT {
+                    seen.clear();
+                }
                 if seen.insert(item.0) {
-                    *bytes += item.1.len();
+                    batch_bytes += item.1.len();
                     batch.push(item);
                 }
+                continue;
+            }
+            let next = if batch.is_empty() {
+                tokio::select! {
+                    item = rx.recv() => item,
+                    res = &mut put => {
+                        put_done = Some(res);
+                        break 'outer;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(v) => Some(v),
+                    Err(_) => break,
+                }
             };
-        push(first, &mut batch, &mut batch_bytes);
-        while batch.len() < QUERY_BATCH && batch_bytes < datamover_proto::BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(item) => push(item, &mut batch, &mut batch_bytes),
-                Err(_) => break,
+            match next {
+                Some(v) => inbox = v.into_iter(),
+                // The producer is done: send what is batched, then stop.
+                None if batch.is_empty() => break 'outer,
+                None => break,
             }
         }
         if batch.is_empty() {
@@ -490,10 +551,17 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         rx,
         Arc::clone(&counters),
     ));
+    let chunker = ChunkBuffer::new(conn.chunker)
+        .map_err(|e| ClientError::Server(format!("the server's chunker parameters: {e}")))?;
     let mut em = Emitter {
         key: conn.key.clone(),
         params: conn.chunker,
-        tx,
+        chunker,
+        tx: Handoff {
+            tx,
+            batch: Vec::with_capacity(HANDOFF_CHUNKS),
+            bytes: 0,
+        },
         catalog: CatalogWriter::default(),
         counters,
         stats: v1::BackupStats::default(),

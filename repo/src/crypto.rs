@@ -7,7 +7,10 @@
 //! A sealed object is `nonce (24 bytes) || XChaCha20-Poly1305(plaintext)`; a compressed
 //! payload is one header byte (0 stored, 1 zstd) and the body.
 
-use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use datamover_core::chunk::ChunkIdKey;
 use rand::RngCore;
@@ -90,55 +93,136 @@ impl Keys {
     }
 
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        out.extend_from_slice(&[0; NONCE_LEN]);
+        out.extend_from_slice(plaintext);
+        self.seal_in_place(out)
+    }
+
+    /// Seals `buf[NONCE_LEN..]` in place (the first `NONCE_LEN` bytes are overwritten
+    /// with the nonce, the tag is appended).
+    fn seal_in_place(&self, mut buf: Vec<u8>) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
         // Encryption in place with a valid key and nonce size cannot fail.
         match self.cipher.encrypt_in_place_detached(
             XNonce::from_slice(&nonce),
             b"",
-            &mut out[NONCE_LEN..],
+            &mut buf[NONCE_LEN..],
         ) {
-            Ok(tag) => out.extend_from_slice(&tag),
-            Err(_) => out.clear(),
+            Ok(tag) => buf.extend_from_slice(&tag),
+            Err(_) => buf.clear(),
         }
-        out
+        buf
     }
 
     pub fn open(&self, sealed: &[u8], what: &str) -> Result<Vec<u8>, RepoError> {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(RepoError::corrupt(what, "too short"));
         }
-        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut buf = ct.to_vec();
         self.cipher
-            .decrypt(XNonce::from_slice(nonce), ct)
-            .map_err(|_| RepoError::corrupt(what, "authentication failed"))
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), b"", &mut buf, tag.into())
+            .map_err(|_| RepoError::corrupt(what, "authentication failed"))?;
+        Ok(buf)
     }
+}
+
+const TAG_LEN: usize = 16;
+
+/// Below this size zstd cannot win once its frame header is counted: stored as is.
+const MIN_COMPRESS: usize = 128;
+/// Compression contexts kept for reuse (one per sealing thread at a time).
+const POOLED_CONTEXTS: usize = 8;
+
+/// A zstd context with its output buffer, reused across calls.
+struct Zstd {
+    level: i32,
+    ctx: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+static COMPRESSORS: Mutex<Vec<Zstd>> = Mutex::new(Vec::new());
+static DECOMPRESSORS: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
+
+/// Calls `f` with the payload of `data`: header byte (0 stored, 1 zstd) and body.
+fn with_compressed<T>(data: &[u8], level: i32, f: impl FnOnce(u8, &[u8]) -> T) -> T {
+    if data.len() < MIN_COMPRESS {
+        return f(0, data);
+    }
+    let pooled = COMPRESSORS.lock().ok().and_then(|mut pool| {
+        let i = pool.iter().position(|z| z.level == level)?;
+        Some(pool.swap_remove(i))
+    });
+    let Some(mut z) = pooled.or_else(|| {
+        zstd::bulk::Compressor::new(level).ok().map(|ctx| Zstd {
+            level,
+            ctx,
+            out: Vec::new(),
+        })
+    }) else {
+        return f(0, data);
+    };
+    // Only a result at least two bytes smaller is worth its header: a smaller output
+    // buffer makes zstd give up early on incompressible data.
+    let room = data.len() - 2;
+    if z.out.len() < room {
+        z.out.resize(room, 0);
+    }
+    let result = match z.ctx.compress_to_buffer(data, &mut z.out[..room]) {
+        Ok(n) if n + 1 < data.len() => f(1, &z.out[..n]),
+        _ => f(0, data),
+    };
+    if z.out.len() > 2 * 1024 * 1024 {
+        z.out = Vec::new();
+    }
+    if let Ok(mut pool) = COMPRESSORS.lock()
+        && pool.len() < POOLED_CONTEXTS
+    {
+        pool.push(z);
+    }
+    result
 }
 
 /// Compresses with zstd unless that does not make it smaller.
 pub fn compress(data: &[u8], level: i32) -> Vec<u8> {
-    if let Ok(z) = zstd::bulk::compress(data, level)
-        && z.len() + 1 < data.len()
+    with_compressed(data, level, |header, body| {
+        let mut out = Vec::with_capacity(body.len() + 1);
+        out.push(header);
+        out.extend_from_slice(body);
+        out
+    })
+}
+
+fn zstd_decompress(body: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    let mut ctx = match DECOMPRESSORS.lock().ok().and_then(|mut p| p.pop()) {
+        Some(c) => c,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let out = ctx.decompress(body, raw_len);
+    if let Ok(mut pool) = DECOMPRESSORS.lock()
+        && pool.len() < POOLED_CONTEXTS
     {
-        let mut out = Vec::with_capacity(z.len() + 1);
-        out.push(1);
-        out.extend_from_slice(&z);
-        return out;
+        pool.push(ctx);
     }
-    let mut out = Vec::with_capacity(data.len() + 1);
-    out.push(0);
-    out.extend_from_slice(data);
-    out
+    let out = out?;
+    if out.len() != raw_len {
+        return Err(std::io::Error::other(format!(
+            "{} bytes instead of {raw_len}",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// `raw_len` is the exact decompressed size when known, 0 when not.
 pub fn decompress(data: &[u8], raw_len: usize, what: &str) -> Result<Vec<u8>, RepoError> {
     match data.split_first() {
         Some((0, body)) => Ok(body.to_vec()),
-        Some((1, body)) if raw_len > 0 => zstd::bulk::decompress(body, raw_len)
+        Some((1, body)) if raw_len > 0 => zstd_decompress(body, raw_len)
             .map_err(|e| RepoError::corrupt(what, format!("zstd: {e}"))),
         Some((1, body)) => zstd::stream::decode_all(body)
             .map_err(|e| RepoError::corrupt(what, format!("zstd: {e}"))),
@@ -146,9 +230,16 @@ pub fn decompress(data: &[u8], raw_len: usize, what: &str) -> Result<Vec<u8>, Re
     }
 }
 
-/// Compress, then seal.
+/// Compress, then seal (one allocation: the sealed object).
 pub fn pack_blob(keys: &Keys, data: &[u8], level: i32) -> Vec<u8> {
-    keys.seal(&compress(data, level))
+    let buf = with_compressed(data, level, |header, body| {
+        let mut buf = Vec::with_capacity(NONCE_LEN + 1 + body.len() + TAG_LEN);
+        buf.extend_from_slice(&[0; NONCE_LEN]);
+        buf.push(header);
+        buf.extend_from_slice(body);
+        buf
+    });
+    keys.seal_in_place(buf)
 }
 
 /// Open, then decompress.
@@ -160,6 +251,20 @@ pub fn unpack_blob(
 ) -> Result<Vec<u8>, RepoError> {
     let z = keys.open(sealed, what)?;
     decompress(&z, raw_len, what)
+}
+
+/// [`unpack_blob`] as shared bytes: a stored payload is not copied again.
+pub fn unpack_blob_bytes(
+    keys: &Keys,
+    sealed: &[u8],
+    raw_len: usize,
+    what: &str,
+) -> Result<Bytes, RepoError> {
+    let z = keys.open(sealed, what)?;
+    if z.first() == Some(&0) {
+        return Ok(Bytes::from(z).slice(1..));
+    }
+    decompress(&z, raw_len, what).map(Bytes::from)
 }
 
 #[cfg(test)]
@@ -193,6 +298,26 @@ mod tests {
         let c = compress(&data, 3);
         assert_eq!(c[0], 0);
         assert_eq!(decompress(&c, data.len(), "t").unwrap(), data);
+    }
+
+    #[test]
+    fn small_and_reused_contexts_roundtrip() {
+        let k = test_keys();
+        let tiny = b"tiny".repeat(10);
+        let c = compress(&tiny, 3);
+        assert_eq!(c[0], 0, "under the compression threshold: stored");
+        for i in 0..50usize {
+            let data = format!("chunk {i} ").repeat(50 + i * 37).into_bytes();
+            let level = if i % 2 == 0 { 3 } else { 1 };
+            let blob = pack_blob(&k, &data, level);
+            assert!(blob.len() < data.len());
+            assert_eq!(unpack_blob(&k, &blob, data.len(), "t").unwrap(), data);
+            assert_eq!(unpack_blob_bytes(&k, &blob, data.len(), "t").unwrap(), data);
+            // a wrong size is corruption, not a short read
+            assert!(unpack_blob(&k, &blob, data.len() + 1, "t").is_err());
+        }
+        let blob = pack_blob(&k, &tiny, 3);
+        assert_eq!(unpack_blob_bytes(&k, &blob, tiny.len(), "t").unwrap(), tiny);
     }
 
     #[test]

@@ -38,13 +38,135 @@ pub(crate) struct IndexFile {
     pub packs: Vec<PackEntries>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Location {
     pack: u32,
     offset: u32,
     length: u32,
     raw_length: u32,
     tenant: u32,
+}
+
+/// One stored chunk in the sorted table: 52 bytes.
+#[derive(Clone, Copy)]
+struct Entry {
+    id: ChunkId,
+    loc: Location,
+}
+
+/// Recent additions are merged into the sorted table once they are this many, or an
+/// eighth of the table, whichever is more.
+const MERGE_MIN: usize = 8192;
+/// Ids are located in the sorted table by their first 16 bits, then a binary search.
+const PREFIX_BITS: u32 = 16;
+
+fn prefix(id: &ChunkId) -> usize {
+    usize::from(u16::from_be_bytes([id.0[0], id.0[1]]))
+}
+
+/// The stored chunks, compact: a sorted array of fixed-size entries with a prefix table
+/// (about 52 bytes per chunk, where a hash map needs two to three times that), and a
+/// small hash map of the chunks added since the last merge. An id is in one or the
+/// other, never both.
+#[derive(Default)]
+struct ChunkTable {
+    sorted: Vec<Entry>,
+    /// `starts[p]..starts[p + 1]` are the entries whose id begins with prefix `p`
+    /// (empty while `sorted` is).
+    starts: Vec<u32>,
+    recent: HashMap<ChunkId, Location>,
+}
+
+impl ChunkTable {
+    fn position(&self, id: &ChunkId) -> Option<usize> {
+        if self.sorted.is_empty() {
+            return None;
+        }
+        let p = prefix(id);
+        let (lo, hi) = match (self.starts.get(p), self.starts.get(p + 1)) {
+            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
+            _ => (0, self.sorted.len()),
+        };
+        let range = self.sorted.get(lo..hi)?;
+        range
+            .binary_search_by(|e| e.id.cmp(id))
+            .ok()
+            .map(|i| lo + i)
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<&Location> {
+        match self.recent.get(id) {
+            Some(l) => Some(l),
+            None => self.position(id).map(|i| &self.sorted[i].loc),
+        }
+    }
+
+    /// Adds the chunk, or replaces where it is.
+    fn insert(&mut self, id: ChunkId, loc: Location) {
+        if let Some(i) = self.position(&id) {
+            self.sorted[i].loc = loc;
+            return;
+        }
+        self.recent.insert(id, loc);
+        if self.recent.len() >= MERGE_MIN.max(self.sorted.len() / 8) {
+            self.merge();
+        }
+    }
+
+    /// Moves the recent additions into the sorted table, merging in place from the end.
+    fn merge(&mut self) {
+        if self.recent.is_empty() {
+            return;
+        }
+        let mut new: Vec<Entry> = self
+            .recent
+            .drain()
+            .map(|(id, loc)| Entry { id, loc })
+            .collect();
+        new.sort_unstable_by_key(|e| e.id);
+        let old_len = self.sorted.len();
+        let Some(&filler) = new.first() else {
+            return;
+        };
+        self.sorted.resize(old_len + new.len(), filler);
+        let (mut i, mut j, mut k) = (old_len, new.len(), old_len + new.len());
+        while j > 0 {
+            k -= 1;
+            if i > 0 && self.sorted[i - 1].id > new[j - 1].id {
+                self.sorted[k] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[k] = new[j - 1];
+                j -= 1;
+            }
+        }
+        if self.recent.capacity() > 4 * MERGE_MIN.max(self.sorted.len() / 8) {
+            self.recent.shrink_to_fit();
+        }
+        self.rebuild_starts();
+    }
+
+    fn rebuild_starts(&mut self) {
+        let buckets = 1usize << PREFIX_BITS;
+        self.starts.clear();
+        self.starts.reserve_exact(buckets + 1);
+        let mut at = 0usize;
+        for p in 0..buckets {
+            while at < self.sorted.len() && prefix(&self.sorted[at].id) < p {
+                at += 1;
+            }
+            self.starts.push(at as u32);
+        }
+        self.starts.push(self.sorted.len() as u32);
+    }
+
+    fn len(&self) -> usize {
+        self.sorted.len() + self.recent.len()
+    }
+
+    fn clear(&mut self) {
+        *self = ChunkTable::default();
+    }
 }
 
 /// Where a chunk is.
@@ -62,7 +184,7 @@ pub(crate) struct Index {
     pack_ids: HashMap<String, u32>,
     tenants: Vec<String>,
     tenant_ids: HashMap<String, u32>,
-    chunks: HashMap<ChunkId, Location>,
+    chunks: ChunkTable,
     pending: HashMap<ChunkId, u32>,
     /// Chunks condemned by maintenance, with the pack holding the condemned copy: that
     /// copy counts as absent, so a backup that needs the chunk stores it again.
@@ -111,11 +233,12 @@ impl Index {
                 tenant,
             };
             // A live copy wins over a condemned one; otherwise the first copy stays.
-            match self.chunks.get(&id) {
-                Some(old) if !self.is_condemned_at(&id, old.pack) => {}
-                _ => {
-                    self.chunks.insert(id, loc);
-                }
+            let replace = match self.chunks.get(&id) {
+                Some(old) => self.is_condemned_at(&id, old.pack),
+                None => true,
+            };
+            if replace {
+                self.chunks.insert(id, loc);
             }
         }
     }
@@ -144,11 +267,11 @@ impl Index {
 
     /// A condemned chunk of this tenant that is still readable (so it can be rescued).
     pub fn condemned_copy(&self, tenant: &str, id: &ChunkId) -> Option<Found> {
-        let l = self.chunks.get(id)?;
+        let l = *self.chunks.get(id)?;
         if !self.same_tenant(l.tenant, tenant) || !self.is_condemned_at(id, l.pack) {
             return None;
         }
-        self.found(l)
+        self.found(&l)
     }
 
     /// The pack holding the copy of a chunk that reads use, with its tenant.
@@ -265,5 +388,96 @@ mod tests {
         // a condemnation of the old copy does not touch the new one
         ix.add_pack(&pack("third", id));
         assert_eq!(ix.find("a", &id).unwrap().pack, "new");
+    }
+
+    fn loc(n: u32) -> Location {
+        Location {
+            pack: n % 7,
+            offset: n,
+            length: n.wrapping_mul(3),
+            raw_length: n ^ 0x5555,
+            tenant: 0,
+        }
+    }
+
+    fn id_of(n: u32) -> ChunkId {
+        ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
+    }
+
+    #[test]
+    fn chunk_table_finds_every_chunk_across_merges() {
+        let mut t = ChunkTable::default();
+        let n = 5 * MERGE_MIN as u32 + 123;
+        for i in 0..n {
+            t.insert(id_of(i), loc(i));
+            // every few, check one inserted earlier (in the table or still recent)
+            if i % 997 == 0 {
+                let j = i / 2;
+                assert_eq!(t.get(&id_of(j)), Some(&loc(j)));
+            }
+        }
+        assert!(!t.sorted.is_empty(), "merged at least once");
+        assert_eq!(t.len(), n as usize);
+        assert!(t.sorted.windows(2).all(|w| w[0].id < w[1].id));
+        for i in 0..n {
+            assert_eq!(t.get(&id_of(i)), Some(&loc(i)), "chunk {i}");
+        }
+        for i in n..n + 1000 {
+            assert_eq!(t.get(&id_of(i)), None);
+        }
+        // extremes of the prefix table
+        for id in [ChunkId([0; 32]), ChunkId([0xff; 32])] {
+            assert_eq!(t.get(&id), None);
+            t.insert(id, loc(1));
+            assert_eq!(t.get(&id), Some(&loc(1)));
+        }
+        // replacing keeps one entry, wherever it is
+        t.merge();
+        t.insert(id_of(5), loc(99));
+        t.insert(ChunkId([0xff; 32]), loc(98));
+        assert_eq!(t.get(&id_of(5)), Some(&loc(99)));
+        assert_eq!(t.get(&ChunkId([0xff; 32])), Some(&loc(98)));
+        assert_eq!(t.len(), n as usize + 2);
+        t.clear();
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.get(&id_of(5)), None);
+    }
+
+    #[test]
+    fn index_of_many_packs_keeps_first_live_copy() {
+        let mut ix = Index::default();
+        let per_pack = 3000u32;
+        for p in 0..10u32 {
+            let blobs = (0..per_pack)
+                .map(|i| BlobEntry {
+                    id: id_of(p * per_pack + i).0.to_vec(),
+                    offset: i,
+                    length: 1,
+                    raw_length: 1,
+                    tenant: "a".into(),
+                })
+                .collect();
+            ix.add_pack(&PackEntries {
+                name: format!("p{p}"),
+                blobs,
+                created_unix: 0,
+            });
+        }
+        assert_eq!(ix.len(), 10 * per_pack as usize);
+        let id = id_of(4 * per_pack + 17);
+        assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
+        assert_eq!(ix.find("a", &id).unwrap().offset, 17);
+        // a second copy elsewhere does not replace a live one
+        ix.add_pack(&pack("dup", id));
+        assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
+        // once the first copy is condemned, the new copy is the one reads use
+        ix.condemn(id, "p4");
+        assert!(!ix.is_stored("a", &id));
+        ix.add_pack(&pack("dup2", id));
+        assert_eq!(ix.find("a", &id).unwrap().pack, "dup2");
+        assert!(ix.is_stored("a", &id));
+        ix.clear_stored();
+        assert_eq!(ix.len(), 0);
+        assert!(!ix.is_stored("a", &id));
     }
 }

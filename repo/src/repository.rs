@@ -26,6 +26,8 @@ const KEY_CHECK: &[u8] = b"datamover repository key check v1";
 const CATALOG_NODE_QUEUE: usize = 1024;
 /// Catalog chunks read ahead of the one being decoded.
 const CATALOG_READ_AHEAD: usize = 4;
+/// Sealed chunks up to this size are opened on the calling task.
+const INLINE_OPEN_BYTES: usize = 16 * 1024;
 
 /// Tuning of a repository.
 #[derive(Debug, Clone)]
@@ -39,6 +41,9 @@ pub struct RepositoryOptions {
     pub kdf_memory_kib: u32,
     /// An index object is written after this many packs even before a commit.
     pub packs_per_index: usize,
+    /// ... or once the packs not yet indexed hold this many chunks (so the entries
+    /// waiting for an index object stay few whatever the chunk size).
+    pub chunks_per_index: usize,
     /// Packs uploaded at once in the background (each holds one pack in memory).
     pub upload_concurrency: usize,
 }
@@ -51,6 +56,7 @@ impl Default for RepositoryOptions {
             pack_cache_packs: 6,
             kdf_memory_kib: 64 * 1024,
             packs_per_index: 32,
+            chunks_per_index: 50_000,
             upload_concurrency: 4,
         }
     }
@@ -327,8 +333,12 @@ impl Repository {
                 self.write_pack(&mut w).await?;
             }
         }
-        let unindexed = self.unindexed.lock().map_err(poisoned)?.len();
-        if unindexed >= self.opts.packs_per_index {
+        let due = {
+            let u = self.unindexed.lock().map_err(poisoned)?;
+            u.len() >= self.opts.packs_per_index
+                || u.iter().map(|p| p.blobs.len()).sum::<usize>() >= self.opts.chunks_per_index
+        };
+        if due {
             self.write_index().await?;
         }
         Ok(())
@@ -508,26 +518,38 @@ impl Repository {
             found.offset as usize,
             found.offset as usize + found.length as usize,
         );
-        let what = format!("chunk {} in pack {}", id.to_hex(), found.pack);
         if pack.len() < end {
             return Err(RepoError::corrupt(
-                &what,
+                format!("chunk {} in pack {}", id.to_hex(), found.pack),
                 "pack is shorter than its index says",
             ));
         }
         let sealed = pack.slice(start..end);
-        let me = Arc::clone(self);
         let key = self.keys.chunk_id_key(tenant);
         let id = *id;
-        tokio::task::spawn_blocking(move || {
-            let data = crypto::unpack_blob(&me.keys, &sealed, found.raw_length as usize, &what)?;
+        let open = move |keys: &Keys| {
+            let data = crypto::unpack_blob_bytes(keys, &sealed, found.raw_length as usize, "")?;
             if key.id(&data) != id {
-                return Err(RepoError::corrupt(&what, "content does not match its id"));
+                return Err(RepoError::corrupt("", "content does not match its id"));
             }
-            Ok(Bytes::from(data))
-        })
-        .await
-        .map_err(|e| RepoError::Task(e.to_string()))?
+            Ok(data)
+        };
+        let named = |e: RepoError| match e {
+            RepoError::Corrupt { why, .. } => {
+                RepoError::corrupt(format!("chunk {} in pack {}", id.to_hex(), found.pack), why)
+            }
+            other => other,
+        };
+        // A small chunk is opened where it is (a hand-off to the blocking pool would
+        // cost more); larger ones on the blocking pool, so many reads proceed at once.
+        if (found.length as usize) <= INLINE_OPEN_BYTES {
+            return open(&self.keys).map_err(named);
+        }
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || open(&me.keys))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))?
+            .map_err(named)
     }
 
     /// Streams the nodes of a catalog in order, reading its chunks a few ahead. The

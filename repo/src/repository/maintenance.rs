@@ -211,29 +211,41 @@ impl Repository {
             .any(|n| !listed.contains(n.as_str()));
         // Condemnations first, so that a reload prefers live copies.
         self.refresh_condemned(reload).await?;
-        let mut files = Vec::new();
-        for name in &names {
-            if !reload
-                && self
+        if !reload {
+            // New objects only add chunks: each is indexed as soon as it is read, so
+            // one object's entries are held at a time.
+            for name in &names {
+                let known = self
                     .index
                     .read()
                     .map_err(poisoned)?
                     .loaded_files
-                    .contains(name)
-            {
-                continue;
+                    .contains(name);
+                if known {
+                    continue;
+                }
+                if let Some(file) = self.read_index_file(name).await? {
+                    let mut ix = self.index.write().map_err(poisoned)?;
+                    for p in &file.packs {
+                        ix.add_pack(p);
+                    }
+                    ix.loaded_files.insert(name.clone());
+                }
             }
+            return Ok(());
+        }
+        // A reload replaces everything at once, so readers never see a partial index.
+        let mut files = Vec::new();
+        for name in &names {
             if let Some(file) = self.read_index_file(name).await? {
                 files.push((name.clone(), file));
             }
         }
         let mut ix = self.index.write().map_err(poisoned)?;
-        if reload {
-            ix.clear_stored();
-            // Packs this server uploaded but has not indexed yet stay known.
-            for p in self.unindexed.lock().map_err(poisoned)?.iter() {
-                ix.add_pack(p);
-            }
+        ix.clear_stored();
+        // Packs this server uploaded but has not indexed yet stay known.
+        for p in self.unindexed.lock().map_err(poisoned)?.iter() {
+            ix.add_pack(p);
         }
         for (name, file) in files {
             for p in &file.packs {
@@ -595,9 +607,27 @@ impl Repository {
             survivors.push(self.write_whole_pack(builder).await?);
             report.packs_written += 1;
         }
-        let index_name = self
-            .write_index_file(&IndexFile { packs: survivors })
-            .await?;
+        // The compacted index, in objects of about `chunks_per_index` chunks, so a
+        // server loading it holds one object's entries at a time.
+        let mut written: HashSet<String> = HashSet::new();
+        let mut group: Vec<PackEntries> = Vec::new();
+        let mut group_chunks = 0usize;
+        let last = survivors.len();
+        for (i, p) in survivors.into_iter().enumerate() {
+            group_chunks += p.blobs.len();
+            group.push(p);
+            if group_chunks >= self.opts.chunks_per_index || i + 1 == last {
+                let packs = std::mem::take(&mut group);
+                written.insert(self.write_index_file(&IndexFile { packs }).await?);
+                group_chunks = 0;
+            }
+        }
+        if written.is_empty() {
+            written.insert(
+                self.write_index_file(&IndexFile { packs: Vec::new() })
+                    .await?,
+            );
+        }
         // Condemnations: records keep their age; swept or rescued entries leave them.
         let remaining: HashSet<&CondemnedEntry> = still_condemned.iter().collect();
         for (name, r) in &records {
@@ -627,7 +657,7 @@ impl Repository {
             .await?;
         }
         // Then deletions: old index objects, dead and rewritten packs.
-        for name in index_names.iter().filter(|n| **n != index_name) {
+        for name in index_names.iter().filter(|n| !written.contains(*n)) {
             self.store.remove(FileType::Index, name).await?;
             report.index_objects_replaced += 1;
         }
