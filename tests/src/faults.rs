@@ -95,12 +95,15 @@ impl FaultProxy {
         }
     }
 
-    /// Cuts every connection open now (new ones are forwarded as configured).
+    /// Cuts every connection open now (new ones are forwarded as configured); counts
+    /// the connections it reset in [`FaultProxy::cut`].
     pub fn cut_all(&self) {
         if let Ok(mut o) = self.open.lock() {
+            let live = o.iter().filter(|s| s.peer_addr().is_ok()).count() as u64;
             for s in o.drain(..) {
                 reset(&s);
             }
+            self.cut.fetch_add(live / 2, Ordering::Relaxed);
         }
     }
 

@@ -42,23 +42,46 @@ fn backups_complete_while_the_storage_connection_drops_and_resets() {
         .unwrap();
     }
     // Every third connection is cut after 1 MiB (uploads of packs are 8 MiB), half of
-    // them with a reset; every read is delayed a little.
-    proxy.set(Faults {
-        cut_every: 3,
-        cut_after: 1024 * 1024,
-        reset: true,
-        delay: Duration::from_millis(2),
-    });
-    let first = client.ok(&["backup_files", src.to_str().unwrap(), "t"]);
-    assert_eq!(first["files"], 6);
-    proxy.set(Faults {
-        cut_every: 2,
-        cut_after: 256 * 1024,
-        reset: false,
-        delay: Duration::ZERO,
-    });
+    // them with a reset; every read is delayed a little. Connections are pooled, so the
+    // open ones are also reset a few times (every 800 ms): the server opens new ones.
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let out = work.path().join("out");
-    client.ok(&["restore_files", out.to_str().unwrap(), "t"]);
+    std::thread::scope(|scope| {
+        // Ends the resetting thread however the runs below end (a panic included).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        scope.spawn(|| {
+            // A few resets, early in the backup, then idle until the flag ends it.
+            let mut resets = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                resets += 1;
+                if resets % 8 == 0 && resets <= 32 {
+                    proxy.cut_all();
+                }
+            }
+        });
+        proxy.set(Faults {
+            cut_every: 3,
+            cut_after: 1024 * 1024,
+            reset: true,
+            delay: Duration::from_millis(2),
+        });
+        let first = client.ok(&["backup_files", src.to_str().unwrap(), "t"]);
+        assert_eq!(first["files"], 6);
+        proxy.set(Faults {
+            cut_every: 2,
+            cut_after: 256 * 1024,
+            reset: false,
+            delay: Duration::ZERO,
+        });
+        client.ok(&["restore_files", out.to_str().unwrap(), "t"]);
+    });
     assert_same_tree(&src, &out);
     assert!(
         proxy.cut.load(std::sync::atomic::Ordering::Relaxed) > 0,
