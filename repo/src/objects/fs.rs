@@ -35,6 +35,14 @@ fn random_hex() -> String {
     hex::encode(raw)
 }
 
+/// A temporary name next to `path`, never listed.
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "object".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!("{name}{TMP_MARK}{}", random_hex()))
+}
+
 impl FsObjects {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         FsObjects { root: root.into() }
@@ -55,10 +63,7 @@ impl FsObjects {
                 .await
                 .map_err(|e| io_error(e, parent))?;
         }
-        let name = path
-            .file_name()
-            .map_or_else(|| "object".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = path.with_file_name(format!("{name}{TMP_MARK}{}", random_hex()));
+        let tmp = tmp_path(path);
         let result = async {
             tokio::fs::write(&tmp, data)
                 .await
@@ -222,13 +227,7 @@ impl ObjectStore for FsObjects {
                 .await
                 .map_err(|e| io_error(e, parent))?;
         }
-        let tmp = target.with_file_name(format!(
-            "{}{TMP_MARK}{}",
-            target
-                .file_name()
-                .map_or_else(|| "object".into(), |n| n.to_string_lossy().into_owned()),
-            random_hex()
-        ));
+        let tmp = tmp_path(&target);
         let result = async {
             let mut out = tokio::fs::File::create(&tmp)
                 .await
