@@ -78,6 +78,8 @@ struct Sample {
     rss_mib: f64,
     server_cpu: f64,
     server_rss_mib: f64,
+    /// CPU time of the S3 server (Garage) during the run.
+    store_cpu: f64,
     uploaded_mib: f64,
 }
 
@@ -298,6 +300,86 @@ struct Bench {
     floors: BTreeMap<String, (f64, f64)>,
     /// The tools to run (`--tools`), all by default.
     tools: Vec<Tool>,
+    /// Trees restored or downloaded in this data set, moved aside until it is done.
+    trash: std::cell::Cell<usize>,
+    /// Probe directories made by [`Bench::quiesce`].
+    probes: std::cell::Cell<usize>,
+}
+
+/// Files created by one probe of [`Bench::quiesce`], and the time they may take.
+const PROBE_FILES: usize = 5000;
+const PROBE_SLOW: std::time::Duration = std::time::Duration::from_millis(600);
+/// Probes before giving up waiting (30 s apart).
+const PROBE_ATTEMPTS: usize = 12;
+
+impl Bench {
+    /// Moves a restored tree or a finished data set aside; the trash is deleted when the
+    /// bench is done, so no measured run follows a large deletion (see [`Bench::quiesce`]).
+    fn discard(&self, p: &Path) {
+        if !p.exists() {
+            return;
+        }
+        let n = self.trash.get();
+        self.trash.set(n + 1);
+        let dir = self.work.join("trash");
+        let _ = std::fs::create_dir_all(&dir);
+        if std::fs::rename(p, dir.join(n.to_string())).is_err() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
+    fn empty_trash(&self) {
+        let _ = std::fs::remove_dir_all(self.work.join("trash"));
+    }
+
+    /// Creates [`PROBE_FILES`] small files in a new directory of the work dir (kept in
+    /// the trash); returns how long that took.
+    fn probe(&self) -> Res<std::time::Duration> {
+        let n = self.probes.get();
+        self.probes.set(n + 1);
+        let dir = self.work.join(format!("probe-{n}"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        for i in 0..PROBE_FILES {
+            std::fs::write(dir.join(format!("f{i}")), b"probe").map_err(|e| e.to_string())?;
+        }
+        let took = t.elapsed();
+        self.discard(&dir);
+        Ok(took)
+    }
+
+    /// Called before every measured run: flushes what earlier runs left dirty (so no
+    /// tool pays for another's writeback), then waits until creating files runs at its
+    /// normal speed. On ext4 without a journal (as on the machine of RESULTS.md) the
+    /// inode allocator skips inodes deleted in the last 60 s (360 s while their inode
+    /// table block is dirty), checking every free inode from the start of the group,
+    /// so creating files after a large deletion (by anything on the machine) is many
+    /// times slower, most of all for the first tool that creates files: measured there,
+    /// 50,000 files took 36.7 s, then 20.3 s, then 2.0 s when created three times in a
+    /// row right after deleting 100,000. The bench itself deletes nothing until the end.
+    fn quiesce(&self) -> Res<()> {
+        // SAFETY: sync(2) has no arguments and cannot fail.
+        unsafe { libc::sync() };
+        for attempt in 1..=PROBE_ATTEMPTS {
+            let took = self.probe()?;
+            if took < PROBE_SLOW {
+                return Ok(());
+            }
+            eprintln!(
+                "  (creating {PROBE_FILES} files took {:.1} s: waiting for the file system to settle, {attempt}/{PROBE_ATTEMPTS})",
+                took.as_secs_f64()
+            );
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            // SAFETY: as above.
+            unsafe { libc::sync() };
+        }
+        eprintln!("  (measuring anyway: the file system is still slow to create files)");
+        Ok(())
+    }
+
+    fn store_cpu(&self) -> f64 {
+        self.garage.pid().map_or(0.0, proc_cpu)
+    }
 }
 
 impl Bench {
@@ -373,7 +455,7 @@ impl Bench {
 
     fn record(&mut self, ds: &str, sc: Scenario, tool: Tool, s: Sample) {
         eprintln!(
-            "  {:<10} {:<34} wall {:>7.2}s cpu {:>7.2}s rss {:>6.0} MiB{} up {:>8.1} MiB",
+            "  {:<10} {:<34} wall {:>7.2}s cpu {:>7.2}s rss {:>6.0} MiB{} garage cpu {:>6.2}s up {:>8.1} MiB",
             tool.name(),
             sc.name(),
             s.wall,
@@ -387,6 +469,7 @@ impl Bench {
             } else {
                 String::new()
             },
+            s.store_cpu,
             s.uploaded_mib
         );
         self.results
@@ -423,9 +506,11 @@ impl Ours {
 
     fn run(&self, b: &Bench, args: &[&str], stdout: Stdio) -> Res<Sample> {
         let pid = self.server.pid().unwrap_or(0);
+        let up0 = b.stored(&self.prefix);
+        b.quiesce()?;
         reset_hwm(pid);
         let cpu0 = proc_cpu(pid);
-        let up0 = b.stored(&self.prefix);
+        let store0 = b.store_cpu();
         let mut cmd = self.client.command(args);
         cmd.stdin(Stdio::null()).stdout(stdout);
         let (wall, cpu, rss) = measured(cmd, &format!("datamover-client {args:?}"))?;
@@ -435,6 +520,7 @@ impl Ours {
             rss_mib: rss,
             server_cpu: proc_cpu(pid) - cpu0,
             server_rss_mib: proc_hwm_mib(pid),
+            store_cpu: b.store_cpu() - store0,
             uploaded_mib: (b.stored(&self.prefix) - up0) / 1048576.0,
         })
     }
@@ -442,11 +528,15 @@ impl Ours {
 
 fn simple(b: &Bench, prefix: &str, cmd: Command, what: &str) -> Res<Sample> {
     let up0 = b.stored(prefix);
+    b.quiesce()?;
+    let store0 = b.store_cpu();
     let (wall, cpu, rss) = measured(cmd, what)?;
+    let store_cpu = b.store_cpu() - store0;
     Ok(Sample {
         wall,
         cpu,
         rss_mib: rss,
+        store_cpu,
         uploaded_mib: (b.stored(prefix) - up0) / 1048576.0,
         ..Default::default()
     })
@@ -507,13 +597,13 @@ fn tree_scenarios(
             let s = match (tool, sc) {
                 (Tool::Datamover, Scenario::Restore) => {
                     let out = b.work.join("restore-dm");
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     let s = ours.run(
                         b,
                         &["restore_files", out.to_str().ok_or("path")?, &tag],
                         Stdio::null(),
                     )?;
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     s
                 }
                 (Tool::Datamover, _) => {
@@ -521,7 +611,7 @@ fn tree_scenarios(
                 }
                 (Tool::Restic, Scenario::Restore) => {
                     let out = b.work.join("restore-restic");
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     let s = simple(
                         b,
                         &restic_prefix,
@@ -531,7 +621,7 @@ fn tree_scenarios(
                         ),
                         "restic restore",
                     )?;
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     s
                 }
                 (Tool::Restic, _) => simple(
@@ -542,12 +632,12 @@ fn tree_scenarios(
                 )?,
                 (Tool::Rclone, Scenario::Restore) => {
                     let out = b.work.join("restore-rclone");
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     let mut c =
                         b.rclone(&["copy", "--links", &remote, out.to_str().ok_or("path")?]);
                     c.stderr(Stdio::null());
                     let s = simple(b, &rclone_prefix, c, "rclone copy back")?;
-                    let _ = std::fs::remove_dir_all(&out);
+                    b.discard(&out);
                     s
                 }
                 (Tool::Rclone, _) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
@@ -577,7 +667,7 @@ fn tree_scenarios(
         c.stderr(Stdio::null());
         let (wall, _, _) = measured(c, "floor upload")?;
         b.floors.insert(ds.to_string(), (bytes, wall));
-        let _ = std::fs::remove_dir_all(&local);
+        b.discard(&local);
     }
     Ok(())
 }
@@ -646,8 +736,8 @@ fn report(b: &Bench, meta: &str) -> String {
     };
     for ds in datasets {
         out.push_str(&format!("\n### Data set: {ds}\n\n"));
-        out.push_str("| scenario | tool | wall s | CPU s (client + server) | peak RSS MiB (client / server) | uploaded MiB | wall ratio ours/theirs |\n");
-        out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| scenario | tool | wall s | CPU s (client + server) | Garage CPU s | peak RSS MiB (client / server) | uploaded MiB | wall ratio ours/theirs |\n");
+        out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         let scenarios: Vec<Scenario> = {
             let mut v: Vec<Scenario> = b
                 .results
@@ -673,6 +763,7 @@ fn report(b: &Bench, meta: &str) -> String {
                 let cpu = med(tool, |s| s.cpu).unwrap_or(0.0);
                 let rss = med(tool, |s| s.rss_mib).unwrap_or(0.0);
                 let up = med(tool, |s| s.uploaded_mib).unwrap_or(0.0);
+                let store = med(tool, |s| s.store_cpu).unwrap_or(0.0);
                 let n = b.results.get(&(ds.clone(), sc, tool)).map_or(0, Vec::len);
                 let (cpu_s, rss_s, ratio) = if tool == Tool::Datamover {
                     let scpu = med(tool, |s| s.server_cpu).unwrap_or(0.0);
@@ -690,7 +781,7 @@ fn report(b: &Bench, meta: &str) -> String {
                     )
                 };
                 out.push_str(&format!(
-                    "| {} | {} (n={n}) | {wall:.2} | {cpu_s} | {rss_s} | {up:.1} | {ratio} |\n",
+                    "| {} | {} (n={n}) | {wall:.2} | {cpu_s} | {store:.2} | {rss_s} | {up:.1} | {ratio} |\n",
                     sc.name(),
                     tool.name()
                 ));
@@ -789,6 +880,8 @@ fn real_main() -> Res<()> {
         results: BTreeMap::new(),
         floors: BTreeMap::new(),
         tools,
+        trash: std::cell::Cell::new(0),
+        probes: std::cell::Cell::new(0),
     };
 
     let checkpoint = |b: &Bench| {
@@ -808,7 +901,7 @@ fn real_main() -> Res<()> {
             tree_scenarios(&mut b, "mixed", &mixed, &mut mixed_files, rep, true, &[])?;
             checkpoint(&b);
         }
-        let _ = std::fs::remove_dir_all(&mixed);
+        b.discard(&mixed);
     }
 
     let sysroot = String::from_utf8_lossy(
@@ -880,7 +973,7 @@ fn real_main() -> Res<()> {
             )?;
             checkpoint(&b);
         }
-        let _ = std::fs::remove_dir_all(&many);
+        b.discard(&many);
     }
 
     // (e) edge sync against rclone copy, on a fresh copy of the mixed data.
@@ -893,8 +986,9 @@ fn real_main() -> Res<()> {
             sync::sync_scenarios(&mut b, &dir, rep)?;
             checkpoint(&b);
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        b.discard(&dir);
     }
+    b.empty_trash();
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()

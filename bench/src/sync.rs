@@ -26,7 +26,7 @@ pub(crate) fn sync_scenarios(b: &mut Bench, src: &Path, rep: usize) -> Res<()> {
         for &tool in &order {
             let out = b.work.join(format!("sync-out-{}", tool.name()));
             let out_s = out.to_str().ok_or("path")?.to_string();
-            let _ = std::fs::remove_dir_all(&out);
+            b.discard(&out);
             let s = match (tool, sc) {
                 (Tool::Datamover, Scenario::SyncDownload) => ours.run(
                     b,
@@ -64,7 +64,7 @@ pub(crate) fn sync_scenarios(b: &mut Bench, src: &Path, rep: usize) -> Res<()> {
                 }
                 _ => continue,
             };
-            let _ = std::fs::remove_dir_all(&out);
+            b.discard(&out);
             b.record(ds, sc, tool, s);
         }
     }

@@ -40,6 +40,8 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Named so profiles and `top -H` tell client and server threads apart.
+        .thread_name("dm-client")
         .build()
     {
         Ok(r) => r,

@@ -1,12 +1,15 @@
-//! Restores. The server streams the snapshot's nodes, each file followed by its contents;
-//! a blocking writer thread puts them on disk:
+//! Restores. The server streams the snapshot's nodes, each file followed by its contents.
+//! A blocking thread follows the stream in order and hands files to writer threads
+//! ([`files`]), so file creation uses every core:
 //!
 //! - every snapshot path goes through [`safe_relative`]: `..`, absolute paths and the like
 //!   are skipped, never written;
 //! - parents are checked with `lstat` and never followed if they are symlinks; the
 //!   snapshot's own symlinks are created last, so none can redirect a later write;
-//! - files are written under a temporary name and renamed once complete and checked;
-//! - directory modes and times are set when the walk leaves them.
+//! - a file gets its name only once it is complete and checked (created unnamed and
+//!   linked, or written under a temporary name and renamed);
+//! - a directory's mode and mtime are set once the walk has left it and its files are
+//!   written (after the symlinks, if it holds any).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -49,12 +52,15 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+mod files;
+
+use files::{FileJob, FilePool, SMALL_FILE, Stopped};
+
+/// A stream restore's output file, written under a temporary name until complete.
 struct OpenFile {
-    node: Node,
     tmp: PathBuf,
     dest: PathBuf,
     file: Option<File>,
-    written: u64,
 }
 
 impl Drop for OpenFile {
@@ -74,32 +80,91 @@ fn tmp_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.dm-tmp-{:08x}", rand::random::<u32>()))
 }
 
-/// Writes a restore stream under a target directory.
+/// Directories whose mode and mtime are set once the walk has left them and their files
+/// are written, at most this many waiting (then the walk waits for the writers).
+const MAX_WAITING_DIRS: usize = 4096;
+
+/// A directory being restored.
+struct OpenDir {
+    path: PathBuf,
+    rel: Vec<u8>,
+    node: Node,
+    /// A symlink is to be created inside it (symlinks come last, so its metadata waits).
+    holds_symlink: bool,
+}
+
+/// The file whose data is arriving.
+enum Incoming {
+    /// Small so far: gathered, and handed to a writer whole when the next node arrives.
+    Gathering {
+        node: Node,
+        dest: PathBuf,
+        data: Vec<Bytes>,
+        len: usize,
+    },
+    /// Large: handed to a writer, its data following.
+    Streaming,
+}
+
+/// Writes a restore stream under a target directory: this thread walks the stream in
+/// order (directories, FIFOs, checks of every path) and hands files to writer threads.
 struct TreeWriter {
     target: PathBuf,
-    current: Option<OpenFile>,
+    pool: Option<FilePool>,
+    incoming: Option<Incoming>,
     skip_data: bool,
-    /// Directories being restored, outermost first: (path, node).
-    dirs: Vec<(PathBuf, Vec<u8>, Node)>,
+    /// Directories being restored, outermost first.
+    dirs: Vec<OpenDir>,
+    /// Directories left by the walk, with the number of files handed out by then: their
+    /// metadata is set once those files are done.
+    left: std::collections::VecDeque<(u64, PathBuf, Node)>,
+    /// Directories whose metadata waits for the symlinks.
+    after_symlinks: Vec<(PathBuf, Node)>,
     symlinks: Vec<(PathBuf, Node)>,
     parent_ok: Option<Vec<u8>>,
     root: bool,
     result: RestoreResult,
-    counters: Arc<Counters>,
 }
 
 impl TreeWriter {
-    fn new(target: PathBuf, counters: Arc<Counters>) -> Self {
-        TreeWriter {
+    fn new(target: PathBuf, counters: Arc<Counters>) -> Result<Self, ClientError> {
+        Ok(TreeWriter {
             target,
-            current: None,
+            pool: Some(FilePool::start(files::writer_threads(), counters)?),
+            incoming: None,
             skip_data: false,
             dirs: Vec::new(),
+            left: Default::default(),
+            after_symlinks: Vec::new(),
             symlinks: Vec::new(),
             parent_ok: None,
             root: is_root(),
             result: RestoreResult::default(),
-            counters,
+        })
+    }
+
+    fn pool(&mut self) -> Result<&mut FilePool, ClientError> {
+        self.pool
+            .as_mut()
+            .ok_or_else(|| ClientError::Io("the restore writers are already stopped".into()))
+    }
+
+    /// The writers stopped: their error.
+    fn stopped(&mut self) -> ClientError {
+        match self.pool.take().map(FilePool::finish) {
+            Some(Err(e)) => e,
+            _ => ClientError::Io("the restore writers stopped".into()),
+        }
+    }
+
+    fn send(
+        &mut self,
+        f: impl FnOnce(&mut FilePool) -> Result<(), Stopped>,
+    ) -> Result<(), ClientError> {
+        let pool = self.pool()?;
+        match f(pool) {
+            Ok(()) => Ok(()),
+            Err(Stopped) => Err(self.stopped()),
         }
     }
 
@@ -130,36 +195,22 @@ impl TreeWriter {
         Ok(true)
     }
 
-    fn finish_file(&mut self) -> Result<(), ClientError> {
-        let Some(mut f) = self.current.take() else {
-            return Ok(());
-        };
-        let file = f
-            .file
-            .as_ref()
-            .ok_or_else(|| ClientError::Io("file already closed".into()))?;
-        if f.written != f.node.size {
-            return Err(ClientError::Corrupt(format!(
-                "{}: the snapshot holds {} bytes but {} were received; run verify on the repository",
-                f.dest.display(),
-                f.node.size,
-                f.written
-            )));
+    /// Hands the file whose data was arriving to the writers, complete.
+    fn end_file(&mut self) -> Result<(), ClientError> {
+        match self.incoming.take() {
+            None => Ok(()),
+            Some(Incoming::Streaming) => self.send(FilePool::close),
+            Some(Incoming::Gathering {
+                node, dest, data, ..
+            }) => self.send(|p| {
+                p.file(FileJob {
+                    node,
+                    dest,
+                    data,
+                    more: false,
+                })
+            }),
         }
-        let what = f.dest.display().to_string();
-        file.set_permissions(std::fs::Permissions::from_mode(f.node.mode & 0o7777))
-            .map_err(|e| ClientError::io(&what, e))?;
-        if self.root {
-            std::os::unix::fs::fchown(file, Some(f.node.uid), Some(f.node.gid))
-                .map_err(|e| ClientError::io(&what, e))?;
-        }
-        filetime::set_file_handle_times(file, None, Some(mtime(f.node.mtime_ns)))
-            .map_err(|e| ClientError::io(&what, e))?;
-        std::fs::rename(&f.tmp, &f.dest).map_err(|e| ClientError::io(&what, e))?;
-        f.file = None;
-        self.result.files += 1;
-        self.counters.add_file();
-        Ok(())
     }
 
     fn set_dir_meta(&self, path: &Path, node: &Node) -> Result<(), ClientError> {
@@ -177,14 +228,35 @@ impl TreeWriter {
 
     /// Leaves the directories that `rel` is not inside of.
     fn leave_dirs(&mut self, rel: Option<&[u8]>) -> Result<(), ClientError> {
-        while let Some((_, dir_rel, _)) = self.dirs.last() {
+        while let Some(d) = self.dirs.last() {
             let inside = rel.is_some_and(|r| {
-                r.len() > dir_rel.len() && r.starts_with(dir_rel) && r[dir_rel.len()] == b'/'
+                r.len() > d.rel.len() && r.starts_with(&d.rel) && r[d.rel.len()] == b'/'
             });
             if inside {
                 break;
             }
-            if let Some((path, _, node)) = self.dirs.pop() {
+            let Some(d) = self.dirs.pop() else { break };
+            if d.holds_symlink {
+                self.after_symlinks.push((d.path, d.node));
+            } else {
+                let seq = self.pool()?.next_seq();
+                self.left.push_back((seq, d.path, d.node));
+            }
+        }
+        self.set_left_dirs()
+    }
+
+    /// Sets the metadata of the directories left whose files are all written (waiting
+    /// for the writers when too many directories are waiting).
+    fn set_left_dirs(&mut self) -> Result<(), ClientError> {
+        while let Some((seq, _, _)) = self.left.front() {
+            let seq = *seq;
+            if self.left.len() > MAX_WAITING_DIRS {
+                self.send(|p| p.wait_all_before(seq))?;
+            } else if !self.pool()?.all_before(seq) {
+                return Ok(());
+            }
+            if let Some((_, path, node)) = self.left.pop_front() {
                 self.set_dir_meta(&path, &node)?;
             }
         }
@@ -192,7 +264,7 @@ impl TreeWriter {
     }
 
     fn node(&mut self, node: Node) -> Result<(), ClientError> {
-        self.finish_file()?;
+        self.end_file()?;
         self.skip_data = true;
         self.leave_dirs(Some(&node.path))?;
         let rel = match safe_relative(&node.path) {
@@ -220,27 +292,28 @@ impl TreeWriter {
                     Err(_) => std::fs::create_dir(&dest).map_err(|e| ClientError::io(&what, e))?,
                 }
                 self.result.dirs += 1;
-                self.dirs.push((dest, node.path.to_vec(), node));
+                self.dirs.push(OpenDir {
+                    path: dest,
+                    rel: node.path.to_vec(),
+                    node,
+                    holds_symlink: false,
+                });
             }
             NodeType::File => {
-                let tmp = tmp_name(&dest);
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| ClientError::io(&what, e))?;
                 self.skip_data = false;
-                self.current = Some(OpenFile {
+                self.incoming = Some(Incoming::Gathering {
                     node,
-                    tmp,
                     dest,
-                    file: Some(file),
-                    written: 0,
+                    data: Vec::new(),
+                    len: 0,
                 });
             }
             NodeType::Symlink => {
                 self.result.other += 1;
+                // Its directory, and theirs, get their metadata after it is created.
+                for d in &mut self.dirs {
+                    d.holds_symlink = true;
+                }
                 self.symlinks.push((dest, node));
             }
             NodeType::Fifo => {
@@ -263,28 +336,53 @@ impl TreeWriter {
         Ok(())
     }
 
-    fn data(&mut self, data: &[u8]) -> Result<(), ClientError> {
+    fn data(&mut self, data: Bytes) -> Result<(), ClientError> {
         if self.skip_data {
             return Ok(());
         }
-        let f = self.current.as_mut().ok_or_else(|| {
-            ClientError::Corrupt("file data without a file in the restore stream".into())
-        })?;
-        let file = f
-            .file
-            .as_mut()
-            .ok_or_else(|| ClientError::Io("file already closed".into()))?;
-        file.write_all(data)
-            .map_err(|e| ClientError::io(f.dest.display(), e))?;
-        f.written += data.len() as u64;
-        self.result.bytes += data.len() as u64;
-        self.counters.add_bytes(data.len() as u64);
-        Ok(())
+        match self.incoming.as_mut() {
+            None => Err(ClientError::Corrupt(
+                "file data without a file in the restore stream".into(),
+            )),
+            Some(Incoming::Streaming) => self.send(|p| p.data(data)),
+            Some(Incoming::Gathering { data: got, len, .. }) => {
+                *len += data.len();
+                got.push(data);
+                if *len <= SMALL_FILE {
+                    return Ok(());
+                }
+                // Large: hand it over now and stream the rest.
+                let Some(Incoming::Gathering {
+                    node, dest, data, ..
+                }) = self.incoming.replace(Incoming::Streaming)
+                else {
+                    return Ok(());
+                };
+                self.send(|p| {
+                    p.file(FileJob {
+                        node,
+                        dest,
+                        data,
+                        more: true,
+                    })
+                })
+            }
+        }
     }
 
     fn finish(mut self) -> Result<RestoreResult, ClientError> {
-        self.finish_file()?;
+        self.end_file()?;
         self.leave_dirs(None)?;
+        let written = match self.pool.take() {
+            Some(pool) => pool.finish()?,
+            None => return Err(ClientError::Io("the restore writers stopped".into())),
+        };
+        self.result.files = written.files;
+        self.result.bytes = written.bytes;
+        // Every file is written: the directories left can all be finished.
+        for (_, path, node) in std::mem::take(&mut self.left) {
+            self.set_dir_meta(&path, &node)?;
+        }
         for (dest, node) in std::mem::take(&mut self.symlinks) {
             self.parent_ok = None;
             if !self.ensure_parents(&node.path)? {
@@ -307,6 +405,10 @@ impl TreeWriter {
             }
             let t = mtime(node.mtime_ns);
             let _ = filetime::set_symlink_file_times(&dest, t, t);
+        }
+        // Innermost first, as they were left.
+        for (path, node) in std::mem::take(&mut self.after_symlinks) {
+            self.set_dir_meta(&path, &node)?;
         }
         Ok(self.result)
     }
@@ -350,11 +452,9 @@ fn open_sink(output: &str) -> Result<StreamSink, ClientError> {
         .open(&tmp)
         .map_err(|e| ClientError::io(output, e))?;
     Ok(StreamSink::Atomic(OpenFile {
-        node: Node::default(),
         tmp,
         dest,
         file: Some(file),
-        written: 0,
     }))
 }
 
@@ -387,10 +487,10 @@ impl StreamSink {
     }
 }
 
-enum Msg {
-    Node(Node),
-    Data(Bytes),
-}
+/// Messages of the restore stream queued towards the blocking consumer (each holds
+/// about [`datamover_proto::BATCH_BYTES`]; whole messages, so the consumer is woken
+/// once per message rather than once per item).
+const STREAM_QUEUE: usize = 3;
 
 /// Opens the restore stream; fails before anything is written if the snapshot is unknown.
 async fn open(
@@ -428,23 +528,16 @@ async fn open(
     Ok((snapshot, first.items, stream))
 }
 
-/// Feeds the stream's items to a blocking consumer through a bounded queue.
+/// Feeds the stream's messages to a blocking consumer through a bounded queue.
 async fn pump(
     first: Vec<v1::RestoreItem>,
     mut stream: tonic::Streaming<v1::RestoreResponse>,
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::Sender<Vec<v1::RestoreItem>>,
 ) -> Result<(), ClientError> {
     let mut pending = first;
     loop {
-        for item in pending.drain(..) {
-            let msg = match item.item {
-                Some(Item::Node(n)) => Msg::Node(n),
-                Some(Item::Data(d)) => Msg::Data(d),
-                None => continue,
-            };
-            if tx.send(msg).await.is_err() {
-                return Ok(()); // the writer stopped; its error is reported
-            }
+        if !pending.is_empty() && tx.send(pending).await.is_err() {
+            return Ok(()); // the writer stopped; its error is reported
         }
         match stream.next().await {
             Some(Ok(m)) => pending = m.items,
@@ -465,13 +558,16 @@ pub async fn restore_files(
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target.display(), e))?;
     let counters = Arc::new(Counters::default());
     let _progress = Reporter::start("restore", Arc::clone(&counters));
-    let (tx, mut rx) = mpsc::channel::<Msg>(64);
-    let mut writer = TreeWriter::new(target.to_path_buf(), counters);
+    let (tx, mut rx) = mpsc::channel::<Vec<v1::RestoreItem>>(STREAM_QUEUE);
+    let mut writer = TreeWriter::new(target.to_path_buf(), counters)?;
     let worker = tokio::task::spawn_blocking(move || {
-        while let Some(m) = rx.blocking_recv() {
-            match m {
-                Msg::Node(n) => writer.node(n)?,
-                Msg::Data(d) => writer.data(&d)?,
+        while let Some(items) = rx.blocking_recv() {
+            for item in items {
+                match item.item {
+                    Some(Item::Node(n)) => writer.node(n)?,
+                    Some(Item::Data(d)) => writer.data(d)?,
+                    None => {}
+                }
             }
         }
         Ok::<_, ClientError>(writer)
@@ -504,25 +600,28 @@ pub async fn restore_stream(
     }
     let counters = Arc::new(Counters::default());
     let _progress = Reporter::start("restore", Arc::clone(&counters));
-    let (tx, mut rx) = mpsc::channel::<Msg>(64);
+    let (tx, mut rx) = mpsc::channel::<Vec<v1::RestoreItem>>(STREAM_QUEUE);
     let output_name = output.to_string();
     let worker = tokio::task::spawn_blocking(move || {
         let mut sink = open_sink(&output_name)?;
         let mut expected = None;
         let mut written = 0u64;
-        while let Some(m) = rx.blocking_recv() {
-            match m {
-                Msg::Node(n) if expected.is_none() => expected = Some(n.size),
-                Msg::Node(_) => {
-                    return Err(ClientError::Corrupt(
-                        "a stream snapshot holds more than one stream".into(),
-                    ));
-                }
-                Msg::Data(d) => {
-                    sink.write(&d)
-                        .map_err(|e| ClientError::io(&output_name, e))?;
-                    written += d.len() as u64;
-                    counters.add_bytes(d.len() as u64);
+        while let Some(items) = rx.blocking_recv() {
+            for item in items {
+                match item.item {
+                    Some(Item::Node(n)) if expected.is_none() => expected = Some(n.size),
+                    Some(Item::Node(_)) => {
+                        return Err(ClientError::Corrupt(
+                            "a stream snapshot holds more than one stream".into(),
+                        ));
+                    }
+                    Some(Item::Data(d)) => {
+                        sink.write(&d)
+                            .map_err(|e| ClientError::io(&output_name, e))?;
+                        written += d.len() as u64;
+                        counters.add_bytes(d.len() as u64);
+                    }
+                    None => {}
                 }
             }
         }

@@ -343,6 +343,11 @@ s3_region = "{REGION}"
         log_excerpt(&read_tail(&self.log_path, LOG_SCAN_BYTES))
     }
 
+    /// The Garage process id (for measuring its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().ok().map(|c| c.id())
+    }
+
     /// Temp dir holding config, metadata, data and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()

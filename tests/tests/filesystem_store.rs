@@ -38,6 +38,28 @@ fn make_tree(root: &Path) {
     )
     .unwrap();
     symlink("hello.txt", root.join("link-to-hello")).unwrap();
+    // A symlink inside a directory whose mtime is checked: symlinks are created last,
+    // and the directory's mtime must still come out right.
+    symlink("../big.bin", root.join("docs/nested/link-up")).unwrap();
+    // Enough small files, in several directories, to keep every restore writer busy;
+    // each with its own mode and mtime.
+    for d in 0..4 {
+        let dir = root.join(format!("many/d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..150 {
+            let p = dir.join(format!("f{i:03}"));
+            std::fs::write(&p, format!("file {d}/{i} ").repeat(i + 1)).unwrap();
+            std::fs::set_permissions(
+                &p,
+                std::fs::Permissions::from_mode(0o600 + (i as u32 % 8) * 8),
+            )
+            .unwrap();
+            let t = filetime::FileTime::from_unix_time(1_500_000_000 + i as i64, i as u32);
+            filetime::set_file_mtime(&p, t).unwrap();
+        }
+        let t = filetime::FileTime::from_unix_time(1_400_000_000 + d as i64, 0);
+        filetime::set_file_mtime(&dir, t).unwrap();
+    }
     symlink("/nonexistent/target", root.join("dangling")).unwrap();
     nix::unistd::mkfifo(
         &root.join("a-fifo"),
@@ -85,7 +107,7 @@ fn files_round_trip_incremental_and_list() {
         "{outputs:?}"
     );
     assert_eq!(first["tag"], "daily");
-    assert_eq!(first["files"], 7);
+    assert_eq!(first["files"], 7 + 600);
     assert!(first["bytes_sent"].as_u64().unwrap() > 3 * 1024 * 1024);
 
     // Restore by tag and by id: identical trees, modes, mtimes, symlinks, empty dirs, FIFO.
@@ -94,6 +116,12 @@ fn files_round_trip_incremental_and_list() {
     assert_eq!(r["snapshot_id"], id.as_str());
     assert_same_tree(&src, &out);
     let out2 = work.path().join("restored-by-id");
+    client.ok(&["restore_files", out2.to_str().unwrap(), &id[..12]]);
+    assert_same_tree(&src, &out2);
+    // Restoring over a restored tree replaces what changed there, and leaves no
+    // temporary files.
+    std::fs::write(out2.join("many/d1/f007"), b"changed after the restore").unwrap();
+    std::fs::remove_file(out2.join("docs/big.bin")).unwrap();
     client.ok(&["restore_files", out2.to_str().unwrap(), &id[..12]]);
     assert_same_tree(&src, &out2);
 
@@ -109,7 +137,7 @@ fn files_round_trip_incremental_and_list() {
     // A changed file is read again.
     std::fs::write(src.join("hello.txt"), b"hello again\n").unwrap();
     let third = client.ok(&["backup_files", src.to_str().unwrap(), "daily"]);
-    assert_eq!(third["files_unchanged"].as_u64().unwrap(), 6);
+    assert_eq!(third["files_unchanged"].as_u64().unwrap(), 6 + 600);
     let out3 = work.path().join("restored3");
     client.ok(&["restore_files", out3.to_str().unwrap(), "daily"]);
     assert_eq!(
