@@ -129,8 +129,8 @@ struct TreeWriter {
 impl TreeWriter {
     fn new(target: PathBuf, counters: Arc<Counters>) -> Result<Self, ClientError> {
         Ok(TreeWriter {
+            pool: Some(FilePool::start(&target, files::writer_threads(), counters)?),
             target,
-            pool: Some(FilePool::start(files::writer_threads(), counters)?),
             incoming: None,
             skip_data: false,
             dirs: Vec::new(),

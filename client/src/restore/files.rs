@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -159,10 +159,16 @@ pub(super) struct Written {
 pub(super) struct Stopped;
 
 impl FilePool {
-    pub(super) fn start(threads: usize, counters: Arc<Counters>) -> Result<Self, ClientError> {
+    pub(super) fn start(
+        target: &Path,
+        threads: usize,
+        counters: Arc<Counters>,
+    ) -> Result<Self, ClientError> {
         let done = Arc::new(Done::default());
-        // Unnamed files are linked through /proc/self/fd; without /proc, use names.
-        let unnamed = Arc::new(AtomicBool::new(Path::new("/proc/self/fd").is_dir()));
+        let how = probe_link(target);
+        tracing::debug!(?how, "restored files are named");
+        let unnamed = Arc::new(AtomicBool::new(how != Link::Named));
+        let by_proc = Arc::new(AtomicBool::new(how == Link::Proc));
         let root = nix::unistd::geteuid().is_root();
         let mut senders = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
@@ -171,6 +177,7 @@ impl FilePool {
             let w = Writer {
                 root,
                 unnamed: Arc::clone(&unnamed),
+                by_proc: Arc::clone(&by_proc),
                 counters: Arc::clone(&counters),
                 done: Arc::clone(&done),
             };
@@ -320,7 +327,10 @@ impl FilePool {
 
 struct Writer {
     root: bool,
+    /// Files are created unnamed (until that fails once: then under temporary names).
     unnamed: Arc<AtomicBool>,
+    /// Unnamed files are linked through `/proc/self/fd` (`AT_EMPTY_PATH` was refused).
+    by_proc: Arc<AtomicBool>,
     counters: Arc<Counters>,
     done: Arc<Done>,
 }
@@ -399,11 +409,14 @@ impl Writer {
 
     fn create(&self, seq: u64, node: Node, dest: PathBuf) -> Result<NewFile, ClientError> {
         let what = || dest.display().to_string();
+        // Created with its permission bits (the umask may take some away: checked when
+        // it is completed), so most files need no chmod.
+        let mode = node.mode & 0o777;
         if self.unnamed.load(Ordering::Relaxed) {
             let dir = dest.parent().unwrap_or(Path::new("."));
             match OpenOptions::new()
                 .write(true)
-                .mode(0o600)
+                .mode(mode)
                 .custom_flags(libc::O_TMPFILE)
                 .open(dir)
             {
@@ -431,10 +444,11 @@ impl Writer {
             }
         }
         let tmp = tmp_name(&dest);
+        // Only its owner may open it while it is written under a temporary name.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode & 0o700)
             .open(&tmp)
             .map_err(|e| ClientError::io(what(), e))?;
         Ok(NewFile {
@@ -468,18 +482,28 @@ impl Writer {
             )));
         }
         let what = f.dest.display().to_string();
-        f.file
-            .set_permissions(std::fs::Permissions::from_mode(f.node.mode & 0o7777))
-            .map_err(|e| ClientError::io(&what, e))?;
-        if self.root {
+        // Owner first (a chown clears set-id bits), then the mode, each only if the file
+        // does not have it already.
+        let meta = f.file.metadata().map_err(|e| ClientError::io(&what, e))?;
+        let mut mode_now = meta.permissions().mode() & 0o7777;
+        if self.root && (meta.uid() != f.node.uid || meta.gid() != f.node.gid) {
             std::os::unix::fs::fchown(&f.file, Some(f.node.uid), Some(f.node.gid))
+                .map_err(|e| ClientError::io(&what, e))?;
+            mode_now = u32::MAX;
+        }
+        let mode = f.node.mode & 0o7777;
+        if mode_now != mode {
+            f.file
+                .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|e| ClientError::io(&what, e))?;
         }
         filetime::set_file_handle_times(&f.file, None, Some(mtime(f.node.mtime_ns)))
             .map_err(|e| ClientError::io(&what, e))?;
         match &f.tmp {
             Some(tmp) => std::fs::rename(tmp, &f.dest).map_err(|e| ClientError::io(&what, e))?,
-            None => link_unnamed(&f.file, &f.dest).map_err(|e| ClientError::io(&what, e))?,
+            None => self
+                .link_unnamed(&f.file, &f.dest)
+                .map_err(|e| ClientError::io(&what, e))?,
         }
         f.named = true;
         out.files += 1;
@@ -490,12 +514,49 @@ impl Writer {
     }
 }
 
-/// `linkat` of an open file's `/proc/self/fd` entry (AT_SYMLINK_FOLLOW) to `dest`.
-fn link_fd(file: &File, dest: &Path) -> std::io::Result<()> {
-    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(|_| std::io::Error::other("fd path"))?;
-    let to = cstring(dest)?;
-    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+/// How an unnamed file gets its name here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// `linkat(fd, "", AT_EMPTY_PATH)`.
+    EmptyPath,
+    /// `linkat` of `/proc/self/fd/<fd>`.
+    Proc,
+    /// No unnamed files: temporary names and rename.
+    Named,
+}
+
+/// Tries each way once in `dir` (with a file that is removed again).
+fn probe_link(dir: &Path) -> Link {
+    let Ok(file) = OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return Link::Named;
+    };
+    let name = tmp_name(&dir.join("link-probe"));
+    let Ok(to) = cstring(&name) else {
+        return Link::Named;
+    };
+    // SAFETY: valid NUL-terminated strings that outlive the call; the fd is open.
+    let r = unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        let _ = std::fs::remove_file(&name);
+        return Link::EmptyPath;
+    }
+    let Ok(from) = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())) else {
+        return Link::Named;
+    };
+    // SAFETY: as above.
     let r = unsafe {
         libc::linkat(
             libc::AT_FDCWD,
@@ -506,23 +567,62 @@ fn link_fd(file: &File, dest: &Path) -> std::io::Result<()> {
         )
     };
     if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        let _ = std::fs::remove_file(&name);
+        return Link::Proc;
     }
+    Link::Named
 }
 
-/// Names an unnamed file `dest`, replacing what is there (as a rename would: linked under
-/// a temporary name first, then renamed over it, so `dest` is never missing or partial).
-fn link_unnamed(file: &File, dest: &Path) -> std::io::Result<()> {
-    match link_fd(file, dest) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            let tmp = tmp_name(dest);
-            link_fd(file, &tmp)?;
-            std::fs::rename(&tmp, dest).inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })
+impl Writer {
+    /// Names an unnamed file `dest`, replacing what is there (as a rename would: linked
+    /// under a temporary name first, then renamed over it, so `dest` is never missing or
+    /// partial).
+    fn link_unnamed(&self, file: &File, dest: &Path) -> std::io::Result<()> {
+        match self.link(file, dest) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let tmp = tmp_name(dest);
+                self.link(file, &tmp)?;
+                std::fs::rename(&tmp, dest).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })
+            }
+            other => other,
         }
-        other => other,
+    }
+
+    /// Links an unnamed file the way [`probe_link`] found to work.
+    fn link(&self, file: &File, dest: &Path) -> std::io::Result<()> {
+        let to = cstring(dest)?;
+        let r = if self.by_proc.load(Ordering::Relaxed) {
+            let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_err(|_| std::io::Error::other("fd path"))?;
+            // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+            unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            }
+        } else {
+            // SAFETY: the empty path and `to` are valid NUL-terminated strings that
+            // outlive the call; the fd is open.
+            unsafe {
+                libc::linkat(
+                    file.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            }
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
