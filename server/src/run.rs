@@ -10,6 +10,7 @@ use datamover_repo::objects::{FsObjects, ObjectStore, S3Objects};
 use datamover_repo::store::{FsStore, S3Store, Store, StoreError};
 use datamover_repo::{RepoError, Repository, RepositoryOptions};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -183,12 +184,22 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Small replies (FindMissing, the end of a call) go out at once: with Nagle's
+    // algorithm they wait for the client's delayed ACK, up to 40 ms per call (measured:
+    // 28 ms per FindMissing, most of a backup of small files).
+    let incoming = TcpListenerStream::new(grpc_listener).map(|conn| {
+        conn.inspect(|c| {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    });
     let server = tokio::spawn(
         builder
             .add_service(health_service)
             .add_service(service)
             .add_service(sync_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             }),
     );
