@@ -5,10 +5,15 @@
 //! sealing objects, one per tenant for chunk ids. The master key never leaves the server.
 //!
 //! A sealed object is `nonce (24 bytes) || XChaCha20-Poly1305(plaintext)`; a compressed
-//! payload is one header byte (0 stored, 1 zstd) and the body.
+//! payload is one header byte (0 stored, 1 zstd) and the body. XChaCha20-Poly1305 is
+//! computed as its definition goes: HChaCha20 of the key and the nonce's first 16 bytes
+//! gives a subkey for ChaCha20-Poly1305 (aws-lc's, about twice as fast as a portable one
+//! here) with the nonce's last 8 bytes; objects up to [`SMALL_SEAL`] bytes, where key
+//! setup would dominate, use RustCrypto's XChaCha20-Poly1305. Both give the same bytes.
 
 use std::sync::Mutex;
 
+use aws_lc_rs::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use bytes::Bytes;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -46,9 +51,14 @@ impl KdfParams {
     }
 }
 
+/// Objects up to this size are sealed and opened with RustCrypto's XChaCha20-Poly1305,
+/// larger ones with aws-lc's ChaCha20-Poly1305 under an HChaCha20 subkey.
+const SMALL_SEAL: usize = 4096;
+
 /// The repository's keys.
 pub struct Keys {
     master: [u8; 32],
+    seal_key: [u8; 32],
     cipher: XChaCha20Poly1305,
 }
 
@@ -77,6 +87,7 @@ impl Keys {
         let seal_key = blake3::derive_key("datamover v1 object sealing", &master);
         Keys {
             master,
+            seal_key,
             cipher: XChaCha20Poly1305::new((&seal_key).into()),
         }
     }
@@ -106,15 +117,38 @@ impl Keys {
         rand::thread_rng().fill_bytes(&mut nonce);
         buf[..NONCE_LEN].copy_from_slice(&nonce);
         // Encryption in place with a valid key and nonce size cannot fail.
-        match self.cipher.encrypt_in_place_detached(
-            XNonce::from_slice(&nonce),
-            b"",
-            &mut buf[NONCE_LEN..],
-        ) {
-            Ok(tag) => buf.extend_from_slice(&tag),
-            Err(_) => buf.clear(),
+        let tag = if buf.len() - NONCE_LEN <= SMALL_SEAL {
+            self.cipher
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"", &mut buf[NONCE_LEN..])
+                .ok()
+                .map(|t| <[u8; TAG_LEN]>::from(t))
+        } else {
+            let (key, n) = self.subkey(&nonce);
+            key.and_then(|k| {
+                k.seal_in_place_separate_tag(n, Aad::empty(), &mut buf[NONCE_LEN..])
+                    .ok()
+                    .and_then(|t| <[u8; TAG_LEN]>::try_from(t.as_ref()).ok())
+            })
+        };
+        match tag {
+            Some(tag) => buf.extend_from_slice(&tag),
+            None => buf.clear(),
         }
         buf
+    }
+
+    /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 with `nonce` is.
+    fn subkey(&self, nonce: &[u8; NONCE_LEN]) -> (Option<LessSafeKey>, Nonce) {
+        let sub = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+            (&self.seal_key).into(),
+            chacha20::cipher::generic_array::GenericArray::from_slice(&nonce[..16]),
+        );
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&nonce[16..]);
+        let key = UnboundKey::new(&CHACHA20_POLY1305, sub.as_slice())
+            .ok()
+            .map(LessSafeKey::new);
+        (key, Nonce::assume_unique_for_key(n))
     }
 
     pub fn open(&self, sealed: &[u8], what: &str) -> Result<Vec<u8>, RepoError> {
@@ -124,9 +158,18 @@ impl Keys {
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
         let mut buf = ct.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(XNonce::from_slice(nonce), b"", &mut buf, tag.into())
-            .map_err(|_| RepoError::corrupt(what, "authentication failed"))?;
+        let failed = || RepoError::corrupt(what, "authentication failed");
+        if ct.len() <= SMALL_SEAL {
+            self.cipher
+                .decrypt_in_place_detached(XNonce::from_slice(nonce), b"", &mut buf, tag.into())
+                .map_err(|_| failed())?;
+            return Ok(buf);
+        }
+        let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| failed())?;
+        let (key, n) = self.subkey(nonce);
+        key.ok_or_else(failed)?
+            .open_in_place_separate_tag(n, Aad::empty(), tag, &mut buf)
+            .map_err(|_| failed())?;
         Ok(buf)
     }
 }
@@ -318,6 +361,45 @@ mod tests {
         }
         let blob = pack_blob(&k, &tiny, 3);
         assert_eq!(unpack_blob_bytes(&k, &blob, tiny.len(), "t").unwrap(), tiny);
+    }
+
+    /// Objects sealed either way open the other way: repositories written before the
+    /// aws-lc path (all with RustCrypto) still open, and the format did not change.
+    #[test]
+    fn both_ciphers_give_the_same_xchacha20_poly1305() {
+        use chacha20poly1305::aead::Aead;
+        let k = test_keys();
+        for len in [
+            0usize,
+            1,
+            SMALL_SEAL,
+            SMALL_SEAL + 1,
+            100_000,
+            3 * 1024 * 1024 + 5,
+        ] {
+            let mut data = vec![0u8; len];
+            rand::thread_rng().fill_bytes(&mut data);
+            let sealed = k.seal(&data);
+            let (nonce, rest) = sealed.split_at(NONCE_LEN);
+            let portable = k
+                .cipher
+                .decrypt(XNonce::from_slice(nonce), rest)
+                .expect("RustCrypto opens what was sealed");
+            assert_eq!(portable, data, "len {len}");
+            let mut by_portable = nonce.to_vec();
+            by_portable.extend(
+                k.cipher
+                    .encrypt(XNonce::from_slice(nonce), data.as_slice())
+                    .expect("seal"),
+            );
+            assert_eq!(by_portable, sealed, "len {len}: same bytes");
+            assert_eq!(k.open(&by_portable, "t").expect("open"), data);
+            let mut bad = sealed.clone();
+            if let Some(b) = bad.last_mut() {
+                *b ^= 1;
+            }
+            assert!(k.open(&bad, "t").is_err());
+        }
     }
 
     #[test]
