@@ -121,7 +121,7 @@ impl Keys {
             self.cipher
                 .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"", &mut buf[NONCE_LEN..])
                 .ok()
-                .map(|t| <[u8; TAG_LEN]>::from(t))
+                .map(<[u8; TAG_LEN]>::from)
         } else {
             let (key, n) = self.subkey(&nonce);
             key.and_then(|k| {
