@@ -629,6 +629,24 @@ fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
     PrevCatalog { rx, peeked: None }
 }
 
+/// A pipe's buffer while a stream is read from it (Linux allows unprivileged processes
+/// up to 1 MiB): the writer (a database dump) and the chunker then trade a chunk's worth
+/// of data per wake-up instead of 64 KiB.
+const PIPE_BYTES: libc::c_int = 1024 * 1024;
+
+/// Enlarges the buffer of `fd` if it is a pipe (a FIFO or piped stdin); only a hint.
+fn widen_pipe(fd: &impl AsRawFd) {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fstat fills a plain struct for an open fd; F_SETPIPE_SZ takes an int and
+    // fails harmlessly on anything but a pipe.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES);
+        }
+    }
+}
+
 enum Input {
     Tree(PathBuf),
     Stream { file: Option<PathBuf>, name: String },
@@ -687,9 +705,15 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
             Input::Tree(root) => walk(&root, &mut em, prev)?,
             Input::Stream { file, name } => {
                 let reader: Box<dyn Read> = match &file {
-                    None => Box::new(std::io::stdin().lock()),
+                    None => {
+                        let stdin = std::io::stdin().lock();
+                        widen_pipe(&stdin);
+                        Box::new(stdin)
+                    }
                     Some(p) => {
-                        Box::new(File::open(p).map_err(|e| ClientError::io(p.display(), e))?)
+                        let f = File::open(p).map_err(|e| ClientError::io(p.display(), e))?;
+                        widen_pipe(&f);
+                        Box::new(f)
                     }
                 };
                 let what = file
