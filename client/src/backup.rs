@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use datamover_core::catalog::encode_node;
+use datamover_core::catalog::{CatalogDecoder, encode_node};
 use datamover_core::chunk::{ChunkBuffer, ChunkError, ChunkId, ChunkIdKey, ChunkerParams};
 use datamover_core::paths::walk_order;
 use datamover_proto::v1::{self, Node, NodeType, SnapshotKind};
@@ -196,7 +196,8 @@ impl CatalogWriter {
 
 /// The previous snapshot's nodes, in walk order, read as the walk advances.
 pub struct PrevCatalog {
-    rx: mpsc::Receiver<Node>,
+    rx: mpsc::Receiver<Vec<Node>>,
+    batch: std::vec::IntoIter<Node>,
     peeked: Option<Node>,
 }
 
@@ -205,7 +206,13 @@ impl PrevCatalog {
     fn find(&mut self, path: &[u8]) -> Option<Node> {
         loop {
             if self.peeked.is_none() {
-                self.peeked = self.rx.blocking_recv();
+                self.peeked = match self.batch.next() {
+                    Some(n) => Some(n),
+                    None => {
+                        self.batch = self.rx.blocking_recv()?.into_iter();
+                        self.batch.next()
+                    }
+                };
             }
             let p = self.peeked.as_ref()?;
             match walk_order(&p.path, path) {
@@ -596,13 +603,21 @@ async fn upload(
     }
 }
 
-/// Reads the previous snapshot's catalog in the background.
+/// Pieces of the previous snapshot's catalog queued towards the walk (each a catalog
+/// chunk's worth of nodes, up to about 1 MiB encoded).
+const PREV_CATALOG_QUEUE: usize = 4;
+
+/// Reads the previous snapshot's catalog in the background: as stored (decoded here, so
+/// the server holds a piece at a time), or as nodes from a server that sends those.
 fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
-    let (tx, rx) = mpsc::channel::<Node>(4096);
+    let (tx, rx) = mpsc::channel::<Vec<Node>>(PREV_CATALOG_QUEUE);
     let mut api = api.clone();
     tokio::spawn(async move {
         let stream = api
-            .read_catalog(v1::ReadCatalogRequest { snapshot_id })
+            .read_catalog(v1::ReadCatalogRequest {
+                snapshot_id,
+                encoded: true,
+            })
             .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
@@ -611,6 +626,7 @@ fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
                 return;
             }
         };
+        let mut decoder = CatalogDecoder::new();
         while let Some(msg) = stream.next().await {
             let Ok(msg) = msg else {
                 tracing::warn!(
@@ -618,15 +634,29 @@ fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
                 );
                 return;
             };
-            for n in msg.nodes {
-                // A full queue waits for the walk to catch up; a finished walk ends it.
-                if tx.send(n).await.is_err() {
-                    return;
+            let mut nodes = msg.nodes;
+            decoder.push(&msg.encoded);
+            loop {
+                match decoder.next_node() {
+                    Ok(Some(n)) => nodes.push(n),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the previous snapshot's catalog is unreadable; reading the remaining files");
+                        return;
+                    }
                 }
+            }
+            // A full queue waits for the walk to catch up; a finished walk ends it.
+            if !nodes.is_empty() && tx.send(nodes).await.is_err() {
+                return;
             }
         }
     });
-    PrevCatalog { rx, peeked: None }
+    PrevCatalog {
+        rx,
+        batch: Vec::new().into_iter(),
+        peeked: None,
+    }
 }
 
 /// A pipe's buffer while a stream is read from it (Linux allows unprivileged processes

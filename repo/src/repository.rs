@@ -53,7 +53,7 @@ impl Default for RepositoryOptions {
         RepositoryOptions {
             pack_size: 8 * 1024 * 1024,
             compression_level: 3,
-            pack_cache_packs: 6,
+            pack_cache_packs: 4,
             kdf_memory_kib: 64 * 1024,
             packs_per_index: 32,
             chunks_per_index: 50_000,

@@ -32,6 +32,8 @@ const SESSION_IDLE: Duration = Duration::from_secs(6 * 3600);
 const MAX_SESSIONS: usize = 4096;
 /// Messages queued towards one streaming client.
 const STREAM_QUEUE: usize = 4;
+/// Catalog chunks read ahead of the one being sent.
+const CATALOG_READ_AHEAD: usize = 2;
 /// Chunk bytes a restore reads ahead of what it sends.
 const RESTORE_READ_AHEAD_BYTES: usize = 24 * 1024 * 1024;
 /// Nodes and chunk reads queued between a restore's reader and its sender.
@@ -407,33 +409,16 @@ impl Datamover for DatamoverService {
         if id.require(Op::Backup).is_err() {
             id.require(Op::Restore)?;
         }
-        let spec = req.into_inner().snapshot_id;
-        let snap = self.find_snapshot(&id, &spec).await?;
+        let r = req.into_inner();
+        let snap = self.find_snapshot(&id, &r.snapshot_id).await?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let repo = Arc::clone(&self.repo);
         tokio::spawn(async move {
-            let result = async {
-                let mut msg = v1::ReadCatalogResponse::default();
-                let mut size = 0usize;
-                let catalog = snap.catalog_ids().map_err(status)?;
-                let mut nodes = repo.catalog_nodes(&id.tenant, catalog);
-                while let Some(node) = nodes.recv().await {
-                    let node = node.map_err(status)?;
-                    size += node.path.len() + 32 * node.chunks.len() + 64;
-                    msg.nodes.push(node);
-                    if size >= datamover_proto::BATCH_BYTES {
-                        size = 0;
-                        if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-                if !msg.nodes.is_empty() {
-                    let _ = tx.send(Ok(msg)).await;
-                }
-                Ok::<(), Status>(())
-            }
-            .await;
+            let result = if r.encoded {
+                send_encoded_catalog(&repo, &id.tenant, &snap, &tx).await
+            } else {
+                send_catalog_nodes(&repo, &id.tenant, &snap, &tx).await
+            };
             if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
             }
@@ -597,6 +582,66 @@ impl Datamover for DatamoverService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+type CatalogSender = mpsc::Sender<Result<v1::ReadCatalogResponse, Status>>;
+
+/// A snapshot's catalog as stored: one message per catalog chunk, read a few ahead.
+async fn send_encoded_catalog(
+    repo: &Arc<Repository>,
+    tenant: &str,
+    snap: &SnapshotFile,
+    tx: &CatalogSender,
+) -> Result<(), Status> {
+    let catalog = snap.catalog_ids().map_err(status)?;
+    let reads = futures::StreamExt::buffered(
+        futures::StreamExt::map(futures::stream::iter(catalog), |cid| {
+            let repo = Arc::clone(repo);
+            let tenant = tenant.to_string();
+            async move { repo.read_chunk(&tenant, &cid).await }
+        }),
+        CATALOG_READ_AHEAD,
+    );
+    let mut reads = std::pin::pin!(reads);
+    while let Some(data) = reads.next().await {
+        let msg = v1::ReadCatalogResponse {
+            nodes: Vec::new(),
+            encoded: data.map_err(status)?,
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            return Ok(()); // the client went away
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot's catalog as decoded nodes, in messages of about
+/// [`datamover_proto::BATCH_BYTES`] (for clients that do not ask for it encoded).
+async fn send_catalog_nodes(
+    repo: &Arc<Repository>,
+    tenant: &str,
+    snap: &SnapshotFile,
+    tx: &CatalogSender,
+) -> Result<(), Status> {
+    let mut msg = v1::ReadCatalogResponse::default();
+    let mut size = 0usize;
+    let catalog = snap.catalog_ids().map_err(status)?;
+    let mut nodes = repo.catalog_nodes(tenant, catalog);
+    while let Some(node) = nodes.recv().await {
+        let node = node.map_err(status)?;
+        size += node.path.len() + 32 * node.chunks.len() + 64;
+        msg.nodes.push(node);
+        if size >= datamover_proto::BATCH_BYTES {
+            size = 0;
+            if tx.send(Ok(std::mem::take(&mut msg))).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !msg.nodes.is_empty() {
+        let _ = tx.send(Ok(msg)).await;
+    }
+    Ok(())
 }
 
 /// What the restore reader hands to the sender, in snapshot order.
