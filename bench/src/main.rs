@@ -1,14 +1,17 @@
 //! # datamover-bench
 //!
-//! Runs datamover, restic and rclone side by side against one Garage on loopback, on the
-//! same deterministic data, alternating the tools' order between repetitions, and prints
-//! medians and ratios (ours / theirs). Started by `scripts/bench.sh`, which builds the
-//! release binaries and installs restic, rclone and Garage when missing.
+//! Runs datamover, restic, rustic (where installed) and rclone side by side against one
+//! Garage on loopback, on the same deterministic data, alternating the tools' order
+//! between repetitions, and prints medians and ratios (ours / theirs). Started by
+//! `scripts/bench.sh`, which builds the release binaries and installs the other tools
+//! and Garage when missing.
 //!
 //! Measured per run: wall time; CPU time (user + system, from `wait4`) of the tool's
-//! process and, for datamover, of the server during the run; peak RSS of each process
-//! (`ru_maxrss`; for the long-running server, `VmHWM` reset before each run); bytes added
-//! to the bucket under the tool's prefix.
+//! process and, for datamover, of the server during the run; Garage's CPU time during
+//! the run; peak RSS of each process (sampled `VmHWM`; for the long-running server,
+//! reset before each run); bytes added to the bucket under the tool's prefix. Before
+//! each run the bench flushes dirty data and waits until the file system creates files
+//! at its normal speed ([`Bench::quiesce`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -28,6 +31,7 @@ type Res<T> = Result<T, String>;
 enum Tool {
     Datamover,
     Restic,
+    Rustic,
     Rclone,
 }
 
@@ -36,6 +40,7 @@ impl Tool {
         match self {
             Tool::Datamover => "datamover",
             Tool::Restic => "restic",
+            Tool::Rustic => "rustic",
             Tool::Rclone => "rclone",
         }
     }
@@ -386,7 +391,7 @@ impl Bench {
     /// The tools in the order of this repetition (reversed on odd ones), for a data set
     /// that may exclude some.
     fn order(&self, rep: usize, exclude: &[Tool]) -> Vec<Tool> {
-        let mut v: Vec<Tool> = [Tool::Datamover, Tool::Restic, Tool::Rclone]
+        let mut v: Vec<Tool> = [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone]
             .into_iter()
             .filter(|t| self.tools.contains(t) && !exclude.contains(t))
             .collect();
@@ -451,6 +456,35 @@ impl Bench {
         .stdin(Stdio::null())
         .stdout(Stdio::null());
         c
+    }
+
+    /// rustic with a profile for the repository under `prefix` (rustic takes its S3
+    /// settings from a profile; the profile is written next to the work files).
+    fn rustic(&self, prefix: &str, args: &[&str]) -> Res<Command> {
+        let profile = format!("rustic-{prefix}");
+        let path = self.work.join(format!("{profile}.toml"));
+        if !path.exists() {
+            let toml = format!(
+                "[repository]\nrepository = \"opendal:s3\"\npassword = \"bench-password\"\ncache-dir = \"{cache}\"\n\n\
+                 [repository.options]\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nroot = \"/{prefix}\"\n\
+                 region = \"{region}\"\naccess_key_id = \"{key}\"\nsecret_access_key = \"{secret}\"\n",
+                cache = self.work.join("rustic-cache").display(),
+                endpoint = self.garage.endpoint,
+                bucket = self.garage.bucket,
+                region = self.garage.region,
+                key = self.garage.access_key,
+                secret = self.garage.secret_key,
+            );
+            std::fs::write(&path, toml).map_err(|e| e.to_string())?;
+        }
+        let mut c = Command::new("rustic");
+        c.current_dir(&self.work)
+            .args(["-P", &profile, "--no-progress", "--log-level", "warn"])
+            .args(args)
+            .env_remove("AWS_CA_BUNDLE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        Ok(c)
     }
 
     fn record(&mut self, ds: &str, sc: Scenario, tool: Tool, s: Sample) {
@@ -571,8 +605,14 @@ fn tree_scenarios(
     let dm_prefix = format!("{ds}-dm-{rep}");
     let ours = Ours::start(b, dm_prefix.clone());
     let restic_prefix = format!("{ds}-restic-{rep}");
+    let rustic_prefix = format!("{ds}-rustic-{rep}");
     let rclone_prefix = format!("{ds}-rclone-{rep}");
-    measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    if order.contains(&Tool::Restic) {
+        measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    }
+    if order.contains(&Tool::Rustic) {
+        measured(b.rustic(&rustic_prefix, &["init"])?, "rustic init")?;
+    }
     let src_s = src.to_str().ok_or("path")?.to_string();
     let remote = format!("garage:{}/{rclone_prefix}", b.garage.bucket);
     let rclone_copy = |b: &Bench| {
@@ -630,6 +670,27 @@ fn tree_scenarios(
                     b.restic(&restic_prefix, &["backup", &src_s]),
                     "restic backup",
                 )?,
+                (Tool::Rustic, Scenario::Restore) => {
+                    let out = b.work.join("restore-rustic");
+                    b.discard(&out);
+                    let s = simple(
+                        b,
+                        &rustic_prefix,
+                        b.rustic(
+                            &rustic_prefix,
+                            &["restore", "latest", out.to_str().ok_or("path")?],
+                        )?,
+                        "rustic restore",
+                    )?;
+                    b.discard(&out);
+                    s
+                }
+                (Tool::Rustic, _) => simple(
+                    b,
+                    &rustic_prefix,
+                    b.rustic(&rustic_prefix, &["backup", &src_s])?,
+                    "rustic backup",
+                )?,
                 (Tool::Rclone, Scenario::Restore) => {
                     let out = b.work.join("restore-rclone");
                     b.discard(&out);
@@ -678,8 +739,14 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let dm_prefix = format!("stream-dm-{rep}");
     let ours = Ours::start(b, dm_prefix);
     let restic_prefix = format!("stream-restic-{rep}");
+    let rustic_prefix = format!("stream-rustic-{rep}");
     let rclone_prefix = format!("stream-rclone-{rep}");
-    measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    if order.contains(&Tool::Restic) {
+        measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
+    }
+    if order.contains(&Tool::Rustic) {
+        measured(b.rustic(&rustic_prefix, &["init"])?, "rustic init")?;
+    }
     let fifo = b.work.join("bench.fifo");
     let object = format!("garage:{}/{rclone_prefix}/dump.sql", b.garage.bucket);
     for sc in [Scenario::StreamBackup, Scenario::StreamRestore] {
@@ -710,6 +777,20 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
                     &restic_prefix,
                     b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]),
                     "restic dump",
+                )?,
+                (Tool::Rustic, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
+                    let mut c = b.rustic(
+                        &rustic_prefix,
+                        &["backup", "-", "--stdin-filename", "dump.sql"],
+                    )?;
+                    c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
+                    simple(b, &rustic_prefix, c, "rustic backup -")
+                })?,
+                (Tool::Rustic, _) => simple(
+                    b,
+                    &rustic_prefix,
+                    b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?,
+                    "rustic dump",
                 )?,
                 (Tool::Rclone, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
                     let mut c = b.rclone(&["rcat", &object]);
@@ -756,7 +837,7 @@ fn report(b: &Bench, meta: &str) -> String {
                     .map(|v| median(v.iter().map(f).collect()))
             };
             let ours_wall = med(Tool::Datamover, |s| s.wall);
-            for tool in [Tool::Datamover, Tool::Restic, Tool::Rclone] {
+            for tool in [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone] {
                 let Some(wall) = med(tool, |s| s.wall) else {
                     continue;
                 };
@@ -825,12 +906,26 @@ fn real_main() -> Res<()> {
         .map(|s| s.trim().to_string())
         .collect();
     let want = |d: &str| datasets.iter().any(|x| x == d);
+    // rustic joins by default where it is installed (`cargo install rustic-rs`).
+    let rustic_installed = Command::new("rustic")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     let tools: Vec<Tool> = get("--tools")
-        .unwrap_or_else(|| "datamover,restic,rclone".into())
+        .unwrap_or_else(|| {
+            if rustic_installed {
+                "datamover,restic,rustic,rclone".into()
+            } else {
+                "datamover,restic,rclone".into()
+            }
+        })
         .split(',')
         .filter_map(|t| match t.trim() {
             "datamover" => Some(Tool::Datamover),
             "restic" => Some(Tool::Restic),
+            "rustic" => Some(Tool::Rustic),
             "rclone" => Some(Tool::Rclone),
             _ => None,
         })
@@ -1012,7 +1107,7 @@ fn real_main() -> Res<()> {
             .unwrap_or_default()
     };
     let meta = format!(
-        "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
+        "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
          (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
@@ -1027,6 +1122,11 @@ fn real_main() -> Res<()> {
             / 1048576.0,
         env!("CARGO_PKG_VERSION"),
         version("restic", "version"),
+        if rustic_installed {
+            version("rustic", "--version")
+        } else {
+            "rustic not installed".to_string()
+        },
         version("rclone", "version"),
         mixed_bytes as f64 / 1048576.0,
         mixed_count,
