@@ -22,4 +22,38 @@ export GARAGE_BIN
 
 cargo build --release --workspace --bins --locked
 export DATAMOVER_BIN_DIR="$PWD/target/release"
-exec target/release/datamover-bench --output bench/RESULTS-latest.md "$@"
+
+# Where the data sets, restores and Garage's data go: $BENCH_WORK if set; else, when
+# this runs as root with loop devices, a fresh journaled ext4 file system in an image
+# under target/ (removed afterwards); else the temp dir. On an ext4 without a journal
+# (the root file system of some VMs) creating files is up to 20 times slower for minutes
+# after files were deleted nearby, whichever tool does it; the bench waits for that to
+# pass before every run (Bench::quiesce) but a fresh file system avoids the wait.
+work="${BENCH_WORK:-}"
+mnt=""
+if [[ -z "$work" && "$(id -u)" == 0 ]] && command -v mkfs.ext4 >/dev/null; then
+  img="$PWD/target/bench-fs.img"
+  mnt="$PWD/target/bench-fs"
+  mkdir -p "$mnt"
+  rm -f "$img"
+  if truncate -s 96G "$img" && mkfs.ext4 -q -F -i 4096 "$img" && mount -o loop "$img" "$mnt"; then
+    work="$mnt"
+  else
+    echo "bench.sh: cannot mount a file system image: using the temp dir" >&2
+    rm -f "$img"
+    mnt=""
+  fi
+fi
+cleanup() {
+  if [[ -n "$mnt" ]]; then
+    umount "$mnt" || true
+    rm -f "$img"
+  fi
+}
+trap cleanup EXIT
+if [[ -n "$work" ]]; then
+  export TMPDIR="$work"
+  target/release/datamover-bench --output bench/RESULTS-latest.md --work "$work" "$@"
+else
+  target/release/datamover-bench --output bench/RESULTS-latest.md "$@"
+fi

@@ -1106,8 +1106,17 @@ fn real_main() -> Res<()> {
             })
             .unwrap_or_default()
     };
+    let work_fs = Command::new("findmnt")
+        .args(["-no", "FSTYPE,SOURCE,OPTIONS", "-T"])
+        .arg(work.path())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| work.path().display().to_string());
     let meta = format!(
         "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
+         Work directory (data sets, restores, Garage's data): {work_fs}.\n\
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
          (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
