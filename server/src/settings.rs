@@ -379,6 +379,7 @@ impl Settings {
                         .get("s3MaxAttempts")
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(6),
+                    unsigned_payload: None,
                 }))
             }
             other => Err(ServerError::Config(format!(

@@ -30,6 +30,9 @@ pub struct S3Options {
     pub ca_pem: Option<Vec<u8>>,
     /// Attempts per request, with exponential backoff and jitter between them.
     pub max_attempts: u32,
+    /// Uploads without a SHA-256 of their payload (`UNSIGNED-PAYLOAD`); `None`: only
+    /// over TLS (`https://` endpoints and AWS).
+    pub unsigned_payload: Option<bool>,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -55,6 +58,11 @@ pub struct S3Store {
     pub(crate) bucket: String,
     pub(crate) prefix: String,
     pub(crate) location: String,
+    /// Over TLS, uploads are not signed over their payload (`UNSIGNED-PAYLOAD`): TLS and
+    /// the CRC32 checksum the SDK sends already protect the bytes, and every object is
+    /// sealed (AEAD) anyway, so hashing each pack with SHA-256 twice (here and in the S3
+    /// server) buys nothing. Over plain HTTP the payload stays signed.
+    pub(crate) unsigned_payload: bool,
 }
 
 impl S3Store {
@@ -115,11 +123,17 @@ impl S3Store {
             builder = builder.http_client(http);
         }
         let prefix = opts.prefix.trim_matches('/').to_string();
+        let unsigned_payload = opts.unsigned_payload.unwrap_or_else(|| {
+            opts.endpoint
+                .as_deref()
+                .is_none_or(|e| e.to_ascii_lowercase().starts_with("https://"))
+        });
         Ok(S3Store {
             client: aws_sdk_s3::Client::from_conf(builder.build()),
             bucket: opts.bucket,
             prefix,
             location,
+            unsigned_payload,
         })
     }
 
@@ -299,14 +313,18 @@ impl Store for S3Store {
 
     async fn write(&self, ft: FileType, name: &str, data: Bytes) -> Result<(), StoreError> {
         let key = self.key(ft, name);
-        self.client
+        let put = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(&key)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| self.map(e, &key))?;
+            .body(ByteStream::from(data));
+        if self.unsigned_payload {
+            put.customize().disable_payload_signing().send().await
+        } else {
+            put.send().await
+        }
+        .map_err(|e| self.map(e, &key))?;
         Ok(())
     }
 
