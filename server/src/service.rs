@@ -34,6 +34,11 @@ const MAX_SESSIONS: usize = 4096;
 const STREAM_QUEUE: usize = 4;
 /// Catalog chunks read ahead of the one being sent.
 const CATALOG_READ_AHEAD: usize = 2;
+/// Restore messages queued towards the client (each about
+/// [`datamover_proto::BATCH_BYTES`] in memory).
+const RESTORE_QUEUE: usize = 2;
+/// Memory a restore item takes besides its bytes (the item and its share of the vector).
+const ITEM_BYTES: usize = 2 * std::mem::size_of::<v1::RestoreItem>();
 /// Chunk bytes a restore reads ahead of what it sends.
 const RESTORE_READ_AHEAD_BYTES: usize = 24 * 1024 * 1024;
 /// Nodes and chunk reads queued between a restore's reader and its sender.
@@ -568,7 +573,7 @@ impl Datamover for DatamoverService {
         let spec = req.into_inner().snapshot;
         let snap = self.find_snapshot(&id, &spec).await?;
         tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, "restore started");
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let repo = Arc::clone(&self.repo);
         let metrics = Arc::clone(&self.metrics);
         let creds = Arc::clone(&self.creds);
@@ -716,7 +721,9 @@ async fn restore_stream(
     while let Some(work) = work_rx.recv().await {
         let (item, len) = match work {
             Work::Node(node) => {
-                let len = node.path.len() + 64;
+                // What the item holds in memory, not only its payload: with tiny files
+                // the items themselves are most of a message.
+                let len = ITEM_BYTES + node.path.len() + node.link_target.len();
                 current = node.path.clone();
                 (Item::Node(node), len)
             }
@@ -736,7 +743,7 @@ async fn restore_stream(
                         )
                     })?;
                 metrics.bytes_restored.inc_by(data.len() as u64);
-                let len = data.len();
+                let len = ITEM_BYTES + data.len();
                 (Item::Data(data), len)
             }
         };
