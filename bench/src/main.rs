@@ -303,6 +303,8 @@ struct Bench {
     rclone_env: Vec<(String, String)>,
     results: BTreeMap<(String, Scenario, Tool), Vec<Sample>>,
     floors: BTreeMap<String, (f64, f64)>,
+    /// Whether the page cache was dropped before every run (`None` before the first).
+    caches_dropped: std::cell::Cell<Option<bool>>,
     /// The tools to run (`--tools`), all by default.
     tools: Vec<Tool>,
     /// Trees restored or downloaded in this data set, moved aside until it is done.
@@ -362,9 +364,20 @@ impl Bench {
     /// times slower, most of all for the first tool that creates files: measured there,
     /// 50,000 files took 36.7 s, then 20.3 s, then 2.0 s when created three times in a
     /// row right after deleting 100,000. The bench itself deletes nothing until the end.
+    ///
+    /// Then, where the bench may (as root), it drops the page cache, so every tool starts
+    /// cold: it reads its source files and Garage its data from disk, and no tool's run
+    /// pays the kernel's reclaim of pages another tool left behind. With one repetition
+    /// the first tool of a data set would otherwise be the only one to read it cold.
     fn quiesce(&self) -> Res<()> {
         // SAFETY: sync(2) has no arguments and cannot fail.
         unsafe { libc::sync() };
+        let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+        self.caches_dropped.set(
+            self.caches_dropped
+                .get()
+                .map_or(Some(dropped), |d| Some(d && dropped)),
+        );
         for attempt in 1..=PROBE_ATTEMPTS {
             let took = self.probe()?;
             if took < PROBE_SLOW {
@@ -974,6 +987,7 @@ fn real_main() -> Res<()> {
         rclone_env,
         results: BTreeMap::new(),
         floors: BTreeMap::new(),
+        caches_dropped: std::cell::Cell::new(None),
         tools,
         trash: std::cell::Cell::new(0),
         probes: std::cell::Cell::new(0),
@@ -1114,9 +1128,14 @@ fn real_main() -> Res<()> {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| work.path().display().to_string());
+    let cold = if b.caches_dropped.get() == Some(true) {
+        "yes (every tool starts cold)"
+    } else {
+        "no (not permitted here)"
+    };
     let meta = format!(
         "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
-         Work directory (data sets, restores, Garage's data): {work_fs}.\n\
+         Work directory (data sets, restores, Garage's data): {work_fs}. Page cache dropped before every run: {cold}.\n\
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
          (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
