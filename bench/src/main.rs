@@ -647,75 +647,54 @@ fn tree_scenarios(
             }
         }
         for &tool in &order {
-            let s = match (tool, sc) {
-                (Tool::Datamover, Scenario::Restore) => {
-                    let out = b.work.join("restore-dm");
-                    b.discard(&out);
-                    let s = ours.run(
-                        b,
-                        &["restore_files", out.to_str().ok_or("path")?, &tag],
-                        Stdio::null(),
-                    )?;
-                    b.discard(&out);
-                    s
+            // A restore goes into a fresh directory, set aside afterwards.
+            let restore = sc == Scenario::Restore;
+            let out = b.work.join(format!("restore-{}", tool.name()));
+            let out_s = out.to_str().ok_or("path")?;
+            if restore {
+                b.discard(&out);
+            }
+            let s = match (tool, restore) {
+                (Tool::Datamover, true) => {
+                    ours.run(b, &["restore_files", out_s, &tag], Stdio::null())?
                 }
-                (Tool::Datamover, _) => {
+                (Tool::Datamover, false) => {
                     ours.run(b, &["backup_files", &src_s, &tag], Stdio::null())?
                 }
-                (Tool::Restic, Scenario::Restore) => {
-                    let out = b.work.join("restore-restic");
-                    b.discard(&out);
-                    let s = simple(
-                        b,
-                        &restic_prefix,
-                        b.restic(
-                            &restic_prefix,
-                            &["restore", "latest", "--target", out.to_str().ok_or("path")?],
-                        ),
-                        "restic restore",
-                    )?;
-                    b.discard(&out);
-                    s
-                }
-                (Tool::Restic, _) => simple(
+                (Tool::Restic, true) => simple(
+                    b,
+                    &restic_prefix,
+                    b.restic(&restic_prefix, &["restore", "latest", "--target", out_s]),
+                    "restic restore",
+                )?,
+                (Tool::Restic, false) => simple(
                     b,
                     &restic_prefix,
                     b.restic(&restic_prefix, &["backup", &src_s]),
                     "restic backup",
                 )?,
-                (Tool::Rustic, Scenario::Restore) => {
-                    let out = b.work.join("restore-rustic");
-                    b.discard(&out);
-                    let s = simple(
-                        b,
-                        &rustic_prefix,
-                        b.rustic(
-                            &rustic_prefix,
-                            &["restore", "latest", out.to_str().ok_or("path")?],
-                        )?,
-                        "rustic restore",
-                    )?;
-                    b.discard(&out);
-                    s
-                }
-                (Tool::Rustic, _) => simple(
+                (Tool::Rustic, true) => simple(
+                    b,
+                    &rustic_prefix,
+                    b.rustic(&rustic_prefix, &["restore", "latest", out_s])?,
+                    "rustic restore",
+                )?,
+                (Tool::Rustic, false) => simple(
                     b,
                     &rustic_prefix,
                     b.rustic(&rustic_prefix, &["backup", &src_s])?,
                     "rustic backup",
                 )?,
-                (Tool::Rclone, Scenario::Restore) => {
-                    let out = b.work.join("restore-rclone");
-                    b.discard(&out);
-                    let mut c =
-                        b.rclone(&["copy", "--links", &remote, out.to_str().ok_or("path")?]);
+                (Tool::Rclone, true) => {
+                    let mut c = b.rclone(&["copy", "--links", &remote, out_s]);
                     c.stderr(Stdio::null());
-                    let s = simple(b, &rclone_prefix, c, "rclone copy back")?;
-                    b.discard(&out);
-                    s
+                    simple(b, &rclone_prefix, c, "rclone copy back")?
                 }
-                (Tool::Rclone, _) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
+                (Tool::Rclone, false) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
             };
+            if restore {
+                b.discard(&out);
+            }
             b.record(ds, sc, tool, s);
         }
     }

@@ -343,6 +343,21 @@ s3_region = "{REGION}"
         log_excerpt(&read_tail(&self.log_path, LOG_SCAN_BYTES))
     }
 
+    /// Options of an S3 store on this Garage's bucket under `prefix` (3 attempts).
+    pub fn s3_options(&self, prefix: &str) -> datamover_repo::store::S3Options {
+        datamover_repo::store::S3Options {
+            bucket: self.bucket.clone(),
+            prefix: prefix.into(),
+            region: Some(self.region.clone()),
+            endpoint: Some(self.endpoint.clone()),
+            path_style: true,
+            access_key_id: self.access_key.clone(),
+            secret_access_key: self.secret_key.clone(),
+            max_attempts: 3,
+            ..Default::default()
+        }
+    }
+
     /// The Garage process id (for measuring its CPU time).
     pub fn pid(&self) -> Option<u32> {
         self.child.lock().ok().map(|c| c.id())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datamover_repo::objects::{ObjectStore, S3Objects};
-use datamover_repo::store::{S3Options, S3Store};
+use datamover_repo::store::S3Store;
 use datamover_tests::{Garage, Server, Storage, random_bytes, write};
 
 const PREFIX: &str = "fleet";
@@ -37,18 +37,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(g: &Garage) -> Bucket {
-        let store = S3Store::new(S3Options {
-            bucket: g.bucket.clone(),
-            prefix: String::new(),
-            region: Some(g.region.clone()),
-            endpoint: Some(g.endpoint.clone()),
-            path_style: true,
-            access_key_id: g.access_key.clone(),
-            secret_access_key: g.secret_key.clone(),
-            max_attempts: 3,
-            ..Default::default()
-        })
-        .unwrap();
+        let store = S3Store::new(g.s3_options("")).unwrap();
         Bucket {
             objects: Arc::new(S3Objects::new(&store, "")),
             rt: tokio::runtime::Builder::new_current_thread()

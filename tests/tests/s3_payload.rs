@@ -13,16 +13,8 @@ fn signed_and_unsigned_payloads_round_trip() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (prefix, unsigned) in [("signed", false), ("unsigned", true)] {
         let store = S3Store::new(S3Options {
-            bucket: g.bucket.clone(),
-            prefix: prefix.into(),
-            region: Some(g.region.clone()),
-            endpoint: Some(g.endpoint.clone()),
-            path_style: true,
-            access_key_id: g.access_key.clone(),
-            secret_access_key: g.secret_key.clone(),
-            max_attempts: 3,
             unsigned_payload: Some(unsigned),
-            ..Default::default()
+            ..g.s3_options(prefix)
         })
         .unwrap();
         let data = Bytes::from(random_bytes(7, 9 * 1024 * 1024 + 3));

@@ -536,41 +536,50 @@ fn probe_link(dir: &Path) -> Link {
         return Link::Named;
     };
     let name = tmp_name(&dir.join("link-probe"));
-    let Ok(to) = cstring(&name) else {
-        return Link::Named;
-    };
-    // SAFETY: valid NUL-terminated strings that outlive the call; the fd is open.
-    let r = unsafe {
-        libc::linkat(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
-    if r == 0 {
-        let _ = std::fs::remove_file(&name);
-        return Link::EmptyPath;
-    }
-    let Ok(from) = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())) else {
-        return Link::Named;
-    };
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r == 0 {
-        let _ = std::fs::remove_file(&name);
-        return Link::Proc;
+    for (how, by_proc) in [(Link::EmptyPath, false), (Link::Proc, true)] {
+        if link_fd(&file, &name, by_proc).is_ok() {
+            let _ = std::fs::remove_file(&name);
+            return how;
+        }
     }
     Link::Named
+}
+
+/// Gives the unnamed file `file` the name `to`: through `/proc/self/fd` when `by_proc`,
+/// else with `AT_EMPTY_PATH`.
+fn link_fd(file: &File, to: &Path, by_proc: bool) -> std::io::Result<()> {
+    let to = cstring(to)?;
+    let r = if by_proc {
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|_| std::io::Error::other("fd path"))?;
+        // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+        unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        }
+    } else {
+        // SAFETY: the empty path and `to` are valid NUL-terminated strings that outlive
+        // the call; the fd is open.
+        unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        }
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl Writer {
@@ -592,37 +601,6 @@ impl Writer {
 
     /// Links an unnamed file the way [`probe_link`] found to work.
     fn link(&self, file: &File, dest: &Path) -> std::io::Result<()> {
-        let to = cstring(dest)?;
-        let r = if self.by_proc.load(Ordering::Relaxed) {
-            let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-                .map_err(|_| std::io::Error::other("fd path"))?;
-            // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
-            unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    from.as_ptr(),
-                    libc::AT_FDCWD,
-                    to.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            }
-        } else {
-            // SAFETY: the empty path and `to` are valid NUL-terminated strings that
-            // outlive the call; the fd is open.
-            unsafe {
-                libc::linkat(
-                    file.as_raw_fd(),
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    to.as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                )
-            }
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        link_fd(file, dest, self.by_proc.load(Ordering::Relaxed))
     }
 }
