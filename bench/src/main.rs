@@ -86,6 +86,8 @@ struct Sample {
     /// CPU time of the S3 server (Garage) during the run.
     store_cpu: f64,
     uploaded_mib: f64,
+    /// Our server's pack reads (GETs) during the run, from its `/metrics`.
+    pack_reads: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -510,8 +512,8 @@ impl Bench {
             s.rss_mib,
             if tool == Tool::Datamover {
                 format!(
-                    " (server cpu {:.2}s rss {:.0} MiB)",
-                    s.server_cpu, s.server_rss_mib
+                    " (server cpu {:.2}s rss {:.0} MiB, {} pack GETs)",
+                    s.server_cpu, s.server_rss_mib, s.pack_reads
                 )
             } else {
                 String::new()
@@ -551,12 +553,28 @@ impl Ours {
         }
     }
 
+    /// Pack reads the server made so far.
+    fn pack_reads(&self) -> f64 {
+        let Some((200, text)) = self.server.http_get("/metrics") else {
+            return 0.0;
+        };
+        text.lines()
+            .filter(|l| {
+                l.starts_with("datamover_store_requests_total{")
+                    && l.contains("operation=\"read\"")
+                    && l.contains("type=\"data\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     fn run(&self, b: &Bench, args: &[&str], stdout: Stdio) -> Res<Sample> {
         let pid = self.server.pid().unwrap_or(0);
         let up0 = b.stored(&self.prefix);
         b.quiesce()?;
         reset_hwm(pid);
         let cpu0 = proc_cpu(pid);
+        let reads0 = self.pack_reads();
         let store0 = b.store_cpu();
         let mut cmd = self.client.command(args);
         cmd.stdin(Stdio::null()).stdout(stdout);
@@ -569,6 +587,7 @@ impl Ours {
             server_rss_mib: proc_hwm_mib(pid),
             store_cpu: b.store_cpu() - store0,
             uploaded_mib: (b.stored(&self.prefix) - up0) / 1048576.0,
+            pack_reads: self.pack_reads() - reads0,
         })
     }
 }

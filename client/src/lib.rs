@@ -9,7 +9,9 @@
 //! - [`backup`]: the walk (unchanged files are not read again), the chunk pipeline and
 //!   the upload; files and streams share it.
 //! - [`restore`]: writes a snapshot back, never outside its target, files under temporary
-//!   names until complete; streams into a FIFO, a file or stdout.
+//!   names until complete; streams into a FIFO, a file or stdout. Chunks arrive
+//!   compressed as stored and are decompressed and checked against their ids by the
+//!   writer threads.
 //! - [`sync`]: edge sync of device directories with plain objects (egress, ingress, a
 //!   Flotta `EdgeWorkload`), once or continuously.
 //! - [`modes`]: the command line modes, `command_from_file`, and the result lines.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use datamover_core::chunk::ChunkIdKey;
 use datamover_core::paths::{components, safe_relative};
 use datamover_proto::v1::{self, Node, NodeType, restore_item::Item};
 use tokio::sync::mpsc;
@@ -53,8 +53,10 @@ fn is_root() -> bool {
 }
 
 mod files;
+mod piece;
 
 use files::{FileJob, FilePool, SMALL_FILE, Stopped};
+use piece::{Piece, Unpacker};
 
 /// A stream restore's output file, written under a temporary name until complete.
 struct OpenFile {
@@ -99,7 +101,7 @@ enum Incoming {
     Gathering {
         node: Node,
         dest: PathBuf,
-        data: Vec<Bytes>,
+        data: Vec<Piece>,
         len: usize,
     },
     /// Large: handed to a writer, its data following.
@@ -127,9 +129,18 @@ struct TreeWriter {
 }
 
 impl TreeWriter {
-    fn new(target: PathBuf, counters: Arc<Counters>) -> Result<Self, ClientError> {
+    fn new(
+        target: PathBuf,
+        counters: Arc<Counters>,
+        key: &ChunkIdKey,
+    ) -> Result<Self, ClientError> {
         Ok(TreeWriter {
-            pool: Some(FilePool::start(&target, files::writer_threads(), counters)?),
+            pool: Some(FilePool::start(
+                &target,
+                files::writer_threads(),
+                counters,
+                key,
+            )?),
             target,
             incoming: None,
             skip_data: false,
@@ -336,7 +347,7 @@ impl TreeWriter {
         Ok(())
     }
 
-    fn data(&mut self, data: Bytes) -> Result<(), ClientError> {
+    fn data(&mut self, data: Piece) -> Result<(), ClientError> {
         if self.skip_data {
             return Ok(());
         }
@@ -496,6 +507,7 @@ const STREAM_QUEUE: usize = 3;
 async fn open(
     conn: &mut Conn,
     spec: &str,
+    accept_packed: bool,
 ) -> Result<
     (
         v1::Snapshot,
@@ -508,6 +520,7 @@ async fn open(
         .api
         .restore(v1::RestoreRequest {
             snapshot: spec.to_string(),
+            accept_packed,
         })
         .await
         .map_err(|s| match s.code() {
@@ -554,18 +567,19 @@ pub async fn restore_files(
     spec: &str,
 ) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
-    let (snapshot, first, stream) = open(conn, spec).await?;
+    let (snapshot, first, stream) = open(conn, spec, true).await?;
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target.display(), e))?;
     let counters = Arc::new(Counters::default());
     let _progress = Reporter::start("restore", Arc::clone(&counters));
     let (tx, mut rx) = mpsc::channel::<Vec<v1::RestoreItem>>(STREAM_QUEUE);
-    let mut writer = TreeWriter::new(target.to_path_buf(), counters)?;
+    let mut writer = TreeWriter::new(target.to_path_buf(), counters, &conn.key)?;
     let worker = tokio::task::spawn_blocking(move || {
         while let Some(items) = rx.blocking_recv() {
             for item in items {
                 match item.item {
                     Some(Item::Node(n)) => writer.node(n)?,
-                    Some(Item::Data(d)) => writer.data(d)?,
+                    Some(Item::Data(d)) => writer.data(Piece::Plain(d))?,
+                    Some(Item::Packed(p)) => writer.data(Piece::Packed(p))?,
                     None => {}
                 }
             }
@@ -591,7 +605,7 @@ pub async fn restore_stream(
     spec: &str,
 ) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
-    let (snapshot, first, stream) = open(conn, spec).await?;
+    let (snapshot, first, stream) = open(conn, spec, true).await?;
     if snapshot.kind != v1::SnapshotKind::Stream as i32 {
         return Err(ClientError::Usage(format!(
             "snapshot {} ({}) is a file backup, not a stream: use restore_files",
@@ -602,6 +616,7 @@ pub async fn restore_stream(
     let _progress = Reporter::start("restore", Arc::clone(&counters));
     let (tx, mut rx) = mpsc::channel::<Vec<v1::RestoreItem>>(STREAM_QUEUE);
     let output_name = output.to_string();
+    let mut unpacker = Unpacker::new(conn.key.clone());
     let worker = tokio::task::spawn_blocking(move || {
         let mut sink = open_sink(&output_name)?;
         let mut expected = None;
@@ -617,6 +632,14 @@ pub async fn restore_stream(
                     }
                     Some(Item::Data(d)) => {
                         sink.write(&d)
+                            .map_err(|e| ClientError::io(&output_name, e))?;
+                        written += d.len() as u64;
+                        counters.add_bytes(d.len() as u64);
+                    }
+                    Some(Item::Packed(p)) => {
+                        let piece = Piece::Packed(p);
+                        let d = unpacker.open(&piece, &|| output_name.clone())?;
+                        sink.write(d)
                             .map_err(|e| ClientError::io(&output_name, e))?;
                         written += d.len() as u64;
                         counters.add_bytes(d.len() as u64);

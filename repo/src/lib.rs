@@ -35,7 +35,7 @@ pub mod store;
 
 pub use error::RepoError;
 pub use repository::{
-    AddResult, MaintenanceOptions, MaintenanceReport, Problem, Repository, RepositoryOptions,
-    VerifyOptions, VerifyReport,
+    AddResult, ChunkData, ChunkPlace, MaintenanceOptions, MaintenanceReport, Problem, Repository,
+    RepositoryOptions, VerifyOptions, VerifyReport,
 };
 pub use snapshot::{SnapshotFile, SnapshotKindName};

@@ -29,6 +29,27 @@ const CATALOG_READ_AHEAD: usize = 4;
 /// Sealed chunks up to this size are opened on the calling task.
 const INLINE_OPEN_BYTES: usize = 16 * 1024;
 
+/// Where a chunk is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkPlace {
+    /// The pack holding it.
+    pub pack: String,
+    /// Its size in the pack (compressed and sealed).
+    pub stored: u32,
+    /// Its size.
+    pub raw: u32,
+}
+
+/// A chunk read for a restore.
+#[derive(Debug, Clone)]
+pub enum ChunkData {
+    /// Its contents, checked against its id.
+    Plain(Bytes),
+    /// Its contents compressed by zstd, as stored: `raw` bytes once decompressed, not
+    /// yet checked against its id.
+    Zstd { data: Bytes, raw: u32 },
+}
+
 /// Tuning of a repository.
 #[derive(Debug, Clone)]
 pub struct RepositoryOptions {
@@ -53,7 +74,7 @@ impl Default for RepositoryOptions {
         RepositoryOptions {
             pack_size: 8 * 1024 * 1024,
             compression_level: 3,
-            pack_cache_packs: 4,
+            pack_cache_packs: 6,
             kdf_memory_kib: 64 * 1024,
             packs_per_index: 32,
             chunks_per_index: 50_000,
@@ -461,22 +482,42 @@ impl Repository {
         .cloned()
     }
 
-    /// The stored (uncompressed) size of a chunk, if this tenant has it (looking at
-    /// index objects other servers wrote if it is not known here).
-    pub async fn chunk_size(&self, tenant: &str, id: &ChunkId) -> Result<Option<u32>, RepoError> {
-        let known = |me: &Self| -> Result<Option<u32>, RepoError> {
+    /// Where a chunk is stored, if this tenant has it (looking at index objects other
+    /// servers wrote if it is not known here).
+    pub async fn chunk_place(
+        &self,
+        tenant: &str,
+        id: &ChunkId,
+    ) -> Result<Option<ChunkPlace>, RepoError> {
+        let known = |me: &Self| -> Result<Option<ChunkPlace>, RepoError> {
             Ok(me
                 .index
                 .read()
                 .map_err(poisoned)?
                 .find(tenant, id)
-                .map(|f| f.raw_length))
+                .map(|f| ChunkPlace {
+                    pack: f.pack,
+                    stored: f.length,
+                    raw: f.raw_length,
+                }))
         };
-        if let Some(size) = known(self)? {
-            return Ok(Some(size));
+        if let Some(place) = known(self)? {
+            return Ok(Some(place));
         }
         self.refresh_index().await?;
         known(self)
+    }
+
+    /// Starts downloading a pack into the pack cache, so the chunk reads that follow
+    /// find it there. A failure is left for those reads to report.
+    pub fn prefetch_pack(self: &Arc<Self>, name: &str) {
+        let me = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = me.pack_bytes(&name).await {
+                tracing::debug!(pack = %name, error = %e, "prefetching a pack failed");
+            }
+        });
     }
 
     /// Reads a chunk and checks it against its id. Decryption and decompression run on
@@ -486,17 +527,42 @@ impl Repository {
         tenant: &str,
         id: &ChunkId,
     ) -> Result<Bytes, RepoError> {
-        match self.read_chunk_once(tenant, id).await {
+        match self.read_chunk_as(tenant, id, false).await? {
+            ChunkData::Plain(data) => Ok(data),
+            ChunkData::Zstd { .. } => Err(RepoError::Task(
+                "a chunk was left compressed when it was asked for whole".into(),
+            )),
+        }
+    }
+
+    /// Reads a chunk as it is stored: a compressed chunk is only decrypted, and left for
+    /// the reader to decompress and check against its id; a chunk stored uncompressed is
+    /// checked here.
+    pub async fn read_chunk_packed(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &ChunkId,
+    ) -> Result<ChunkData, RepoError> {
+        self.read_chunk_as(tenant, id, true).await
+    }
+
+    async fn read_chunk_as(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &ChunkId,
+        packed: bool,
+    ) -> Result<ChunkData, RepoError> {
+        match self.read_chunk_once(tenant, id, packed).await {
             // Another replica may have stored the chunk, or maintenance on another
             // server may have rewritten its pack: reload what the store says, retry.
             Err(RepoError::Store(e)) if e.is_not_found() => {
                 self.pack_cache.lock().map_err(poisoned)?.clear();
                 self.refresh_index().await?;
-                self.read_chunk_once(tenant, id).await
+                self.read_chunk_once(tenant, id, packed).await
             }
             Err(RepoError::MissingChunk(_)) => {
                 self.refresh_index().await?;
-                self.read_chunk_once(tenant, id).await
+                self.read_chunk_once(tenant, id, packed).await
             }
             other => other,
         }
@@ -506,7 +572,8 @@ impl Repository {
         self: &Arc<Self>,
         tenant: &str,
         id: &ChunkId,
-    ) -> Result<Bytes, RepoError> {
+        packed: bool,
+    ) -> Result<ChunkData, RepoError> {
         let found = self
             .index
             .read()
@@ -527,12 +594,32 @@ impl Repository {
         let sealed = pack.slice(start..end);
         let key = self.keys.chunk_id_key(tenant);
         let id = *id;
+        let raw = found.raw_length;
         let open = move |keys: &Keys| {
-            let data = crypto::unpack_blob_bytes(keys, &sealed, found.raw_length as usize, "")?;
+            if packed {
+                let z = Bytes::from(keys.open(&sealed, "")?);
+                match z.first() {
+                    Some(1) => {
+                        return Ok(ChunkData::Zstd {
+                            data: z.slice(1..),
+                            raw,
+                        });
+                    }
+                    Some(0) => {
+                        let data = z.slice(1..);
+                        if key.id(&data) != id {
+                            return Err(RepoError::corrupt("", "content does not match its id"));
+                        }
+                        return Ok(ChunkData::Plain(data));
+                    }
+                    _ => return Err(RepoError::corrupt("", "unknown compression")),
+                }
+            }
+            let data = crypto::unpack_blob_bytes(keys, &sealed, raw as usize, "")?;
             if key.id(&data) != id {
                 return Err(RepoError::corrupt("", "content does not match its id"));
             }
-            Ok(data)
+            Ok(ChunkData::Plain(data))
         };
         let named = |e: RepoError| match e {
             RepoError::Corrupt { why, .. } => {

@@ -11,7 +11,10 @@
 //! - [`reload`]: live reload of credentials and access rules (inotify plus a rescan).
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
-//! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`].
+//! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`]. A restore
+//!   runs as a planner (walks the catalog, downloads packs ahead), a reader (opens
+//!   chunks within a bounded read-ahead) and a sender (sends them in snapshot order,
+//!   compressed as stored to clients that accept it).
 //! - [`sync`]: edge sync, the second service: devices' directories as plain objects under
 //!   `<sync prefix>/<tenant>/<target>/`, beside the repository.
 //! - [`maintenance`]: maintenance on request and on a schedule, and the publication of

@@ -46,10 +46,13 @@ fn main() -> ExitCode {
     init_tracing(settings.log_json);
     // Sealing and unsealing run on the blocking pool; a few threads keep every core busy
     // and, with few malloc arenas, keep memory flat (each arena would hold its own
-    // freed pack-sized buffers).
+    // freed pack-sized buffers). Buffers of 1 MiB and more (packs, messages) are mapped
+    // and unmapped on their own: glibc's default raises that threshold after the first
+    // such buffer is freed, after which freed packs stay in the heap, fragmented.
     // SAFETY: mallopt only tunes the allocator, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

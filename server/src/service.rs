@@ -10,7 +10,7 @@ use datamover_proto::v1::datamover_server::Datamover;
 use datamover_proto::v1::{self, restore_item::Item};
 use datamover_repo::retention::{self, Policy};
 use datamover_repo::{
-    AddResult, RepoError, Repository, SnapshotFile, SnapshotKindName, VerifyOptions,
+    AddResult, ChunkData, RepoError, Repository, SnapshotFile, SnapshotKindName, VerifyOptions,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -41,8 +41,12 @@ const RESTORE_QUEUE: usize = 2;
 const ITEM_BYTES: usize = 2 * std::mem::size_of::<v1::RestoreItem>();
 /// Chunk bytes a restore reads ahead of what it sends.
 const RESTORE_READ_AHEAD_BYTES: usize = 24 * 1024 * 1024;
-/// Nodes and chunk reads queued between a restore's reader and its sender.
+/// Nodes and chunks queued between a restore's planner, reader and sender.
 const RESTORE_WORK_QUEUE: usize = 4096;
+/// Packs a restore downloads before its reader reaches them.
+const RESTORE_PACKS_AHEAD: usize = 2;
+/// Packs a restore's planner remembers as seen (at least the pack cache's size).
+const RESTORE_RECENT_PACKS: usize = 6;
 /// `PutChunks` batches of one upload sealed at once.
 const PUT_BATCHES_IN_FLIGHT: usize = 3;
 
@@ -570,15 +574,16 @@ impl Datamover for DatamoverService {
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let id = self.auth(req.metadata(), peer(&req)).await?;
         id.require(Op::Restore)?;
-        let spec = req.into_inner().snapshot;
-        let snap = self.find_snapshot(&id, &spec).await?;
-        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, "restore started");
+        let req = req.into_inner();
+        let packed = req.accept_packed;
+        let snap = self.find_snapshot(&id, &req.snapshot).await?;
+        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, "restore started");
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let repo = Arc::clone(&self.repo);
         let metrics = Arc::clone(&self.metrics);
         let creds = Arc::clone(&self.creds);
         tokio::spawn(async move {
-            let result = restore_stream(&repo, &creds, &id, &snap, &tx, &metrics).await;
+            let result = restore_stream(&repo, &creds, &id, &snap, packed, &tx, &metrics).await;
             metrics.op("restore", result.is_ok());
             if let Err(e) = result {
                 tracing::warn!(client = %id.client_id, error = %e.message(), "restore failed");
@@ -649,66 +654,152 @@ async fn send_catalog_nodes(
     Ok(())
 }
 
+/// What the restore planner hands to the reader, in snapshot order.
+enum Planned {
+    Node(v1::Node),
+    /// A chunk, its share of the read-ahead budget (its size as it will be held), and
+    /// (for the first chunk of a pack being prefetched) the pack's place in the
+    /// prefetch window, given back when the chunk is read.
+    Chunk(ChunkId, u32, Option<OwnedSemaphorePermit>),
+}
+
 /// What the restore reader hands to the sender, in snapshot order.
 enum Work {
     Node(v1::Node),
-    /// A chunk being read (concurrently), and its share of the read-ahead budget.
+    /// A chunk (its id) being read (concurrently), and its share of the read-ahead
+    /// budget.
     Data(
-        tokio::task::JoinHandle<Result<Bytes, RepoError>>,
+        ChunkId,
+        tokio::task::JoinHandle<Result<ChunkData, RepoError>>,
         OwnedSemaphorePermit,
     ),
 }
 
+/// Packs the planner saw last: a chunk in one of them needs no prefetch.
+struct RecentPacks(std::collections::VecDeque<String>);
+
+impl RecentPacks {
+    /// Notes `pack`; whether it is new.
+    fn note(&mut self, pack: &str) -> bool {
+        if self.0.iter().any(|p| p == pack) {
+            return false;
+        }
+        if self.0.len() >= RESTORE_RECENT_PACKS {
+            self.0.pop_front();
+        }
+        self.0.push_back(pack.to_string());
+        true
+    }
+}
+
+/// Walks the catalog ahead of the reader and starts downloading each pack the restore
+/// will need, up to [`RESTORE_PACKS_AHEAD`] packs before the reader reaches them, so
+/// pack downloads do not wait for the reader's (plaintext) read-ahead budget.
+fn plan_restore(
+    repo: &Arc<Repository>,
+    tenant: String,
+    catalog: Vec<ChunkId>,
+    packed: bool,
+) -> (
+    mpsc::Receiver<Planned>,
+    tokio::task::JoinHandle<Result<(), Status>>,
+) {
+    let (tx, rx) = mpsc::channel::<Planned>(RESTORE_WORK_QUEUE);
+    let repo = Arc::clone(repo);
+    let planner = tokio::spawn(async move {
+        let window = Arc::new(Semaphore::new(RESTORE_PACKS_AHEAD));
+        let mut recent = RecentPacks(std::collections::VecDeque::new());
+        let mut nodes = repo.catalog_nodes(&tenant, catalog);
+        while let Some(node) = nodes.recv().await {
+            let mut node = node.map_err(status)?;
+            let chunks = std::mem::take(&mut node.chunks);
+            if tx.send(Planned::Node(node)).await.is_err() {
+                return Ok(());
+            }
+            for c in chunks {
+                let cid = ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
+                let place = repo
+                    .chunk_place(&tenant, &cid)
+                    .await
+                    .map_err(status)?
+                    .ok_or_else(|| status(RepoError::MissingChunk(cid.to_hex())))?;
+                let slot = if recent.note(&place.pack) {
+                    let slot = Arc::clone(&window)
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    repo.prefetch_pack(&place.pack);
+                    Some(slot)
+                } else {
+                    None
+                };
+                // Sent as stored, a chunk is held compressed (and sealed, a few bytes more).
+                let held = if packed { place.stored } else { place.raw };
+                if tx.send(Planned::Chunk(cid, held, slot)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    });
+    (rx, planner)
+}
+
 /// Sends the snapshot's nodes, each file node followed by its contents, in messages of
-/// about [`datamover_proto::BATCH_BYTES`]. A reader task walks the catalog and starts
-/// chunk reads up to [`RESTORE_READ_AHEAD_BYTES`] ahead, so pack downloads, decryption
-/// and sending overlap; the sender takes them in order.
+/// about [`datamover_proto::BATCH_BYTES`]. A planner starts pack downloads ahead
+/// ([`plan_restore`]); a reader task starts chunk reads up to
+/// [`RESTORE_READ_AHEAD_BYTES`] ahead, so pack downloads, decryption and sending
+/// overlap; the sender takes them in order.
 async fn restore_stream(
     repo: &Arc<Repository>,
     creds: &CredentialStore,
     id: &Identity,
     snap: &SnapshotFile,
+    packed: bool,
     tx: &mpsc::Sender<Result<v1::RestoreResponse, Status>>,
     metrics: &Metrics,
 ) -> Result<(), Status> {
     let (work_tx, mut work_rx) = mpsc::channel::<Work>(RESTORE_WORK_QUEUE);
+    let (mut planned, planner) = plan_restore(
+        repo,
+        id.tenant.clone(),
+        snap.catalog_ids().map_err(status)?,
+        packed,
+    );
     let reader = {
         let repo = Arc::clone(repo);
         let tenant = id.tenant.clone();
-        let catalog = snap.catalog_ids().map_err(status)?;
         tokio::spawn(async move {
             let budget = Arc::new(Semaphore::new(RESTORE_READ_AHEAD_BYTES));
-            let mut nodes = repo.catalog_nodes(&tenant, catalog);
-            while let Some(node) = nodes.recv().await {
-                let mut node = node.map_err(status)?;
-                let chunks = std::mem::take(&mut node.chunks);
-                if work_tx.send(Work::Node(node)).await.is_err() {
-                    return Ok(());
-                }
-                for c in chunks {
-                    let cid =
-                        ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
-                    let size = repo
-                        .chunk_size(&tenant, &cid)
-                        .await
-                        .map_err(status)?
-                        .ok_or_else(|| status(RepoError::MissingChunk(cid.to_hex())))?;
-                    let share = size.clamp(1, RESTORE_READ_AHEAD_BYTES as u32);
-                    let permit = Arc::clone(&budget)
-                        .acquire_many_owned(share)
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                    let read = {
+            while let Some(next) = planned.recv().await {
+                let work = match next {
+                    Planned::Node(node) => Work::Node(node),
+                    Planned::Chunk(cid, held, slot) => {
+                        let share = held.clamp(1, RESTORE_READ_AHEAD_BYTES as u32);
+                        let permit = Arc::clone(&budget)
+                            .acquire_many_owned(share)
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                        // The reader has reached this pack: the planner may fetch another.
+                        drop(slot);
                         let repo = Arc::clone(&repo);
                         let tenant = tenant.clone();
-                        tokio::spawn(async move { repo.read_chunk(&tenant, &cid).await })
-                    };
-                    if work_tx.send(Work::Data(read, permit)).await.is_err() {
-                        return Ok(());
+                        let read = tokio::spawn(async move {
+                            if packed {
+                                repo.read_chunk_packed(&tenant, &cid).await
+                            } else {
+                                repo.read_chunk(&tenant, &cid).await.map(ChunkData::Plain)
+                            }
+                        });
+                        Work::Data(cid, read, permit)
                     }
+                };
+                if work_tx.send(work).await.is_err() {
+                    return Ok(());
                 }
             }
-            Ok::<(), Status>(())
+            // The plan ends when the planner is done: its outcome says whether it is whole.
+            planner.await.map_err(|e| Status::internal(e.to_string()))?
         })
     };
     let mut msg = v1::RestoreResponse {
@@ -727,7 +818,7 @@ async fn restore_stream(
                 current = node.path.clone();
                 (Item::Node(node), len)
             }
-            Work::Data(read, _permit) => {
+            Work::Data(cid, read, _permit) => {
                 let data = read
                     .await
                     .map_err(|e| Status::internal(e.to_string()))?
@@ -742,9 +833,23 @@ async fn restore_stream(
                             ),
                         )
                     })?;
-                metrics.bytes_restored.inc_by(data.len() as u64);
-                let len = ITEM_BYTES + data.len();
-                (Item::Data(data), len)
+                match data {
+                    ChunkData::Plain(data) => {
+                        metrics.bytes_restored.inc_by(data.len() as u64);
+                        let len = ITEM_BYTES + data.len();
+                        (Item::Data(data), len)
+                    }
+                    ChunkData::Zstd { data, raw } => {
+                        metrics.bytes_restored.inc_by(u64::from(raw));
+                        let len = ITEM_BYTES + data.len();
+                        let packed = v1::PackedData {
+                            zstd: data,
+                            raw_length: raw,
+                            id: Bytes::copy_from_slice(&cid.0),
+                        };
+                        (Item::Packed(packed), len)
+                    }
+                }
             }
         };
         msg.items.push(v1::RestoreItem { item: Some(item) });

@@ -25,9 +25,10 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use datamover_core::chunk::ChunkIdKey;
 use datamover_proto::v1::Node;
 
+use super::piece::{Piece, Unpacker};
 use super::{mtime, tmp_name};
 use crate::ClientError;
 use crate::progress::Counters;
@@ -62,7 +63,7 @@ pub(super) fn writer_threads() -> usize {
 pub(super) struct FileJob {
     pub node: Node,
     pub dest: PathBuf,
-    pub data: Vec<Bytes>,
+    pub data: Vec<Piece>,
     pub more: bool,
 }
 
@@ -71,7 +72,7 @@ enum Job {
     Files(Vec<(u64, FileJob)>),
     /// A large file; its data follows.
     Open(u64, FileJob),
-    Data(Bytes),
+    Data(Piece),
     Close,
 }
 
@@ -163,6 +164,7 @@ impl FilePool {
         target: &Path,
         threads: usize,
         counters: Arc<Counters>,
+        key: &ChunkIdKey,
     ) -> Result<Self, ClientError> {
         let done = Arc::new(Done::default());
         let how = probe_link(target);
@@ -180,6 +182,7 @@ impl FilePool {
                 by_proc: Arc::clone(&by_proc),
                 counters: Arc::clone(&counters),
                 done: Arc::clone(&done),
+                key: key.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("dm-restore-{i}"))
@@ -232,7 +235,7 @@ impl FilePool {
         self.next_seq += 1;
         self.done.start(seq);
         if !job.more {
-            self.batch_bytes += job.data.iter().map(Bytes::len).sum::<usize>();
+            self.batch_bytes += job.data.iter().map(Piece::len).sum::<usize>();
             self.batch.push((seq, job));
             if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
                 self.flush()?;
@@ -281,7 +284,7 @@ impl FilePool {
     }
 
     /// More data of the large file handed out last.
-    pub(super) fn data(&mut self, data: Bytes) -> Result<(), Stopped> {
+    pub(super) fn data(&mut self, data: Piece) -> Result<(), Stopped> {
         match self.streaming {
             Some(i) => self.senders[i].send(Job::Data(data)).map_err(|_| Stopped),
             None => Err(Stopped),
@@ -333,6 +336,8 @@ struct Writer {
     by_proc: Arc<AtomicBool>,
     counters: Arc<Counters>,
     done: Arc<Done>,
+    /// Checks the pieces that arrive compressed.
+    key: ChunkIdKey,
 }
 
 /// A file being written, unnamed or under a temporary name. Dropped before it is
@@ -367,6 +372,7 @@ impl Writer {
     fn run(&self, rx: Receiver<Job>) -> Result<Written, ClientError> {
         let mut out = Written::default();
         let mut current: Option<NewFile> = None;
+        let mut unpacker = Unpacker::new(self.key.clone());
         // Ends when the dispatcher is done (or gone); a file still open then was not
         // completed and is dropped, leaving nothing.
         while let Ok(job) = rx.recv() {
@@ -375,7 +381,7 @@ impl Writer {
                     for (seq, job) in files {
                         let mut f = self.create(seq, job.node, job.dest)?;
                         for d in &job.data {
-                            self.write(&mut f, d)?;
+                            self.write(&mut f, d, &mut unpacker)?;
                         }
                         self.complete(f, &mut out)?;
                     }
@@ -383,7 +389,7 @@ impl Writer {
                 Job::Open(seq, job) => {
                     let mut f = self.create(seq, job.node, job.dest)?;
                     for d in &job.data {
-                        self.write(&mut f, d)?;
+                        self.write(&mut f, d, &mut unpacker)?;
                     }
                     if job.more {
                         current = Some(f);
@@ -395,7 +401,7 @@ impl Writer {
                     let f = current.as_mut().ok_or_else(|| {
                         ClientError::Corrupt("file data without a file in the restore".into())
                     })?;
-                    self.write(f, &d)?;
+                    self.write(f, &d, &mut unpacker)?;
                 }
                 Job::Close => {
                     if let Some(f) = current.take() {
@@ -462,7 +468,13 @@ impl Writer {
         })
     }
 
-    fn write(&self, f: &mut NewFile, data: &[u8]) -> Result<(), ClientError> {
+    fn write(
+        &self,
+        f: &mut NewFile,
+        piece: &Piece,
+        unpacker: &mut Unpacker,
+    ) -> Result<(), ClientError> {
+        let data = unpacker.open(piece, &|| f.dest.display().to_string())?;
         f.file
             .write_all(data)
             .map_err(|e| ClientError::io(f.dest.display(), e))?;

@@ -12,6 +12,23 @@ use bytes::Bytes;
 
 use super::{FileType, Store, StoreError};
 
+/// Preallocation for a body whose length the server announced (more is grown into).
+const MAX_PREALLOCATED: i64 = 64 * 1024 * 1024;
+
+/// A response body in one buffer, allocated once at the announced length: no second
+/// copy and no intermediate segments (a pack is read whole, several at once).
+async fn collect(
+    mut body: ByteStream,
+    announced: i64,
+) -> Result<Bytes, aws_sdk_s3::primitives::ByteStreamError> {
+    let mut buf = bytes::BytesMut::with_capacity(announced.clamp(0, MAX_PREALLOCATED) as usize);
+    // Bounded by the body: each step consumes a piece of it.
+    while let Some(piece) = body.try_next().await? {
+        buf.extend_from_slice(&piece);
+    }
+    Ok(buf.freeze())
+}
+
 /// Everything needed to reach a bucket. `Debug` omits the secret.
 #[derive(Clone, Default)]
 pub struct S3Options {
@@ -257,8 +274,9 @@ impl Store for S3Store {
                 .send()
                 .await
                 .map_err(|e| self.map(e, &key))?;
-            match out.body.collect().await {
-                Ok(b) => return Ok(b.into_bytes()),
+            let len = out.content_length().unwrap_or(0);
+            match collect(out.body, len).await {
+                Ok(b) => return Ok(b),
                 Err(e) if attempt < BODY_ATTEMPTS => {
                     tracing::warn!(key = %key, error = %e, attempt, "download cut off: retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
@@ -293,11 +311,9 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| self.map(e, &key))?;
-        let data = out
-            .body
-            .collect()
+        let announced = out.content_length().unwrap_or(0);
+        let data = collect(out.body, announced)
             .await
-            .map(|b| b.into_bytes())
             .map_err(|e| StoreError::Unreachable {
                 location: self.location.clone(),
                 detail: format!("reading {key}: {e}"),
