@@ -263,6 +263,28 @@ impl Server {
     }
 
     /// A client environment with credential `credential` for `id`, pinned to this server.
+    /// Settings for connecting to this server in-process (pinned to its certificate),
+    /// for tests that speak the protocol directly.
+    pub fn client_settings(
+        &self,
+        id: &str,
+        credential: &str,
+    ) -> datamover_client::settings::ClientSettings {
+        datamover_client::settings::ClientSettings {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            pinned: Some(
+                datamover_proto::fingerprint::Fingerprint::parse(&self.fingerprint)
+                    .expect("the server's fingerprint"),
+            ),
+            client_id: id.into(),
+            credential: credential.into(),
+            ca_pem: None,
+            hostname: "test".into(),
+            root: None,
+        }
+    }
+
     pub fn client(&self, id: &str, credential: &str) -> Client {
         Client::new(self, id, credential)
     }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use datamover_client::connect;
 use datamover_client::settings::ClientSettings;
-use datamover_proto::fingerprint::Fingerprint;
 use datamover_proto::v1;
 use datamover_tests::{Client, Server, Storage};
 
@@ -210,16 +209,7 @@ fn plain_edits_and_a_directory_appearing_later() {
 }
 
 fn settings(server: &Server, id: &str, token: &str) -> ClientSettings {
-    ClientSettings {
-        host: "127.0.0.1".into(),
-        port: server.port,
-        pinned: Some(Fingerprint::parse(&server.fingerprint).unwrap()),
-        client_id: id.into(),
-        credential: token.into(),
-        ca_pem: None,
-        hostname: "test".into(),
-        root: None,
-    }
+    server.client_settings(id, token)
 }
 
 /// Which of `ids` the server says `id` must send.

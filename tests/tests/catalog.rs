@@ -3,9 +3,7 @@
 //! several catalog chunks.
 
 use datamover_client::connect;
-use datamover_client::settings::ClientSettings;
 use datamover_core::catalog::CatalogDecoder;
-use datamover_proto::fingerprint::Fingerprint;
 use datamover_proto::v1::{self, Node};
 use datamover_tests::{Server, Storage};
 use tokio_stream::StreamExt;
@@ -13,16 +11,7 @@ use tokio_stream::StreamExt;
 const TOKEN: &str = "catalog-token";
 
 async fn read_catalog(server: &Server, snapshot_id: &str, encoded: bool) -> (Vec<Node>, usize) {
-    let settings = ClientSettings {
-        host: "127.0.0.1".into(),
-        port: server.port,
-        pinned: Some(Fingerprint::parse(&server.fingerprint).unwrap()),
-        client_id: "c".into(),
-        credential: TOKEN.into(),
-        ca_pem: None,
-        hostname: "test".into(),
-        root: None,
-    };
+    let settings = server.client_settings("c", TOKEN);
     let mut conn = connect::connect(&settings).await.unwrap();
     let mut stream = conn
         .api

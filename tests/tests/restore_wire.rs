@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use datamover_client::connect;
-use datamover_client::settings::ClientSettings;
 use datamover_core::chunk::ChunkId;
-use datamover_proto::fingerprint::Fingerprint;
 use datamover_proto::v1::{self, restore_item::Item};
 use datamover_tests::{Server, Storage, random_bytes};
 use tokio_stream::StreamExt;
@@ -23,16 +21,7 @@ struct Sent {
 }
 
 async fn restore(server: &Server, tag: &str, accept_packed: bool) -> Sent {
-    let settings = ClientSettings {
-        host: "127.0.0.1".into(),
-        port: server.port,
-        pinned: Some(Fingerprint::parse(&server.fingerprint).unwrap()),
-        client_id: "c".into(),
-        credential: TOKEN.into(),
-        ca_pem: None,
-        hostname: "test".into(),
-        root: None,
-    };
+    let settings = server.client_settings("c", TOKEN);
     let mut conn = connect::connect(&settings).await.unwrap();
     let mut stream = conn
         .api

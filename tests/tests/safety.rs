@@ -9,23 +9,13 @@ use bytes::Bytes;
 use datamover_client::connect;
 use datamover_client::settings::ClientSettings;
 use datamover_core::catalog::encode_node;
-use datamover_proto::fingerprint::Fingerprint;
 use datamover_proto::v1::{self, Node, NodeType};
 use datamover_tests::{Server, Storage, bin, free_port};
 
 const TOKEN: &str = "evil-token";
 
 fn settings(server: &Server, id: &str) -> ClientSettings {
-    ClientSettings {
-        host: "127.0.0.1".into(),
-        port: server.port,
-        pinned: Some(Fingerprint::parse(&server.fingerprint).unwrap()),
-        client_id: id.into(),
-        credential: TOKEN.into(),
-        ca_pem: None,
-        hostname: "test".into(),
-        root: None,
-    }
+    server.client_settings(id, TOKEN)
 }
 
 fn file_node(path: &str, chunk: &Bytes, size: u64) -> Node {
