@@ -144,9 +144,27 @@ fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
             err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
         ));
     }
+    keep_log(log.path(), what);
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
     Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), peak_mib))
+}
+
+/// With `BENCH_KEEP_LOGS=<dir>`, keeps each run's stderr there (numbered, in run order),
+/// for timelines: `RUST_LOG=debug` then applies to the clients and the server.
+fn keep_log(log: &Path, what: &str) {
+    let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") else {
+        return;
+    };
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name: String = what
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(60)
+        .collect();
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::copy(log, Path::new(&dir).join(format!("{n:03}-{name}.log")));
 }
 
 fn proc_cpu(pid: u32) -> f64 {
@@ -579,6 +597,9 @@ impl Ours {
         let mut cmd = self.client.command(args);
         cmd.stdin(Stdio::null()).stdout(stdout);
         let (wall, cpu, rss) = measured(cmd, &format!("datamover-client {args:?}"))?;
+        if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
+            let _ = std::fs::write(Path::new(&dir).join("server.log"), self.server.log());
+        }
         Ok(Sample {
             wall,
             cpu,

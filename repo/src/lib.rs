@@ -26,6 +26,7 @@
 pub mod crypto;
 mod error;
 mod index;
+mod memory;
 pub mod objects;
 mod pack;
 mod repository;

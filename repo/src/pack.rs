@@ -57,6 +57,7 @@ impl PackBuilder {
     pub fn add(&mut self, id: &ChunkId, tenant: &str, sealed: &[u8], raw_length: usize) {
         if self.buf.capacity() == 0 {
             self.buf.reserve(PACK_CAPACITY.max(sealed.len()));
+            crate::memory::prefer_huge_pages(self.buf.as_ptr(), self.buf.capacity());
         }
         self.blobs.push(BlobEntry {
             id: id.0.to_vec(),

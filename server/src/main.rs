@@ -46,13 +46,18 @@ fn main() -> ExitCode {
     init_tracing(settings.log_json);
     // Sealing and unsealing run on the blocking pool; a few threads keep every core busy
     // and, with few malloc arenas, keep memory flat (each arena would hold its own
-    // freed pack-sized buffers). Buffers of 1 MiB and more (packs, messages) are mapped
-    // and unmapped on their own: glibc's default raises that threshold after the first
-    // such buffer is freed, after which freed packs stay in the heap, fragmented.
+    // freed pack-sized buffers). Packs (over 8 MiB) are mapped and unmapped on their own:
+    // glibc's default raises that threshold after the first such buffer is freed, after
+    // which freed packs stayed in the heap, fragmented. Smaller buffers (chunks, messages
+    // of a few MiB) stay in the heap, and up to 32 MiB of free heap is kept rather than
+    // returned and faulted in again for the next message. Measured against mapping
+    // everything from 1 MiB with the default trimming: server CPU restoring 1 GiB
+    // 2.1-2.3 s -> 1.6-1.9 s, about 0.4 s less backing it up, 15-30 MiB more at peak.
     // SAFETY: mallopt only tunes the allocator, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 6 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 * 1024 * 1024);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

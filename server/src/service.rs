@@ -335,7 +335,9 @@ impl Datamover for DatamoverService {
             // maintenance did meanwhile (on any replica) is loaded first; chunks it
             // condemned are copied back; chunks another session is still writing may
             // need a moment.
+            let started = std::time::Instant::now();
             self.repo.refresh_index().await.map_err(status)?;
+            tracing::debug!(elapsed = ?started.elapsed(), "commit: index refreshed");
             let mut missing = Vec::new();
             for attempt in 0..10u32 {
                 self.repo.flush().await.map_err(status)?;
@@ -365,6 +367,7 @@ impl Datamover for DatamoverService {
                     missing[0]
                 )));
             }
+            tracing::debug!(elapsed = ?started.elapsed(), "commit: references checked");
             self.still_authorized(&id)?;
             let snap = SnapshotFile {
                 id: String::new(),

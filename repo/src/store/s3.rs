@@ -22,6 +22,7 @@ async fn collect(
     announced: i64,
 ) -> Result<Bytes, aws_sdk_s3::primitives::ByteStreamError> {
     let mut buf = bytes::BytesMut::with_capacity(announced.clamp(0, MAX_PREALLOCATED) as usize);
+    crate::memory::prefer_huge_pages(buf.as_ptr(), buf.capacity());
     // Bounded by the body: each step consumes a piece of it.
     while let Some(piece) = body.try_next().await? {
         buf.extend_from_slice(&piece);
