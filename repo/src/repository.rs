@@ -270,6 +270,11 @@ impl Repository {
         self.store.check().await.map_err(Into::into)
     }
 
+    /// Packs the pack cache holds (at least one).
+    pub fn pack_cache_packs(&self) -> usize {
+        self.opts.pack_cache_packs.max(1)
+    }
+
     pub fn chunker_params(&self) -> ChunkerParams {
         self.chunker
     }

@@ -45,8 +45,6 @@ const RESTORE_READ_AHEAD_BYTES: usize = 24 * 1024 * 1024;
 const RESTORE_WORK_QUEUE: usize = 4096;
 /// Packs a restore downloads before its reader reaches them.
 const RESTORE_PACKS_AHEAD: usize = 2;
-/// Packs a restore's planner remembers as seen (at least the pack cache's size).
-const RESTORE_RECENT_PACKS: usize = 6;
 /// `PutChunks` batches of one upload sealed at once.
 const PUT_BATCHES_IN_FLIGHT: usize = 3;
 
@@ -678,19 +676,30 @@ enum Work {
     ),
 }
 
-/// Packs the planner saw last: a chunk in one of them needs no prefetch.
-struct RecentPacks(std::collections::VecDeque<String>);
+/// Packs the planner saw last, as many as the repository's pack cache holds: a chunk in
+/// one of them needs no prefetch.
+struct RecentPacks {
+    packs: std::collections::VecDeque<String>,
+    capacity: usize,
+}
 
 impl RecentPacks {
+    fn new(capacity: usize) -> RecentPacks {
+        RecentPacks {
+            packs: std::collections::VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+        }
+    }
+
     /// Notes `pack`; whether it is new.
     fn note(&mut self, pack: &str) -> bool {
-        if self.0.iter().any(|p| p == pack) {
+        if self.packs.iter().any(|p| p == pack) {
             return false;
         }
-        if self.0.len() >= RESTORE_RECENT_PACKS {
-            self.0.pop_front();
+        if self.packs.len() >= self.capacity {
+            self.packs.pop_front();
         }
-        self.0.push_back(pack.to_string());
+        self.packs.push_back(pack.to_string());
         true
     }
 }
@@ -711,7 +720,7 @@ fn plan_restore(
     let repo = Arc::clone(repo);
     let planner = tokio::spawn(async move {
         let window = Arc::new(Semaphore::new(RESTORE_PACKS_AHEAD));
-        let mut recent = RecentPacks(std::collections::VecDeque::new());
+        let mut recent = RecentPacks::new(repo.pack_cache_packs());
         let mut nodes = repo.catalog_nodes(&tenant, catalog);
         while let Some(node) = nodes.recv().await {
             let mut node = node.map_err(status)?;
@@ -873,4 +882,25 @@ async fn restore_stream(
         let _ = tx.send(Ok(msg)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentPacks;
+
+    #[test]
+    fn recent_packs_remember_as_many_as_the_cache() {
+        let mut r = RecentPacks::new(2);
+        assert!(r.note("a"));
+        assert!(!r.note("a"));
+        assert!(r.note("b"));
+        assert!(r.note("c")); // "a" is forgotten, as the cache would evict it
+        assert!(r.note("a"));
+        assert!(!r.note("c"));
+        let mut one = RecentPacks::new(0);
+        assert!(one.note("x"));
+        assert!(!one.note("x"));
+        assert!(one.note("y"));
+        assert!(one.note("x"));
+    }
 }
