@@ -153,7 +153,7 @@ fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
 /// With `BENCH_KEEP_LOGS=<dir>`, keeps each run's stderr there (numbered, in run order),
 /// for timelines: `RUST_LOG=debug` then applies to the clients and the server.
 fn keep_log(log: &Path, what: &str) {
-    let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") else {
+    let Some(dir) = keep_logs_dir() else {
         return;
     };
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -164,7 +164,12 @@ fn keep_log(log: &Path, what: &str) {
         .take(60)
         .collect();
     let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::copy(log, Path::new(&dir).join(format!("{n:03}-{name}.log")));
+    let _ = std::fs::copy(log, dir.join(format!("{n:03}-{name}.log")));
+}
+
+/// Where run logs are kept, if `BENCH_KEEP_LOGS` asks for them.
+fn keep_logs_dir() -> Option<PathBuf> {
+    std::env::var_os("BENCH_KEEP_LOGS").map(PathBuf::from)
 }
 
 fn proc_cpu(pid: u32) -> f64 {
@@ -597,8 +602,8 @@ impl Ours {
         let mut cmd = self.client.command(args);
         cmd.stdin(Stdio::null()).stdout(stdout);
         let (wall, cpu, rss) = measured(cmd, &format!("datamover-client {args:?}"))?;
-        if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
-            let _ = std::fs::write(Path::new(&dir).join("server.log"), self.server.log());
+        if let Some(dir) = keep_logs_dir() {
+            let _ = std::fs::write(dir.join("server.log"), self.server.log());
         }
         Ok(Sample {
             wall,

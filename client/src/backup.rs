@@ -346,19 +346,27 @@ fn stat_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
 }
 
+/// A name of a directory, its path, and its metadata (or why it could not be read).
+type Stat = (
+    std::ffi::OsString,
+    PathBuf,
+    std::io::Result<std::fs::Metadata>,
+);
+
 /// `lstat` of `dir/name` for each name, in order, over up to `threads` threads.
-fn stat_batch(
-    dir: &Path,
-    names: Vec<std::ffi::OsString>,
-    threads: usize,
-) -> Vec<(std::ffi::OsString, std::io::Result<std::fs::Metadata>)> {
-    let stat = |names: &[std::ffi::OsString]| -> Vec<std::io::Result<std::fs::Metadata>> {
-        names
-            .iter()
-            .map(|n| std::fs::symlink_metadata(dir.join(n)))
-            .collect()
-    };
-    let metas = if threads < 2 || names.len() < STAT_PARALLEL_MIN {
+fn stat_batch(dir: &Path, names: Vec<std::ffi::OsString>, threads: usize) -> Vec<Stat> {
+    let stat =
+        |names: &[std::ffi::OsString]| -> Vec<(PathBuf, std::io::Result<std::fs::Metadata>)> {
+            names
+                .iter()
+                .map(|n| {
+                    let abs = dir.join(n);
+                    let meta = std::fs::symlink_metadata(&abs);
+                    (abs, meta)
+                })
+                .collect()
+        };
+    let stats = if threads < 2 || names.len() < STAT_PARALLEL_MIN {
         stat(&names)
     } else {
         let part = names.len().div_ceil(threads);
@@ -366,18 +374,27 @@ fn stat_batch(
             let mut parts = names.chunks(part);
             let mine = parts.next().unwrap_or_default();
             let others: Vec<_> = parts.map(|p| s.spawn(move || stat(p))).collect();
-            let mut metas = stat(mine);
-            for h in others {
+            let mut stats = stat(mine);
+            for (h, p) in others.into_iter().zip(names.chunks(part).skip(1)) {
                 match h.join() {
-                    Ok(m) => metas.extend(m),
+                    Ok(m) => stats.extend(m),
                     // A panicking lstat cannot happen; should it, the walk stops cleanly.
-                    Err(_) => metas.push(Err(std::io::Error::other("metadata thread failed"))),
+                    Err(_) => stats.extend(p.iter().map(|n| {
+                        (
+                            dir.join(n),
+                            Err(std::io::Error::other("metadata thread failed")),
+                        )
+                    })),
                 }
             }
-            metas
+            stats
         })
     };
-    names.into_iter().zip(metas).collect()
+    names
+        .into_iter()
+        .zip(stats)
+        .map(|(name, (abs, meta))| (name, abs, meta))
+        .collect()
 }
 
 /// One directory of the walk being visited.
@@ -387,7 +404,7 @@ struct Level {
     /// Its remaining sorted names.
     names: std::vec::IntoIter<std::ffi::OsString>,
     /// The next names, with their metadata already read.
-    ready: std::collections::VecDeque<(std::ffi::OsString, std::io::Result<std::fs::Metadata>)>,
+    ready: std::collections::VecDeque<Stat>,
 }
 
 /// The walk: depth-first, each directory's names in byte order (the catalog's order).
@@ -414,7 +431,7 @@ impl Walker {
     fn next(&mut self) -> Result<Option<Entry>, ClientError> {
         // Bounded by the tree: every turn consumes a name, reads a batch or pops a level.
         while let Some(level) = self.stack.last_mut() {
-            let Some((name, meta)) = level.ready.pop_front() else {
+            let Some((name, abs, meta)) = level.ready.pop_front() else {
                 let batch: Vec<_> = level.names.by_ref().take(STAT_BATCH).collect();
                 if batch.is_empty() {
                     self.stack.pop();
@@ -423,7 +440,6 @@ impl Walker {
                 }
                 continue;
             };
-            let abs = level.dir.join(&name);
             let mut rel = level.rel.clone();
             if !rel.is_empty() {
                 rel.push(b'/');
@@ -980,13 +996,14 @@ mod tests {
             .collect();
         let got = stat_batch(dir.path(), names.clone(), 3);
         assert_eq!(got.len(), names.len());
-        for (i, (name, meta)) in got.iter().enumerate().take(STAT_BATCH) {
+        for (i, (name, abs, meta)) in got.iter().enumerate().take(STAT_BATCH) {
             assert_eq!(name, &names[i]);
+            assert_eq!(abs, &dir.path().join(name));
             assert_eq!(meta.as_ref().expect("stat").len(), i as u64);
         }
         let last = got.last().expect("last");
         assert_eq!(
-            last.1.as_ref().map_err(|e| e.kind()).err(),
+            last.2.as_ref().map_err(|e| e.kind()).err(),
             Some(std::io::ErrorKind::NotFound)
         );
 

@@ -685,9 +685,10 @@ struct RecentPacks {
 
 impl RecentPacks {
     fn new(capacity: usize) -> RecentPacks {
+        let capacity = capacity.max(1);
         RecentPacks {
             packs: std::collections::VecDeque::with_capacity(capacity),
-            capacity: capacity.max(1),
+            capacity,
         }
     }
 

@@ -262,7 +262,6 @@ impl Server {
         );
     }
 
-    /// A client environment with credential `credential` for `id`, pinned to this server.
     /// Settings for connecting to this server in-process (pinned to its certificate),
     /// for tests that speak the protocol directly.
     pub fn client_settings(
@@ -285,6 +284,7 @@ impl Server {
         }
     }
 
+    /// A client environment with credential `credential` for `id`, pinned to this server.
     pub fn client(&self, id: &str, credential: &str) -> Client {
         Client::new(self, id, credential)
     }
