@@ -269,6 +269,15 @@ impl Index {
         })
     }
 
+    /// Does any chunk of this tenant count as absent because its copy is condemned?
+    pub fn has_condemned(&self, tenant: &str) -> bool {
+        self.condemned.keys().any(|id| {
+            self.chunks.get(id).is_some_and(|l| {
+                self.same_tenant(l.tenant, tenant) && self.is_condemned_at(id, l.pack)
+            })
+        })
+    }
+
     /// A condemned chunk of this tenant that is still readable (so it can be rescued).
     pub fn condemned_copy(&self, tenant: &str, id: &ChunkId) -> Option<Found> {
         let l = *self.chunks.get(id)?;
@@ -382,6 +391,11 @@ mod tests {
         ix.add_pack(&pack("old", id));
         ix.condemn(id, "old");
         assert!(!ix.is_stored("a", &id));
+        assert!(ix.has_condemned("a"));
+        assert!(
+            !ix.has_condemned("b"),
+            "another tenant's condemnations are not ours"
+        );
         assert_eq!(ix.condemned_copy("a", &id).unwrap().pack, "old");
         // a backup may store it again: the new copy is the one reads use
         assert!(ix.reserve("a", id));
@@ -389,6 +403,10 @@ mod tests {
         assert!(ix.is_stored("a", &id));
         assert_eq!(ix.find("a", &id).unwrap().pack, "new");
         assert!(ix.condemned_copy("a", &id).is_none());
+        assert!(
+            !ix.has_condemned("a"),
+            "the live copy is the one that counts"
+        );
         // a condemnation of the old copy does not touch the new one
         ix.add_pack(&pack("third", id));
         assert_eq!(ix.find("a", &id).unwrap().pack, "new");

@@ -685,21 +685,34 @@ impl Repository {
     }
 
     /// The chunk ids a catalog refers to (catalog chunks included) that are not stored.
+    ///
+    /// `committed` is the catalog of a snapshot of this tenant that existed when the
+    /// backup began (its parent), or empty. When the new catalog is the same and none of
+    /// the tenant's chunks is condemned, the catalog is not read back: every chunk it
+    /// names was checked when that snapshot was committed, and cannot have gone since
+    /// (a sweep deletes only condemned copies that no snapshot names, and not while a
+    /// backup that began before their condemnation runs). An unchanged re-backup of a
+    /// large tree then costs no catalog download at commit.
     pub async fn missing_references(
         self: &Arc<Self>,
         tenant: &str,
         catalog: &[ChunkId],
+        committed: &[ChunkId],
     ) -> Result<Vec<ChunkId>, RepoError> {
-        let absent: Vec<ChunkId> = {
+        let (absent, condemned) = {
             let ix = self.index.read().map_err(poisoned)?;
-            catalog
+            let absent: Vec<ChunkId> = catalog
                 .iter()
                 .filter(|c| !ix.is_stored(tenant, c))
                 .copied()
-                .collect()
+                .collect();
+            (absent, ix.has_condemned(tenant))
         };
         if !absent.is_empty() {
             return Ok(absent);
+        }
+        if catalog == committed && !condemned {
+            return Ok(Vec::new());
         }
         let mut missing = Vec::new();
         let mut nodes = self.catalog_nodes(tenant, catalog.to_vec());
@@ -809,4 +822,100 @@ fn find_by_id(all: &[SnapshotFile], spec: &str) -> Result<SnapshotFile, RepoErro
         }
     }
     Err(RepoError::SnapshotNotFound(spec.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FsStore;
+    use datamover_core::catalog::encode_node;
+    use datamover_proto::v1::{Node, NodeType};
+
+    fn options() -> RepositoryOptions {
+        RepositoryOptions {
+            kdf_memory_kib: 64,
+            ..RepositoryOptions::default()
+        }
+    }
+
+    /// Stores one file chunk and a one-chunk catalog naming it; returns both ids.
+    async fn store_tree(repo: &Arc<Repository>) -> (ChunkId, ChunkId) {
+        let key = repo.chunk_id_key("t");
+        let data = Bytes::from_static(b"the contents of a file");
+        let file = key.id(&data);
+        let mut catalog = Vec::new();
+        let node = Node {
+            path: Bytes::from_static(b"a"),
+            r#type: NodeType::File as i32,
+            size: data.len() as u64,
+            chunks: vec![Bytes::copy_from_slice(&file.0)],
+            ..Default::default()
+        };
+        encode_node(&node, &mut catalog);
+        let catalog = Bytes::from(catalog);
+        let cat = key.id(&catalog);
+        repo.add_chunks("t", vec![(file, data), (cat, catalog)])
+            .await
+            .unwrap();
+        repo.flush().await.unwrap();
+        (file, cat)
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_the_parents_catalog_is_not_read_back_unless_something_is_condemned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FsStore::new(dir.path()));
+        let repo = Repository::open(Arc::clone(&store), b"pw", options())
+            .await
+            .unwrap();
+        let (file, cat) = store_tree(&repo).await;
+        let catalog = [cat];
+
+        // Read back: everything is stored.
+        assert!(
+            repo.missing_references("t", &catalog, &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A condemned file chunk is found by reading the catalog back, even when the
+        // catalog is the parent's, so the commit rescues it.
+        let pack = repo
+            .index
+            .read()
+            .unwrap()
+            .canonical(&file)
+            .unwrap()
+            .0
+            .to_string();
+        repo.index.write().unwrap().condemn(file, &pack);
+        assert_eq!(
+            repo.missing_references("t", &catalog, &catalog)
+                .await
+                .unwrap(),
+            vec![file]
+        );
+        repo.index.write().unwrap().clear_condemned();
+
+        // With the pack gone from the store (and a fresh cache), a read-back fails; the
+        // parent's catalog with nothing condemned is not read at all.
+        drop(repo);
+        std::fs::remove_file(dir.path().join(FileType::Pack.key(&pack))).unwrap();
+        let repo = Repository::open(store, b"pw", options()).await.unwrap();
+        repo.refresh_index().await.unwrap();
+        assert!(
+            repo.missing_references("t", &catalog, &catalog)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(repo.missing_references("t", &catalog, &[]).await.is_err());
+        let other = [cat, cat];
+        assert!(
+            repo.missing_references("t", &other, &catalog)
+                .await
+                .is_err(),
+            "a different catalog is read back"
+        );
+    }
 }

@@ -56,6 +56,9 @@ pub struct Session {
     kind: SnapshotKindName,
     source: String,
     hostname: String,
+    /// The catalog of the snapshot this backup follows (empty if none): a commit of the
+    /// same catalog need not read it back.
+    parent_catalog: Vec<ChunkId>,
     last_used: Instant,
 }
 
@@ -228,6 +231,10 @@ impl Datamover for DatamoverService {
                     kind,
                     source: r.source,
                     hostname: r.hostname,
+                    parent_catalog: parent
+                        .as_ref()
+                        .and_then(|p| p.catalog_ids().ok())
+                        .unwrap_or_default(),
                     started_unix: SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),
@@ -341,7 +348,7 @@ impl Datamover for DatamoverService {
                 self.repo.flush().await.map_err(status)?;
                 missing = self
                     .repo
-                    .missing_references(&id.tenant, &catalog)
+                    .missing_references(&id.tenant, &catalog, &session.parent_catalog)
                     .await
                     .map_err(status)?;
                 if missing.is_empty() {
