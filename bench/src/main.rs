@@ -1152,6 +1152,18 @@ fn real_main() -> Res<()> {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| work.path().display().to_string());
+    // A loop device says whether it does direct I/O (no second copy of every page).
+    let work_fs = match work_fs
+        .split_whitespace()
+        .nth(1)
+        .and_then(|dev| dev.strip_prefix("/dev/"))
+        .filter(|dev| dev.starts_with("loop"))
+        .and_then(|dev| std::fs::read_to_string(format!("/sys/block/{dev}/loop/dio")).ok())
+    {
+        Some(dio) if dio.trim() == "1" => format!("{work_fs} (loop device with direct I/O)"),
+        Some(_) => format!("{work_fs} (loop device, buffered)"),
+        None => work_fs,
+    };
     let cold = if b.caches_dropped.get() == Some(true) {
         "yes (every tool starts cold)"
     } else {
