@@ -69,6 +69,8 @@ impl ClientError {
                     "reset",
                     "h2 protocol",
                     "stream closed",
+                    // hyper's word for a call whose connection went away under it
+                    "operation was canceled",
                 ]
                 .iter()
                 .any(|k| m.contains(k))
@@ -100,5 +102,18 @@ impl ClientError {
 impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
         ClientError::from_status(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_cancelled_under_a_dropped_connection_is_a_lost_connection() {
+        let cut = ClientError::from_status(Status::cancelled("operation was canceled"));
+        assert!(cut.is_connection_lost(), "{cut}");
+        let refused = ClientError::from_status(Status::internal("the store is read-only"));
+        assert!(!refused.is_connection_lost(), "{refused}");
     }
 }
