@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -224,23 +224,76 @@ impl PrevCatalog {
     }
 }
 
-fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.mtime_nsec())
+fn mtime_ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
 }
 
-fn node_from(path: Vec<u8>, m: &std::fs::Metadata, ty: NodeType) -> Node {
+/// What a backup keeps of an entry's `lstat`.
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    /// `st_mode`: the file type and the permission bits.
+    mode: u32,
+    ino: u64,
+    dev: u64,
+    size: u64,
+    mtime_ns: i64,
+    uid: u32,
+    gid: u32,
+}
+
+impl Meta {
+    fn of_std(m: &std::fs::Metadata) -> Meta {
+        Meta {
+            mode: m.mode(),
+            ino: m.ino(),
+            dev: m.dev(),
+            size: m.size(),
+            mtime_ns: mtime_ns(m.mtime(), m.mtime_nsec()),
+            uid: m.uid(),
+            gid: m.gid(),
+        }
+    }
+
+    fn of_stat(st: &libc::stat) -> Meta {
+        Meta {
+            mode: st.st_mode,
+            ino: st.st_ino,
+            dev: st.st_dev,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: mtime_ns(st.st_mtime, st.st_mtime_nsec),
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }
+    }
+
+    fn is(&self, format: libc::mode_t) -> bool {
+        self.mode & libc::S_IFMT == format
+    }
+    fn is_dir(&self) -> bool {
+        self.is(libc::S_IFDIR)
+    }
+    fn is_file(&self) -> bool {
+        self.is(libc::S_IFREG)
+    }
+    fn is_symlink(&self) -> bool {
+        self.is(libc::S_IFLNK)
+    }
+    fn is_fifo(&self) -> bool {
+        self.is(libc::S_IFIFO)
+    }
+}
+
+fn node_from(path: Vec<u8>, m: &Meta, ty: NodeType) -> Node {
     Node {
         path: path.into(),
         r#type: ty as i32,
-        mode: m.mode() & 0o7777,
-        mtime_ns: mtime_ns(m),
-        uid: m.uid(),
-        gid: m.gid(),
-        size: if ty == NodeType::File { m.size() } else { 0 },
-        inode: m.ino(),
-        dev: m.dev(),
+        mode: m.mode & 0o7777,
+        mtime_ns: m.mtime_ns,
+        uid: m.uid,
+        gid: m.gid,
+        size: if ty == NodeType::File { m.size } else { 0 },
+        inode: m.ino,
+        dev: m.dev,
         link_target: Default::default(),
         chunks: Vec::new(),
     }
@@ -272,7 +325,7 @@ const LOOKAHEAD_BYTES: u64 = 4 * 1024 * 1024;
 struct Entry {
     abs: PathBuf,
     rel: Vec<u8>,
-    meta: std::fs::Metadata,
+    meta: Meta,
     prep: Prep,
 }
 
@@ -288,7 +341,7 @@ enum Prep {
 }
 
 impl Entry {
-    fn new(abs: PathBuf, rel: Vec<u8>, meta: std::fs::Metadata) -> Entry {
+    fn new(abs: PathBuf, rel: Vec<u8>, meta: Meta) -> Entry {
         Entry {
             abs,
             rel,
@@ -300,15 +353,15 @@ impl Entry {
     /// For a regular file: finds it in the previous snapshot (in walk order), or opens
     /// it and asks the kernel to start reading it. Returns whether it opened a file.
     fn prepare(&mut self, prev: &mut Option<PrevCatalog>) -> bool {
-        if !self.meta.file_type().is_file() {
+        if !self.meta.is_file() {
             return false;
         }
         let m = &self.meta;
         let unchanged = prev.as_mut().and_then(|p| p.find(&self.rel)).filter(|p| {
             p.r#type == NodeType::File as i32
-                && p.size == m.size()
-                && p.mtime_ns == mtime_ns(m)
-                && p.inode == m.ino()
+                && p.size == m.size
+                && p.mtime_ns == m.mtime_ns
+                && p.inode == m.ino
         });
         if let Some(p) = unchanged {
             self.prep = Prep::Unchanged(p);
@@ -316,7 +369,7 @@ impl Entry {
         }
         match File::open(&self.abs) {
             Ok(f) => {
-                let len = m.size().min(LOOKAHEAD_BYTES) as libc::off_t;
+                let len = m.size.min(LOOKAHEAD_BYTES) as libc::off_t;
                 // SAFETY: the fd is open for the duration of the call. Only a hint:
                 // its result does not matter.
                 unsafe {
@@ -347,25 +400,54 @@ fn stat_threads() -> usize {
 }
 
 /// A name of a directory, its path, and its metadata (or why it could not be read).
-type Stat = (
-    std::ffi::OsString,
-    PathBuf,
-    std::io::Result<std::fs::Metadata>,
-);
+type Stat = (std::ffi::OsString, PathBuf, std::io::Result<Meta>);
 
-/// `lstat` of `dir/name` for each name, in order, over up to `threads` threads.
-fn stat_batch(dir: &Path, names: Vec<std::ffi::OsString>, threads: usize) -> Vec<Stat> {
-    let stat =
-        |names: &[std::ffi::OsString]| -> Vec<(PathBuf, std::io::Result<std::fs::Metadata>)> {
-            names
-                .iter()
-                .map(|n| {
-                    let abs = dir.join(n);
-                    let meta = std::fs::symlink_metadata(&abs);
-                    (abs, meta)
-                })
-                .collect()
-        };
+/// A directory of the walk, opened to look its names up in (`O_PATH`: nothing is read
+/// through it), so each `lstat` resolves one name instead of every component of the
+/// path again (about 1 µs per entry on deep trees).
+fn open_dir(dir: &Path) -> Result<File, ClientError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| ClientError::io(dir.display(), e))
+}
+
+/// `lstat` of `name` in the directory open as `dir`.
+fn lstat_at(dir: &File, name: &std::ffi::OsStr) -> std::io::Result<Meta> {
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a file name holds a NUL byte",
+        )
+    })?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `name` is NUL-terminated and outlives the call, `st` is writable, and the
+    // fd is open for the call's duration.
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a successful fstatat filled `st`.
+    Ok(Meta::of_stat(unsafe { st.assume_init_ref() }))
+}
+
+/// `lstat` of `dir/name` for each name, in order, over up to `threads` threads; `fd` is
+/// `dir` opened by [`open_dir`].
+fn stat_batch(dir: &Path, fd: &File, names: Vec<std::ffi::OsString>, threads: usize) -> Vec<Stat> {
+    let stat = |names: &[std::ffi::OsString]| -> Vec<(PathBuf, std::io::Result<Meta>)> {
+        names
+            .iter()
+            .map(|n| (dir.join(n), lstat_at(fd, n)))
+            .collect()
+    };
     let stats = if threads < 2 || names.len() < STAT_PARALLEL_MIN {
         stat(&names)
     } else {
@@ -400,6 +482,8 @@ fn stat_batch(dir: &Path, names: Vec<std::ffi::OsString>, threads: usize) -> Vec
 /// One directory of the walk being visited.
 struct Level {
     dir: PathBuf,
+    /// `dir`, opened by [`open_dir`].
+    fd: File,
     rel: Vec<u8>,
     /// Its remaining sorted names.
     names: std::vec::IntoIter<std::ffi::OsString>,
@@ -418,6 +502,7 @@ impl Walker {
     fn new(root: &Path) -> Result<Walker, ClientError> {
         Ok(Walker {
             stack: vec![Level {
+                fd: open_dir(root)?,
                 dir: root.to_path_buf(),
                 rel: Vec::new(),
                 names: sorted_entries(root)?.into_iter(),
@@ -436,7 +521,7 @@ impl Walker {
                 if batch.is_empty() {
                     self.stack.pop();
                 } else {
-                    level.ready = stat_batch(&level.dir, batch, self.threads).into();
+                    level.ready = stat_batch(&level.dir, &level.fd, batch, self.threads).into();
                 }
                 continue;
             };
@@ -451,8 +536,10 @@ impl Walker {
                 Err(e) => return Err(ClientError::io(abs.display(), e)),
             };
             if meta.is_dir() {
+                let fd = open_dir(&abs)?;
                 let names = sorted_entries(&abs)?;
                 self.stack.push(Level {
+                    fd,
                     dir: abs.clone(),
                     rel: rel.clone(),
                     names: names.into_iter(),
@@ -473,25 +560,24 @@ fn visit(em: &mut Emitter, entry: Entry) -> Result<(), ClientError> {
         meta: m,
         prep,
     } = entry;
-    let ft = m.file_type();
-    if ft.is_dir() {
+    if m.is_dir() {
         em.stats.dirs += 1;
         let node = node_from(rel, &m, NodeType::Dir);
         return em.node(&node);
     }
-    if ft.is_symlink() {
+    if m.is_symlink() {
         let target = std::fs::read_link(&abs).map_err(|e| ClientError::io(abs.display(), e))?;
         let mut node = node_from(rel, &m, NodeType::Symlink);
         node.link_target = Bytes::copy_from_slice(target.as_os_str().as_bytes());
         em.stats.other += 1;
         return em.node(&node);
     }
-    if ft.is_fifo() {
+    if m.is_fifo() {
         em.stats.other += 1;
         let node = node_from(rel, &m, NodeType::Fifo);
         return em.node(&node);
     }
-    if !ft.is_file() {
+    if !m.is_file() {
         tracing::warn!(path = %abs.display(), "skipping a socket or device file");
         return Ok(());
     }
@@ -524,6 +610,7 @@ fn visit(em: &mut Emitter, entry: Entry) -> Result<(), ClientError> {
 /// Walks `root` in the catalog's order, preparing up to [`LOOKAHEAD_FILES`] files ahead.
 fn walk(root: &Path, em: &mut Emitter, mut prev: Option<PrevCatalog>) -> Result<(), ClientError> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| ClientError::io(root.display(), e))?;
+    let meta = Meta::of_std(&meta);
     if !meta.is_dir() {
         let name = root
             .file_name()
@@ -980,6 +1067,37 @@ mod tests {
     }
 
     #[test]
+    fn lstat_at_reads_the_entry_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+        std::fs::write(dir.path().join("d/f"), b"12345").expect("write");
+        std::os::unix::fs::symlink("d", dir.path().join("l")).expect("symlink");
+        let fd = open_dir(dir.path()).expect("open");
+        let link = lstat_at(&fd, "l".as_ref()).expect("lstat l");
+        assert!(link.is_symlink() && !link.is_dir());
+        assert!(lstat_at(&fd, "d".as_ref()).expect("lstat d").is_dir());
+        let sub = open_dir(&dir.path().join("d")).expect("open d");
+        let f = lstat_at(&sub, "f".as_ref()).expect("lstat f");
+        let std_meta = std::fs::symlink_metadata(dir.path().join("d/f")).expect("metadata");
+        let want = Meta::of_std(&std_meta);
+        assert!(f.is_file() && !f.is_fifo());
+        assert_eq!(
+            (f.mode, f.ino, f.dev, f.size, f.mtime_ns, f.uid, f.gid),
+            (
+                want.mode,
+                want.ino,
+                want.dev,
+                5,
+                want.mtime_ns,
+                want.uid,
+                want.gid
+            )
+        );
+        let missing = lstat_at(&fd, "missing".as_ref()).expect_err("missing");
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
     fn walk_reads_batches_in_order_over_threads() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Sizes tell the entries apart; 600 files make a full batch split over threads
@@ -994,12 +1112,13 @@ mod tests {
             .map(|i| std::ffi::OsString::from(format!("f{i:04}")))
             .chain([std::ffi::OsString::from("missing")])
             .collect();
-        let got = stat_batch(dir.path(), names.clone(), 3);
+        let fd = open_dir(dir.path()).expect("open");
+        let got = stat_batch(dir.path(), &fd, names.clone(), 3);
         assert_eq!(got.len(), names.len());
         for (i, (name, abs, meta)) in got.iter().enumerate().take(STAT_BATCH) {
             assert_eq!(name, &names[i]);
             assert_eq!(abs, &dir.path().join(name));
-            assert_eq!(meta.as_ref().expect("stat").len(), i as u64);
+            assert_eq!(meta.as_ref().expect("stat").size, i as u64);
         }
         let last = got.last().expect("last");
         assert_eq!(
@@ -1015,7 +1134,7 @@ mod tests {
                     .expect("utf8")
                     .parse()
                     .expect("n");
-                assert_eq!(e.meta.len(), i);
+                assert_eq!(e.meta.size, i);
             }
             seen.push(String::from_utf8(e.rel).expect("utf8"));
         }
