@@ -332,10 +332,8 @@ impl Datamover for DatamoverService {
         .ok_or_else(|| Status::not_found("no such backup session"))?;
         let result = async {
             self.still_authorized(&id)?;
+            // An empty catalog is the snapshot of an empty directory.
             let catalog = parse_ids(&r.catalog)?;
-            if catalog.is_empty() {
-                return Err(Status::invalid_argument("a snapshot needs a catalog"));
-            }
             // Everything referenced must be stored before the snapshot names it. What
             // maintenance did meanwhile (on any replica) is loaded first; chunks it
             // condemned are copied back; chunks another session is still writing may

@@ -175,6 +175,41 @@ fn files_round_trip_incremental_and_list() {
 }
 
 #[test]
+fn an_empty_directory_backs_up_and_restores_as_an_empty_directory() {
+    // An empty volume (a fresh PVC, a device with nothing to sync yet) is a valid
+    // backup: its snapshot has an empty catalog, and restoring it makes the directory.
+    let server = Server::start(Storage::Filesystem, &[("client-a", TOKEN)]);
+    let client = server.client("client-a", TOKEN);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("empty");
+    std::fs::create_dir(&src).unwrap();
+
+    let first = client.ok(&["backup_files", src.to_str().unwrap(), "vol"]);
+    assert_eq!(first["files"], 0, "{first}");
+    assert_eq!(first["chunks_sent"], 0, "{first}");
+    let again = client.ok(&["backup_files", src.to_str().unwrap(), "vol"]);
+    assert_ne!(again["snapshot_id"], first["snapshot_id"]);
+
+    let out = work.path().join("restored");
+    let r = client.ok(&["restore_files", out.to_str().unwrap(), "vol"]);
+    assert_eq!(r["snapshot_id"], again["snapshot_id"], "{r}");
+    assert!(out.is_dir(), "the restore makes the directory");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+
+    assert_eq!(client.ok(&["list", "vol"])["count"], 2);
+    let verify = client.ok(&["verify", "--read-data"]);
+    assert_eq!(verify["problems"], 0, "{verify}");
+
+    // Files added later back up on top of the empty snapshot as usual.
+    std::fs::write(src.join("later.txt"), b"added after the empty backup").unwrap();
+    let third = client.ok(&["backup_files", src.to_str().unwrap(), "vol"]);
+    assert_eq!(third["files"], 1, "{third}");
+    let out2 = work.path().join("restored2");
+    client.ok(&["restore_files", out2.to_str().unwrap(), "vol"]);
+    assert_same_tree(&src, &out2);
+}
+
+#[test]
 fn one_byte_change_in_a_100_mib_file_sends_under_1_mib() {
     let server = Server::start(Storage::Filesystem, &[("client-a", TOKEN)]);
     let client = server.client("client-a", TOKEN);
