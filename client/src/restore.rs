@@ -567,6 +567,12 @@ pub async fn restore_files(
     spec: &str,
 ) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
+    if std::fs::metadata(target).is_ok_and(|m| !m.is_dir()) {
+        return Err(ClientError::Usage(format!(
+            "the restore target {} exists and is not a directory: give a directory (made if missing); nothing was restored",
+            target.display()
+        )));
+    }
     let (snapshot, first, stream) = open(conn, spec, true).await?;
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target.display(), e))?;
     let counters = Arc::new(Counters::default());

@@ -197,6 +197,13 @@ fn an_empty_directory_backs_up_and_restores_as_an_empty_directory() {
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 
     assert_eq!(client.ok(&["list", "vol"])["count"], 2);
+    // A target that is a file is refused before anything is written, and kept.
+    let file = work.path().join("a-file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let r = client.run(&["restore_files", file.to_str().unwrap(), "vol"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is not a directory"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     let verify = client.ok(&["verify", "--read-data"]);
     assert_eq!(verify["problems"], 0, "{verify}");
 
