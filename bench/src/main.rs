@@ -1123,14 +1123,25 @@ fn real_main() -> Res<()> {
     }
     b.empty_trash();
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_default()
+    };
+    // The instruction sets that move the tools' hashing, compression and encryption
+    // (BLAKE3 widest with AVX-512, restic's SHA-256 with the SHA extensions), so runs on
+    // different machines can be told apart.
+    let flags: Vec<String> = field("flags")
+        .split_whitespace()
+        .filter(|f| ["avx2", "avx512f", "sha_ni", "aes", "vaes"].contains(f))
+        .map(str::to_string)
+        .collect();
+    let cpu = format!("{}; {}", field("model name"), flags.join(" "));
     let version = |c: &str, a: &str| {
         Command::new(c)
             .arg(a)
