@@ -402,6 +402,11 @@ fn stat_threads() -> usize {
 /// A name of a directory, its path, and its metadata (or why it could not be read).
 type Stat = (std::ffi::OsString, PathBuf, std::io::Result<Meta>);
 
+/// Directory levels the walk holds open (see [`open_dir`]); entries deeper than this are
+/// looked up by their full path, so a tree of any depth stays far inside the open-file
+/// limit (1,024 by default) beside the files read ahead.
+const HELD_DIR_LEVELS: usize = 64;
+
 /// A directory of the walk, opened to look its names up in (`O_PATH`: nothing is read
 /// through it), so each `lstat` resolves one name instead of every component of the
 /// path again (about 1 µs per entry on deep trees).
@@ -440,12 +445,24 @@ fn lstat_at(dir: &File, name: &std::ffi::OsStr) -> std::io::Result<Meta> {
 }
 
 /// `lstat` of `dir/name` for each name, in order, over up to `threads` threads; `fd` is
-/// `dir` opened by [`open_dir`].
-fn stat_batch(dir: &Path, fd: &File, names: Vec<std::ffi::OsString>, threads: usize) -> Vec<Stat> {
+/// `dir` opened by [`open_dir`], if it is held open.
+fn stat_batch(
+    dir: &Path,
+    fd: Option<&File>,
+    names: Vec<std::ffi::OsString>,
+    threads: usize,
+) -> Vec<Stat> {
     let stat = |names: &[std::ffi::OsString]| -> Vec<(PathBuf, std::io::Result<Meta>)> {
         names
             .iter()
-            .map(|n| (dir.join(n), lstat_at(fd, n)))
+            .map(|n| {
+                let abs = dir.join(n);
+                let meta = match fd {
+                    Some(fd) => lstat_at(fd, n),
+                    None => std::fs::symlink_metadata(&abs).map(|m| Meta::of_std(&m)),
+                };
+                (abs, meta)
+            })
             .collect()
     };
     let stats = if threads < 2 || names.len() < STAT_PARALLEL_MIN {
@@ -482,8 +499,8 @@ fn stat_batch(dir: &Path, fd: &File, names: Vec<std::ffi::OsString>, threads: us
 /// One directory of the walk being visited.
 struct Level {
     dir: PathBuf,
-    /// `dir`, opened by [`open_dir`].
-    fd: File,
+    /// `dir`, opened by [`open_dir`] in the first [`HELD_DIR_LEVELS`] levels.
+    fd: Option<File>,
     rel: Vec<u8>,
     /// Its remaining sorted names.
     names: std::vec::IntoIter<std::ffi::OsString>,
@@ -502,7 +519,7 @@ impl Walker {
     fn new(root: &Path) -> Result<Walker, ClientError> {
         Ok(Walker {
             stack: vec![Level {
-                fd: open_dir(root)?,
+                fd: Some(open_dir(root)?),
                 dir: root.to_path_buf(),
                 rel: Vec::new(),
                 names: sorted_entries(root)?.into_iter(),
@@ -521,7 +538,8 @@ impl Walker {
                 if batch.is_empty() {
                     self.stack.pop();
                 } else {
-                    level.ready = stat_batch(&level.dir, &level.fd, batch, self.threads).into();
+                    level.ready =
+                        stat_batch(&level.dir, level.fd.as_ref(), batch, self.threads).into();
                 }
                 continue;
             };
@@ -536,7 +554,11 @@ impl Walker {
                 Err(e) => return Err(ClientError::io(abs.display(), e)),
             };
             if meta.is_dir() {
-                let fd = open_dir(&abs)?;
+                let fd = if self.stack.len() < HELD_DIR_LEVELS {
+                    Some(open_dir(&abs)?)
+                } else {
+                    None
+                };
                 let names = sorted_entries(&abs)?;
                 self.stack.push(Level {
                     fd,
@@ -1113,8 +1135,19 @@ mod tests {
             .chain([std::ffi::OsString::from("missing")])
             .collect();
         let fd = open_dir(dir.path()).expect("open");
-        let got = stat_batch(dir.path(), &fd, names.clone(), 3);
+        let got = stat_batch(dir.path(), Some(&fd), names.clone(), 3);
         assert_eq!(got.len(), names.len());
+        // Below the levels held open, the same names are looked up by path alike.
+        let by_path = stat_batch(dir.path(), None, names.clone(), 3);
+        let view = |v: &[Stat]| -> Vec<_> {
+            v.iter()
+                .map(|(n, a, m)| {
+                    let m = m.as_ref().ok().map(|m| (m.mode, m.ino, m.size, m.mtime_ns));
+                    (n.clone(), a.clone(), m)
+                })
+                .collect()
+        };
+        assert_eq!(view(&got), view(&by_path));
         for (i, (name, abs, meta)) in got.iter().enumerate().take(STAT_BATCH) {
             assert_eq!(name, &names[i]);
             assert_eq!(abs, &dir.path().join(name));

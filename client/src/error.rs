@@ -53,6 +53,12 @@ impl ClientError {
                 "permission denied on {what}: run the client as a user that may access it"
             ));
         }
+        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+            return ClientError::Io(format!(
+                "{what}: {e}: raise the open-file limit (`ulimit -n`, or the container \
+                 runtime's nofile limit) and run again"
+            ));
+        }
         ClientError::Io(format!("{what}: {e}"))
     }
 
@@ -115,5 +121,12 @@ mod tests {
         assert!(cut.is_connection_lost(), "{cut}");
         let refused = ClientError::from_status(Status::internal("the store is read-only"));
         assert!(!refused.is_connection_lost(), "{refused}");
+    }
+
+    #[test]
+    fn running_out_of_open_files_says_to_raise_the_limit() {
+        let e = ClientError::io("/data/x", std::io::Error::from_raw_os_error(libc::EMFILE));
+        let m = e.to_string();
+        assert!(m.contains("/data/x") && m.contains("ulimit -n"), "{m}");
     }
 }

@@ -4,7 +4,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use datamover_tests::{Server, Storage, assert_same_tree, random_bytes};
+use datamover_tests::{Run, Server, Storage, assert_same_tree, random_bytes};
 
 const TOKEN: &str = "token-of-client-a";
 
@@ -214,6 +214,54 @@ fn an_empty_directory_backs_up_and_restores_as_an_empty_directory() {
     let out2 = work.path().join("restored2");
     client.ok(&["restore_files", out2.to_str().unwrap(), "vol"]);
     assert_same_tree(&src, &out2);
+}
+
+#[test]
+fn a_tree_deeper_than_the_open_file_limit_backs_up_and_restores() {
+    // The walk holds a few directory levels open; a legal tree deeper than the client's
+    // open-file limit (here 128, to keep the tree small; 1,024 is the usual default)
+    // must still back up and restore whole.
+    use std::os::unix::process::CommandExt;
+    let server = Server::start(Storage::Filesystem, &[("client-a", TOKEN)]);
+    let client = server.client("client-a", TOKEN);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("deep");
+    let mut dir = src.clone();
+    for level in 0..300 {
+        dir.push("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        if level % 50 == 0 {
+            std::fs::write(dir.join(format!("f{level}")), format!("level {level}")).unwrap();
+        }
+    }
+    std::fs::write(dir.join("bottom"), b"the deepest file").unwrap();
+    let limited = |args: &[&str]| {
+        let mut c = client.command(args);
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 128,
+                    rlim_max: 128,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let r = Run::from(c.stdin(Stdio::null()).output().unwrap());
+        assert!(r.success(), "{args:?} with 128 open files: {}", r.stderr);
+        r.json()
+    };
+    let first = limited(&["backup_files", src.to_str().unwrap(), "deep"]);
+    assert_eq!(first["files"], 7, "{first}");
+    assert_eq!(first["dirs"], 300, "{first}");
+    let again = limited(&["backup_files", src.to_str().unwrap(), "deep"]);
+    assert_eq!(again["files_unchanged"], 7, "{again}");
+    let out = work.path().join("restored");
+    limited(&["restore_files", out.to_str().unwrap(), "deep"]);
+    assert_same_tree(&src, &out);
 }
 
 #[test]
