@@ -11,7 +11,8 @@
 //! the run; peak RSS of each process (sampled `VmHWM`; for the long-running server,
 //! reset before each run); bytes added to the bucket under the tool's prefix. Before
 //! each run the bench flushes dirty data and waits until the file system creates files
-//! at its normal speed ([`Bench::quiesce`]).
+//! at its normal speed ([`Bench::quiesce`]). After each timed restore, untimed, the
+//! restored tree or stream is checked against its source ([`verify`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,6 +25,7 @@ use datamover_tests::{Garage, Server, Storage};
 use rand::{Rng, RngCore, SeedableRng};
 
 mod sync;
+mod verify;
 
 type Res<T> = Result<T, String>;
 
@@ -336,6 +338,9 @@ struct Bench {
     trash: std::cell::Cell<usize>,
     /// Probe directories made by [`Bench::quiesce`].
     probes: std::cell::Cell<usize>,
+    /// Each restore checked against its source (untimed), by data set and tool: the
+    /// files and links compared, or what differed.
+    verified: BTreeMap<(String, Tool), Vec<Result<usize, String>>>,
 }
 
 /// Files created by one probe of [`Bench::quiesce`], and the time they may take.
@@ -525,6 +530,21 @@ impl Bench {
         Ok(c)
     }
 
+    /// Records the check of one restore (see [`verify`]).
+    fn checked(&mut self, ds: &str, tool: Tool, r: Result<usize, String>) {
+        match &r {
+            Ok(n) => eprintln!(
+                "  {:<10} restore checked: {n} entries as in the source (files and links)",
+                tool.name()
+            ),
+            Err(e) => eprintln!("  {:<10} RESTORE DIFFERS from the source: {e}", tool.name()),
+        }
+        self.verified
+            .entry((ds.to_string(), tool))
+            .or_default()
+            .push(r);
+    }
+
     fn record(&mut self, ds: &str, sc: Scenario, tool: Tool, s: Sample) {
         eprintln!(
             "  {:<10} {:<34} wall {:>7.2}s cpu {:>7.2}s rss {:>6.0} MiB{} garage cpu {:>6.2}s up {:>8.1} MiB",
@@ -678,12 +698,17 @@ fn tree_scenarios(
         c.stderr(Stdio::null());
         c
     };
+    let mut source: Option<verify::Tree> = None;
     for sc in [
         Scenario::First,
         Scenario::Unchanged,
         Scenario::Changed,
         Scenario::Restore,
     ] {
+        if sc == Scenario::Restore {
+            // What every restore is checked against (read after the timed backups).
+            source = Some(verify::digest(src)?);
+        }
         if sc == Scenario::Changed {
             if mutable {
                 change_one_percent(files, 1000 + rep as u64)?;
@@ -737,7 +762,9 @@ fn tree_scenarios(
                 }
                 (Tool::Rclone, false) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
             };
-            if restore {
+            if let (true, Some(want)) = (restore, &source) {
+                let got = verify::digest(&verify::restored_root(&out, src));
+                b.checked(ds, tool, got.and_then(|got| verify::compare(want, &got)));
                 b.discard(&out);
             }
             b.record(ds, sc, tool, s);
@@ -841,6 +868,47 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
             b.record(ds, sc, tool, s);
         }
     }
+    // Each tool's restore once more, untimed, into a file checked against the source.
+    let want = File::open(source)
+        .and_then(verify::hash)
+        .map_err(|e| format!("{}: {e}", source.display()))?;
+    let check = b.work.join("stream-check");
+    for &tool in &order {
+        let sink = || File::create(&check).map_err(|e| format!("{}: {e}", check.display()));
+        match tool {
+            Tool::Datamover => {
+                ours.run(b, &["restore_stream", "-", "dump"], Stdio::from(sink()?))?;
+            }
+            Tool::Restic => {
+                let mut c = b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]);
+                c.stdout(sink()?);
+                measured(c, "restic dump (check)")?;
+            }
+            Tool::Rustic => {
+                let mut c = b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?;
+                c.stdout(sink()?);
+                measured(c, "rustic dump (check)")?;
+            }
+            Tool::Rclone => {
+                let mut c = b.rclone(&["cat", &object]);
+                c.stdout(sink()?);
+                measured(c, "rclone cat (check)")?;
+            }
+        }
+        let got = File::open(&check)
+            .and_then(verify::hash)
+            .map_err(|e| format!("{}: {e}", check.display()))?;
+        let r = if got == want {
+            Ok(1)
+        } else {
+            Err(format!(
+                "{} bytes restored against {} in the source, or other bytes",
+                got.0, want.0
+            ))
+        };
+        b.checked(ds, tool, r);
+        let _ = std::fs::remove_file(&check);
+    }
     Ok(())
 }
 
@@ -908,6 +976,29 @@ fn report(b: &Bench, meta: &str) -> String {
         if let Some((mib, secs)) = b.floors.get(&ds) {
             out.push_str(&format!(
                 "\nFloor: uploading datamover's {mib:.0} MiB of compressed, encrypted packs to the same Garage with `rclone copy --transfers 8` alone takes {secs:.2} s.\n"
+            ));
+        }
+        let checks: Vec<String> = [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone]
+            .into_iter()
+            .filter_map(|tool| {
+                let v = b.verified.get(&(ds.clone(), tool))?;
+                let bad: Vec<&String> = v.iter().filter_map(|r| r.as_ref().err()).collect();
+                Some(match (bad.first(), v.first()) {
+                    (Some(e), _) => format!(
+                        "{} ✗ ({} of {} differ: {e})",
+                        tool.name(),
+                        bad.len(),
+                        v.len()
+                    ),
+                    (None, Some(Ok(n))) if *n > 1 => format!("{} ✓ ({n} entries)", tool.name()),
+                    (None, _) => format!("{} ✓", tool.name()),
+                })
+            })
+            .collect();
+        if !checks.is_empty() {
+            out.push_str(&format!(
+                "\nRestores checked against the source after the timed runs (every file's bytes and every link's target): {}.\n",
+                checks.join(", ")
             ));
         }
     }
@@ -1015,6 +1106,7 @@ fn real_main() -> Res<()> {
         tools,
         trash: std::cell::Cell::new(0),
         probes: std::cell::Cell::new(0),
+        verified: BTreeMap::new(),
     };
 
     let checkpoint = |b: &Bench| {
