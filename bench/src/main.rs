@@ -813,6 +813,15 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     }
     let fifo = b.work.join("bench.fifo");
     let object = format!("garage:{}/{rclone_prefix}/dump.sql", b.garage.bucket);
+    // The other tools' stream restore, to stdout (null unless set).
+    let dump = |b: &Bench, tool: Tool| -> Res<Command> {
+        Ok(match tool {
+            Tool::Restic => b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]),
+            Tool::Rustic => b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?,
+            Tool::Rclone => b.rclone(&["cat", &object]),
+            Tool::Datamover => return Err("datamover restores through its server".into()),
+        })
+    };
     for sc in [Scenario::StreamBackup, Scenario::StreamRestore] {
         for &tool in &order {
             let s = match (tool, sc) {
@@ -836,12 +845,7 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
                     c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
                     simple(b, &restic_prefix, c, "restic backup --stdin")
                 })?,
-                (Tool::Restic, _) => simple(
-                    b,
-                    &restic_prefix,
-                    b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]),
-                    "restic dump",
-                )?,
+                (Tool::Restic, _) => simple(b, &restic_prefix, dump(b, tool)?, "restic dump")?,
                 (Tool::Rustic, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
                     let mut c = b.rustic(
                         &rustic_prefix,
@@ -850,20 +854,13 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
                     c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
                     simple(b, &rustic_prefix, c, "rustic backup -")
                 })?,
-                (Tool::Rustic, _) => simple(
-                    b,
-                    &rustic_prefix,
-                    b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?,
-                    "rustic dump",
-                )?,
+                (Tool::Rustic, _) => simple(b, &rustic_prefix, dump(b, tool)?, "rustic dump")?,
                 (Tool::Rclone, Scenario::StreamBackup) => with_fifo_writer(&fifo, source, || {
                     let mut c = b.rclone(&["rcat", &object]);
                     c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
                     simple(b, &rclone_prefix, c, "rclone rcat")
                 })?,
-                (Tool::Rclone, _) => {
-                    simple(b, &rclone_prefix, b.rclone(&["cat", &object]), "rclone cat")?
-                }
+                (Tool::Rclone, _) => simple(b, &rclone_prefix, dump(b, tool)?, "rclone cat")?,
             };
             b.record(ds, sc, tool, s);
         }
@@ -875,25 +872,12 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let check = b.work.join("stream-check");
     for &tool in &order {
         let sink = || File::create(&check).map_err(|e| format!("{}: {e}", check.display()));
-        match tool {
-            Tool::Datamover => {
-                ours.run(b, &["restore_stream", "-", "dump"], Stdio::from(sink()?))?;
-            }
-            Tool::Restic => {
-                let mut c = b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]);
-                c.stdout(sink()?);
-                measured(c, "restic dump (check)")?;
-            }
-            Tool::Rustic => {
-                let mut c = b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?;
-                c.stdout(sink()?);
-                measured(c, "rustic dump (check)")?;
-            }
-            Tool::Rclone => {
-                let mut c = b.rclone(&["cat", &object]);
-                c.stdout(sink()?);
-                measured(c, "rclone cat (check)")?;
-            }
+        if tool == Tool::Datamover {
+            ours.run(b, &["restore_stream", "-", "dump"], Stdio::from(sink()?))?;
+        } else {
+            let mut c = dump(b, tool)?;
+            c.stdout(sink()?);
+            measured(c, &format!("{} stream restore (check)", tool.name()))?;
         }
         let got = File::open(&check)
             .and_then(verify::hash)

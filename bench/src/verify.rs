@@ -21,19 +21,10 @@ pub enum Entry {
 pub type Tree = BTreeMap<Vec<u8>, Entry>;
 
 /// Size and BLAKE3 of everything `r` yields.
-pub fn hash(mut r: impl Read) -> std::io::Result<(u64, [u8; 32])> {
+pub fn hash(r: impl Read) -> std::io::Result<(u64, [u8; 32])> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    // Bounded by the input: every turn consumes bytes, or ends at its end.
-    loop {
-        let got = r.read(&mut buf)?;
-        if got == 0 {
-            return Ok((n, *h.finalize().as_bytes()));
-        }
-        h.update(&buf[..got]);
-        n += got as u64;
-    }
+    h.update_reader(r)?;
+    Ok((h.count(), *h.finalize().as_bytes()))
 }
 
 /// The files and links under `root`.
