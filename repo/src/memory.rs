@@ -1,5 +1,84 @@
 //! Pack-sized buffers: each byte of a pack is written once into memory the kernel has
 //! to fault in and zero, which, in 4 KiB pages, costs more than some of the copies.
+//! [`PackBuffers`] keeps a few buffers of packs already uploaded for the next packs, so a
+//! long backup faults in and zeroes its pack memory once instead of once per pack.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// Free pack buffers kept for reuse: enough for the next pack to find one while the
+/// previous ones are still uploading, few enough that an idle server holds little.
+const KEPT_BUFFERS: usize = 2;
+
+/// A bounded pool of pack buffers, shared by everything in one repository that builds
+/// packs. Cloning shares the pool.
+#[derive(Clone, Default)]
+pub(crate) struct PackBuffers {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl PackBuffers {
+    /// An empty buffer with room for at least `capacity` bytes: a kept one if it is
+    /// large enough, else a new one backed by huge pages where the kernel allows.
+    pub fn take(&self, capacity: usize) -> Vec<u8> {
+        let kept = self.free.lock().ok().and_then(|mut free| free.pop());
+        if let Some(mut buf) = kept.filter(|b| b.capacity() >= capacity) {
+            buf.clear();
+            return buf;
+        }
+        let buf = Vec::with_capacity(capacity);
+        prefer_huge_pages(buf.as_ptr(), buf.capacity());
+        buf
+    }
+
+    /// The finished pack's bytes; its buffer comes back to the pool once the last
+    /// reference to them (the upload, a cache) is dropped.
+    pub fn share(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+
+    /// Frees the kept buffers (after a backup, so an idle server holds no pack memory).
+    pub fn release(&self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.clear();
+        }
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < KEPT_BUFFERS
+        {
+            free.push(buf);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+/// A pack's bytes on loan from a [`PackBuffers`] pool.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: PackBuffers,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
 
 /// Asks the kernel to back the whole pages of `[ptr, ptr + len)` with huge pages
 /// (transparent huge pages in `madvise` mode): a pack then faults in a few 2 MiB pages
@@ -19,6 +98,39 @@ pub(crate) fn prefer_huge_pages(ptr: *const u8, len: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::PackBuffers;
+
+    #[test]
+    fn a_pack_buffer_is_reused_once_its_bytes_are_dropped() {
+        let pool = PackBuffers::default();
+        let mut buf = pool.take(1 << 20);
+        buf.extend_from_slice(b"first pack");
+        let at = buf.as_ptr();
+        let bytes = pool.share(buf);
+        let upload = bytes.clone();
+        drop(bytes);
+        assert_eq!(pool.kept(), 0, "still referenced by the upload");
+        assert_eq!(&upload[..], b"first pack");
+        drop(upload);
+        assert_eq!(pool.kept(), 1);
+        let again = pool.take(1 << 20);
+        assert_eq!(again.as_ptr(), at, "the same memory, not a new allocation");
+        assert!(again.is_empty() && again.capacity() >= 1 << 20);
+        // A kept buffer too small for the request is not handed out.
+        drop(pool.share(again));
+        assert!(pool.take(2 << 20).capacity() >= 2 << 20);
+    }
+
+    #[test]
+    fn the_pool_keeps_few_buffers_and_releases_them() {
+        let pool = PackBuffers::default();
+        let all: Vec<_> = (0..5).map(|_| pool.share(pool.take(4096))).collect();
+        drop(all);
+        assert_eq!(pool.kept(), super::KEPT_BUFFERS);
+        pool.release();
+        assert_eq!(pool.kept(), 0);
+    }
+
     #[test]
     fn advice_keeps_contents() {
         let mut v = vec![7u8; 9 * 1024 * 1024];

@@ -10,17 +10,33 @@ use prost::Message;
 use crate::RepoError;
 use crate::crypto::{self, Keys};
 use crate::index::{BlobEntry, PackEntries};
+use crate::memory::PackBuffers;
 
-#[derive(Default)]
 pub(crate) struct PackBuilder {
     buf: Vec<u8>,
     blobs: Vec<BlobEntry>,
+    buffers: PackBuffers,
 }
 
 /// Room for a full pack and its last chunk, so filling it never reallocates.
 const PACK_CAPACITY: usize = 8 * 1024 * 1024 + 1024 * 1024 + 64 * 1024;
 
 impl PackBuilder {
+    /// An empty pack whose memory comes from (and goes back to) `buffers`.
+    pub fn new(buffers: PackBuffers) -> PackBuilder {
+        PackBuilder {
+            buf: Vec::new(),
+            blobs: Vec::new(),
+            buffers,
+        }
+    }
+
+    /// Takes the pack built so far, leaving an empty one on the same pool.
+    pub fn take(&mut self) -> PackBuilder {
+        let empty = PackBuilder::new(self.buffers.clone());
+        std::mem::replace(self, empty)
+    }
+
     pub fn len(&self) -> usize {
         self.buf.len()
     }
@@ -56,8 +72,7 @@ impl PackBuilder {
 
     pub fn add(&mut self, id: &ChunkId, tenant: &str, sealed: &[u8], raw_length: usize) {
         if self.buf.capacity() == 0 {
-            self.buf.reserve(PACK_CAPACITY.max(sealed.len()));
-            crate::memory::prefer_huge_pages(self.buf.as_ptr(), self.buf.capacity());
+            self.buf = self.buffers.take(PACK_CAPACITY.max(sealed.len()));
         }
         self.blobs.push(BlobEntry {
             id: id.0.to_vec(),
@@ -85,6 +100,6 @@ impl PackBuilder {
         buf.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         let name = blake3::hash(&buf).to_hex().to_string();
         entries.name = name.clone();
-        (name, Bytes::from(buf), entries)
+        (name, self.buffers.share(buf), entries)
     }
 }

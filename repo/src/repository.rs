@@ -17,6 +17,7 @@ use tokio::sync::{OnceCell, Semaphore, mpsc};
 use crate::RepoError;
 use crate::crypto::{self, KdfParams, Keys};
 use crate::index::{Index, IndexFile, PackEntries};
+use crate::memory::PackBuffers;
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
 use crate::store::{FileType, Store};
@@ -150,6 +151,8 @@ pub struct Repository {
     snapshots: Mutex<HashMap<String, SnapshotFile>>,
     /// Packs read recently or being read: concurrent readers of one pack share one GET.
     pack_cache: Mutex<lru::LruCache<String, Arc<OnceCell<Bytes>>>>,
+    /// Memory of packs already uploaded, kept for the next packs.
+    pack_buffers: PackBuffers,
 }
 
 mod maintenance;
@@ -197,6 +200,7 @@ impl Repository {
             .map_err(|e| RepoError::BadConfig(e.to_string()))?;
         let cache = NonZeroUsize::new(opts.pack_cache_packs.max(1)).unwrap_or(NonZeroUsize::MIN);
         let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
+        let pack_buffers = PackBuffers::default();
         let repo = Arc::new(Repository {
             store,
             keys,
@@ -204,7 +208,7 @@ impl Repository {
             chunker,
             index: RwLock::new(Index::default()),
             writer: tokio::sync::Mutex::new(Writer {
-                pack: PackBuilder::default(),
+                pack: PackBuilder::new(pack_buffers.clone()),
             }),
             uploads,
             unindexed: Mutex::new(Vec::new()),
@@ -212,6 +216,7 @@ impl Repository {
             condemned_files: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
             pack_cache: Mutex::new(lru::LruCache::new(cache)),
+            pack_buffers,
         });
         repo.refresh_index().await?;
         repo.adopt_orphan_packs().await?;
@@ -383,7 +388,7 @@ impl Repository {
             .acquire_owned()
             .await
             .map_err(|e| RepoError::Task(e.to_string()))?;
-        let pack = std::mem::take(&mut w.pack);
+        let pack = w.pack.take();
         let ids: Vec<ChunkId> = pack.ids().collect();
         let (name, bytes, entries) = pack.finish(&self.keys);
         let me = Arc::clone(self);
@@ -469,6 +474,9 @@ impl Repository {
         let mut w = self.writer.lock().await;
         self.write_pack(&mut w).await?;
         self.wait_for_uploads().await?;
+        // The kept pack buffers are freed between backups; the next one's first packs
+        // fault their memory in again.
+        self.pack_buffers.release();
         self.write_index().await
     }
 
@@ -859,6 +867,52 @@ mod tests {
             .unwrap();
         repo.flush().await.unwrap();
         (file, cat)
+    }
+
+    #[tokio::test]
+    async fn packs_reuse_their_buffers_during_a_backup_and_free_them_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FsStore::new(dir.path()));
+        let opts = RepositoryOptions {
+            pack_size: 64 * 1024,
+            upload_concurrency: 1,
+            ..options()
+        };
+        let repo = Repository::open(Arc::clone(&store), b"pw", opts)
+            .await
+            .unwrap();
+        let key = repo.chunk_id_key("t");
+        let mut ids = Vec::new();
+        // Incompressible chunks, so every pack fills up: eight packs, one at a time.
+        for i in 0..32u64 {
+            let mut data = vec![0u8; 20 * 1024];
+            let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for b in &mut data {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            let data = Bytes::from(data);
+            let id = key.id(&data);
+            ids.push(id);
+            repo.add_chunks("t", vec![(id, data)]).await.unwrap();
+        }
+        // With one upload at a time, the pack being filled finds the last uploaded
+        // pack's buffer kept.
+        assert!(repo.pack_buffers.kept() >= 1);
+        repo.flush().await.unwrap();
+        assert_eq!(
+            repo.pack_buffers.kept(),
+            0,
+            "freed once the backup is flushed"
+        );
+        // Every chunk reads back whole from the packs built in reused buffers.
+        let reopened = Repository::open(store, b"pw", options()).await.unwrap();
+        for id in &ids {
+            let data = reopened.read_chunk("t", id).await.unwrap();
+            assert_eq!(key.id(&data), *id);
+        }
     }
 
     #[tokio::test]

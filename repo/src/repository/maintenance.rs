@@ -579,7 +579,7 @@ impl Repository {
                 survivors.push(p.clone());
             }
         }
-        let mut builder = PackBuilder::default();
+        let mut builder = PackBuilder::new(self.pack_buffers.clone());
         for (name, fates) in &repack {
             let Some(entries) = packs.get(name) else {
                 continue;
@@ -598,7 +598,7 @@ impl Repository {
                 };
                 builder.add(&id, &b.tenant, sealed, b.raw_length as usize);
                 if builder.len() >= self.opts.pack_size {
-                    survivors.push(self.write_whole_pack(std::mem::take(&mut builder)).await?);
+                    survivors.push(self.write_whole_pack(builder.take()).await?);
                     report.packs_written += 1;
                 }
             }
@@ -607,6 +607,7 @@ impl Repository {
             survivors.push(self.write_whole_pack(builder).await?);
             report.packs_written += 1;
         }
+        self.pack_buffers.release();
         // The compacted index, in objects of about `chunks_per_index` chunks, so a
         // server loading it holds one object's entries at a time.
         let mut written: HashSet<String> = HashSet::new();
