@@ -181,6 +181,11 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Tls(e.to_string()))?
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        // Uploads arrive in HTTP/2 frames of up to 256 KiB instead of the default 16 KiB:
+        // 16 times fewer frames to parse, account for and copy out one by one. Measured
+        // on a 1 GiB stream backup to Garage, 14 pairs in alternating order: server CPU
+        // 3.87 s against 4.12 s (medians), lower in 13 of them, wall 4.96 against 5.13 s.
+        .max_frame_size(Some(256 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
