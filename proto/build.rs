@@ -4,6 +4,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/datamover/v1/datamover.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_build::configure().bytes(["."]).compile_fds(fds)?;
+    tonic_build::configure()
+        .bytes(["."])
+        .codec_path("crate::codec::SizedCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -8,8 +8,11 @@
 //! - [`protocols`]: parsing of the `PROTOCOLS` environment variable (`name:port` items);
 //! - [`fingerprint`]: the certificate fingerprint the server publishes in
 //!   `/etc/server/data` and the client pins through `SERVER_DATA`;
+//! - [`codec`]: the gRPC codec both sides' generated code uses (prost's, with each
+//!   message's buffer sized once);
 //! - the metadata names and message size limits below.
 
+pub mod codec;
 pub mod fingerprint;
 pub mod protocols;
 

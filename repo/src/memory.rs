@@ -16,6 +16,9 @@ const KEPT_BUFFERS: usize = 2;
 #[derive(Clone, Default)]
 pub(crate) struct PackBuffers {
     free: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Buffers handed out again.
+    #[cfg(test)]
+    reused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PackBuffers {
@@ -24,6 +27,9 @@ impl PackBuffers {
     pub fn take(&self, capacity: usize) -> Vec<u8> {
         let kept = self.free.lock().ok().and_then(|mut free| free.pop());
         if let Some(mut buf) = kept.filter(|b| b.capacity() >= capacity) {
+            #[cfg(test)]
+            self.reused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             buf.clear();
             return buf;
         }
@@ -59,6 +65,11 @@ impl PackBuffers {
     #[cfg(test)]
     pub(crate) fn kept(&self) -> usize {
         self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn reused(&self) -> usize {
+        self.reused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -275,6 +275,12 @@ impl Repository {
         self.store.check().await.map_err(Into::into)
     }
 
+    /// Frees the pack buffers kept for reuse (after a restore: an idle server holds no
+    /// pack memory beyond its pack cache).
+    pub fn release_pack_buffers(&self) {
+        self.pack_buffers.release();
+    }
+
     /// Packs the pack cache holds (at least one).
     pub fn pack_cache_packs(&self) -> usize {
         self.opts.pack_cache_packs.max(1)
@@ -486,10 +492,14 @@ impl Repository {
             Arc::clone(cache.get_or_insert(name.to_string(), || Arc::new(OnceCell::new())))
         };
         cell.get_or_try_init(|| async {
+            // Into a buffer kept from a pack dropped earlier (an evicted download, an
+            // upload done), which comes back to the pool once this pack is dropped too.
+            let mut buf = self.pack_buffers.take(0);
             self.store
-                .read(FileType::Pack, name)
+                .read_into(FileType::Pack, name, &mut buf)
                 .await
-                .map_err(RepoError::from)
+                .map_err(RepoError::from)?;
+            Ok::<_, RepoError>(self.pack_buffers.share(buf))
         })
         .await
         .cloned()
@@ -907,12 +917,39 @@ mod tests {
             0,
             "freed once the backup is flushed"
         );
-        // Every chunk reads back whole from the packs built in reused buffers.
-        let reopened = Repository::open(store, b"pw", options()).await.unwrap();
+        // Every chunk reads back whole from the packs built in reused buffers. With a
+        // pack cache of one, each pack read evicts the previous one, whose buffer comes
+        // back to the pool for the next download.
+        let reopened = Repository::open(
+            store,
+            b"pw",
+            RepositoryOptions {
+                pack_cache_packs: 1,
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
         for id in &ids {
             let data = reopened.read_chunk("t", id).await.unwrap();
             assert_eq!(key.id(&data), *id);
         }
+        // Every download but the first went into the buffer of the pack it evicted.
+        let packs = reopened.store.list(FileType::Pack).await.unwrap().len();
+        assert!(packs >= 4, "{packs} packs");
+        assert!(
+            reopened.pack_buffers.reused() >= packs - 1,
+            "downloads reuse buffers: {} of {packs}",
+            reopened.pack_buffers.reused()
+        );
+        reopened.pack_cache.lock().unwrap().clear();
+        assert_eq!(
+            reopened.pack_buffers.kept(),
+            1,
+            "the last pack's buffer is kept"
+        );
+        reopened.release_pack_buffers();
+        assert_eq!(reopened.pack_buffers.kept(), 0, "freed after a restore");
     }
 
     #[tokio::test]

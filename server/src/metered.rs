@@ -71,6 +71,18 @@ impl Store for MeteredStore {
         r
     }
 
+    async fn read_into(
+        &self,
+        ft: FileType,
+        name: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let t = Instant::now();
+        let r = self.inner.read_into(ft, name, buf).await;
+        self.record("read", ft, t, &r);
+        r
+    }
+
     async fn read_range(
         &self,
         ft: FileType,

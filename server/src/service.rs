@@ -590,6 +590,7 @@ impl Datamover for DatamoverService {
         let creds = Arc::clone(&self.creds);
         tokio::spawn(async move {
             let result = restore_stream(&repo, &creds, &id, &snap, packed, &tx, &metrics).await;
+            repo.release_pack_buffers();
             metrics.op("restore", result.is_ok());
             if let Err(e) = result {
                 tracing::warn!(client = %id.client_id, error = %e.message(), "restore failed");

@@ -111,6 +111,37 @@ impl Store for FsStore {
             .map_err(|e| self.map(e, &p))
     }
 
+    async fn read_into(
+        &self,
+        ft: FileType,
+        name: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        use std::io::Read;
+        let p = self.path(ft, name);
+        let mut into = std::mem::take(buf);
+        let path = p.clone();
+        let (into, r) = tokio::task::spawn_blocking(move || {
+            into.clear();
+            let r = std::fs::File::open(&path).and_then(|mut f| {
+                let len = f.metadata()?.len();
+                if into.capacity() < usize::try_from(len).unwrap_or(0) {
+                    into = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                    crate::memory::prefer_huge_pages(into.as_ptr(), into.capacity());
+                }
+                f.read_to_end(&mut into)
+            });
+            (into, r)
+        })
+        .await
+        .map_err(|e| StoreError::Other {
+            what: p.display().to_string(),
+            detail: format!("the read was cancelled: {e}"),
+        })?;
+        *buf = into;
+        r.map(|_| ()).map_err(|e| self.map(e, &p))
+    }
+
     async fn read_range(
         &self,
         ft: FileType,
@@ -175,6 +206,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.list(FileType::Pack).await.unwrap(), vec!["abcdef"]);
+        // Read into a buffer that held something else: replaced, its memory kept.
+        let mut buf = Vec::with_capacity(4096);
+        buf.extend_from_slice(b"an earlier pack");
+        let at = buf.as_ptr();
+        s.read_into(FileType::Pack, "abcdef", &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(&buf[..], b"0123456789");
+        assert_eq!(buf.as_ptr(), at, "the buffer's memory is reused");
+        assert!(
+            s.read_into(FileType::Pack, "nope", &mut buf)
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
         assert_eq!(
             &s.read_range(FileType::Pack, "abcdef", 2, 3).await.unwrap()[..],
             b"234"

@@ -93,6 +93,20 @@ pub trait Store: Send + Sync + 'static {
     /// Names of all objects of a type.
     async fn list(&self, ft: FileType) -> Result<Vec<String>, StoreError>;
     async fn read(&self, ft: FileType, name: &str) -> Result<Bytes, StoreError>;
+    /// Reads a whole object into `buf` (emptied first), reusing its memory: packs are
+    /// read into buffers kept from earlier packs, so their pages are not faulted in and
+    /// zeroed again for every pack. Stores that cannot fill a buffer directly copy.
+    async fn read_into(
+        &self,
+        ft: FileType,
+        name: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let data = self.read(ft, name).await?;
+        buf.clear();
+        buf.extend_from_slice(&data);
+        Ok(())
+    }
     async fn read_range(
         &self,
         ft: FileType,

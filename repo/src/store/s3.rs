@@ -15,19 +15,25 @@ use super::{FileType, Store, StoreError};
 /// Preallocation for a body whose length the server announced (more is grown into).
 const MAX_PREALLOCATED: i64 = 64 * 1024 * 1024;
 
-/// A response body in one buffer, allocated once at the announced length: no second
-/// copy and no intermediate segments (a pack is read whole, several at once).
+/// A response body in `buf` (emptied first), grown once to the announced length if it
+/// is smaller: no second copy and no intermediate segments (a pack is read whole,
+/// several at once).
 async fn collect(
     mut body: ByteStream,
     announced: i64,
-) -> Result<Bytes, aws_sdk_s3::primitives::ByteStreamError> {
-    let mut buf = bytes::BytesMut::with_capacity(announced.clamp(0, MAX_PREALLOCATED) as usize);
-    crate::memory::prefer_huge_pages(buf.as_ptr(), buf.capacity());
+    buf: &mut Vec<u8>,
+) -> Result<(), aws_sdk_s3::primitives::ByteStreamError> {
+    buf.clear();
+    let want = announced.clamp(0, MAX_PREALLOCATED) as usize;
+    if buf.capacity() < want {
+        *buf = Vec::with_capacity(want);
+        crate::memory::prefer_huge_pages(buf.as_ptr(), buf.capacity());
+    }
     // Bounded by the body: each step consumes a piece of it.
     while let Some(piece) = body.try_next().await? {
         buf.extend_from_slice(&piece);
     }
-    Ok(buf.freeze())
+    Ok(())
 }
 
 /// Everything needed to reach a bucket. `Debug` omits the secret.
@@ -262,6 +268,17 @@ impl Store for S3Store {
     }
 
     async fn read(&self, ft: FileType, name: &str) -> Result<Bytes, StoreError> {
+        let mut buf = Vec::new();
+        self.read_into(ft, name, &mut buf).await?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn read_into(
+        &self,
+        ft: FileType,
+        name: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let key = self.key(ft, name);
         // The SDK retries requests; a body cut off while streaming is retried here.
         let mut attempt = 0u32;
@@ -276,8 +293,8 @@ impl Store for S3Store {
                 .await
                 .map_err(|e| self.map(e, &key))?;
             let len = out.content_length().unwrap_or(0);
-            match collect(out.body, len).await {
-                Ok(b) => return Ok(b),
+            match collect(out.body, len, buf).await {
+                Ok(()) => return Ok(()),
                 Err(e) if attempt < BODY_ATTEMPTS => {
                     tracing::warn!(key = %key, error = %e, attempt, "download cut off: retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
@@ -313,7 +330,8 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.map(e, &key))?;
         let announced = out.content_length().unwrap_or(0);
-        let data = collect(out.body, announced)
+        let mut data = Vec::new();
+        collect(out.body, announced, &mut data)
             .await
             .map_err(|e| StoreError::Unreachable {
                 location: self.location.clone(),
@@ -325,7 +343,7 @@ impl Store for S3Store {
                 detail: format!("short read: {} of {length} bytes", data.len()),
             });
         }
-        Ok(data)
+        Ok(Bytes::from(data))
     }
 
     async fn write(&self, ft: FileType, name: &str, data: Bytes) -> Result<(), StoreError> {
