@@ -1,7 +1,8 @@
 //! Pack-sized buffers: each byte of a pack is written once into memory the kernel has
 //! to fault in and zero, which, in 4 KiB pages, costs more than some of the copies.
-//! [`PackBuffers`] keeps a few buffers of packs already uploaded for the next packs, so a
-//! long backup faults in and zeroes its pack memory once instead of once per pack.
+//! [`PackBuffers`] keeps a few buffers of packs already uploaded or dropped from the pack
+//! cache for the next packs built or downloaded, so a long backup or restore faults in
+//! and zeroes its pack memory once instead of once per pack.
 
 use std::sync::{Arc, Mutex};
 
@@ -88,6 +89,16 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Empties `buf` and makes room for `len` bytes: its own memory if large enough, else a
+/// new allocation of `len` backed by huge pages where the kernel allows.
+pub(crate) fn make_room(buf: &mut Vec<u8>, len: usize) {
+    buf.clear();
+    if buf.capacity() < len {
+        *buf = Vec::with_capacity(len);
+        prefer_huge_pages(buf.as_ptr(), buf.capacity());
     }
 }
 

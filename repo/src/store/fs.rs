@@ -124,11 +124,8 @@ impl Store for FsStore {
         let (into, r) = tokio::task::spawn_blocking(move || {
             into.clear();
             let r = std::fs::File::open(&path).and_then(|mut f| {
-                let len = f.metadata()?.len();
-                if into.capacity() < usize::try_from(len).unwrap_or(0) {
-                    into = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-                    crate::memory::prefer_huge_pages(into.as_ptr(), into.capacity());
-                }
+                let len = usize::try_from(f.metadata()?.len()).unwrap_or(0);
+                crate::memory::make_room(&mut into, len);
                 f.read_to_end(&mut into)
             });
             (into, r)

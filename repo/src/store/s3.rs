@@ -23,12 +23,7 @@ async fn collect(
     announced: i64,
     buf: &mut Vec<u8>,
 ) -> Result<(), aws_sdk_s3::primitives::ByteStreamError> {
-    buf.clear();
-    let want = announced.clamp(0, MAX_PREALLOCATED) as usize;
-    if buf.capacity() < want {
-        *buf = Vec::with_capacity(want);
-        crate::memory::prefer_huge_pages(buf.as_ptr(), buf.capacity());
-    }
+    crate::memory::make_room(buf, announced.clamp(0, MAX_PREALLOCATED) as usize);
     // Bounded by the body: each step consumes a piece of it.
     while let Some(piece) = body.try_next().await? {
         buf.extend_from_slice(&piece);
