@@ -450,9 +450,6 @@ mod tests {
             assert_eq!(k.open(&by_portable, "t").expect("open"), data);
             // A flipped bit in the tag, the ciphertext or the nonce: refused.
             for at in [sealed.len() - 1, NONCE_LEN + len / 2, 0] {
-                if at >= sealed.len() - TAG_LEN && at != sealed.len() - 1 {
-                    continue;
-                }
                 let mut bad = sealed.clone();
                 bad[at] ^= 1;
                 assert!(k.open(&bad, "t").is_err(), "len {len}: byte {at} flipped");
