@@ -272,7 +272,8 @@ fn mysql_blueprint_dumps_through_a_fifo_and_restores_into_a_new_database() {
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     values.insert(".StatefulSet.Namespace".into(), "shop".into());
     values.insert(".StatefulSet.Name".into(), "mysql".into());
-    values.insert(".Namespace.Name".into(), "shop".into());
+    // The delete ActionSet's object: Namespace shop (no metadata.namespace).
+    values.insert(".Object.metadata.name".into(), "shop".into());
 
     let shared = tempfile::tempdir().unwrap();
     let backup = multi_container_phase(&blueprint, "backup", &values, shared.path());

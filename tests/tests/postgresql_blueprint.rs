@@ -272,7 +272,8 @@ fn postgresql_blueprint_dumps_through_a_fifo_and_restores_into_a_new_database() 
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     values.insert(".StatefulSet.Namespace".into(), "shop".into());
     values.insert(".StatefulSet.Name".into(), "postgresql".into());
-    values.insert(".Namespace.Name".into(), "shop".into());
+    // The delete ActionSet's object: Namespace shop (no metadata.namespace).
+    values.insert(".Object.metadata.name".into(), "shop".into());
 
     // backup: pg_dump -> FIFO -> backup_stream.
     let shared = tempfile::tempdir().unwrap();
