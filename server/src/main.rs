@@ -83,12 +83,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,aws=warn,h2=warn,tower=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: `kubectl logs` and files get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {
