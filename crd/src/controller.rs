@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::chrono::Utc;
@@ -23,11 +23,13 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::metrics::Metrics;
+use crate::pods;
 use crate::resources::{
     self, HTTP_PORT, INPUTS_HASH_ANNOTATION, Inputs, MANAGED_BY_LABEL, deployment_for,
     network_policy_for, service_for,
 };
 use crate::server_data::ServerDataSource;
+use crate::storage::{self, STORAGE_CONDITION, StorageCheck};
 use crate::types::{DatamoverServer, DatamoverServerStatus, Progress, ServerInfo};
 
 /// Field manager of every apply, and the Events' reporting controller.
@@ -100,6 +102,8 @@ struct Outcome {
     reason: &'static str,
     message: String,
     server_info: Option<ServerInfo>,
+    /// The `StoragePersistent` condition; `None` keeps the previous one (inputs missing).
+    storage: Option<StorageCheck>,
 }
 
 /// Reconciles one DatamoverServer. Children carry an owner reference to it, so deleting it
@@ -157,6 +161,17 @@ async fn reconcile_inner(dms: &DatamoverServer, ctx: &Context) -> Result<Action,
             field: "spec.clientSecretRef".into(),
         });
     }
+    if let Some(volume) = &spec.storage_volume {
+        let claim = &volume.persistent_volume_claim.claim_name;
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        if claims.get_opt(claim).await?.is_none() {
+            missing.push(Missing {
+                kind: "PersistentVolumeClaim",
+                name: claim.clone(),
+                field: "spec.storageVolume.persistentVolumeClaim.claimName".into(),
+            });
+        }
+    }
     let Some(config) = config.filter(|_| missing.is_empty()) else {
         let message = missing_message(&ns, &missing);
         warn!(%ns, %name, %message, "inputs missing");
@@ -165,10 +180,17 @@ async fn reconcile_inner(dms: &DatamoverServer, ctx: &Context) -> Result<Action,
             reason: "MissingInput",
             message,
             server_info: dms.status.as_ref().and_then(|s| s.server_info.clone()),
+            storage: None,
         };
         write_status(dms, ctx, &outcome).await?;
         return Ok(Action::requeue(ctx.backoff(dms)));
     };
+
+    // Never silently: a filesystem store without a volume loses every snapshot.
+    let storage = storage::check(dms, &config);
+    if !storage.persistent {
+        warn!(%ns, %name, message = %storage.message, "repository not persistent");
+    }
 
     // 2. The objects that run the server.
     let inputs = Inputs {
@@ -207,7 +229,8 @@ async fn reconcile_inner(dms: &DatamoverServer, ctx: &Context) -> Result<Action,
     }
 
     // 3. Readiness: a ready pod of the current template, and its server data.
-    let outcome = observe_pods(dms, ctx, &ns, &inputs).await?;
+    let mut outcome = observe_pods(dms, ctx, &ns, &inputs).await?;
+    outcome.storage = Some(storage);
     let requeue = match outcome.progress {
         Progress::Ready => RESYNC,
         _ => WAIT_READY,
@@ -233,15 +256,6 @@ fn missing_message(ns: &str, missing: &[Missing]) -> String {
     )
 }
 
-fn pod_is_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 async fn observe_pods(
     dms: &DatamoverServer,
     ctx: &Context,
@@ -264,7 +278,7 @@ async fn observe_pods(
         .collect();
     let ready: Vec<(&Pod, &str)> = current
         .iter()
-        .filter(|p| pod_is_ready(p))
+        .filter(|p| pods::is_ready(p))
         .filter_map(|p| Some((*p, p.status.as_ref()?.pod_ip.as_deref()?)))
         .collect();
     let service_name = dms.name_any();
@@ -274,9 +288,21 @@ async fn observe_pods(
             reason: "ScaledToZero",
             message: "spec.replicas is 0".into(),
             server_info: None,
+            storage: None,
         });
     }
+    // Any pod of this server (an image change keeps the inputs hash).
+    let pull_problem = pods::image_pull_problem(&list.items);
     if ready.is_empty() {
+        if let Some(message) = pull_problem {
+            return Ok(Outcome {
+                progress: Progress::Failed,
+                reason: "ImagePullFailed",
+                message,
+                server_info: None,
+                storage: None,
+            });
+        }
         return Ok(Outcome {
             progress: Progress::Pending,
             reason: "PodsNotReady",
@@ -286,6 +312,7 @@ async fn observe_pods(
                 current.len()
             ),
             server_info: None,
+            storage: None,
         });
     }
     let mut fingerprints = Vec::with_capacity(ready.len());
@@ -301,6 +328,7 @@ async fn observe_pods(
                         pod.name_any()
                     ),
                     server_info: None,
+                    storage: None,
                 });
             }
         }
@@ -314,21 +342,28 @@ async fn observe_pods(
                       replica, add a kubernetes.io/tls Secret (tls.crt, tls.key) to spec.secrets"
                 .into(),
             server_info: None,
+            storage: None,
         });
+    }
+    let mut message = format!("{} of {} server pods ready", ready.len(), dms.spec.replicas);
+    // A rollout to an image that cannot be pulled leaves the old pods serving.
+    if let Some(problem) = pull_problem {
+        message = format!("{message}; {problem}");
     }
     Ok(Outcome {
         progress: Progress::Ready,
         reason: "ServerReady",
-        message: format!("{} of {} server pods ready", ready.len(), dms.spec.replicas),
+        message,
         server_info: Some(ServerInfo {
             service_name,
             data: base64::engine::general_purpose::STANDARD.encode(data.as_bytes()),
         }),
+        storage: None,
     })
 }
 
-/// Writes the status by server-side apply, and an Event when the progress or the reason
-/// changed.
+/// Writes the status by server-side apply, and an Event when the progress, the reason or
+/// the storage condition changed.
 async fn write_status(
     dms: &DatamoverServer,
     ctx: &Context,
@@ -338,30 +373,43 @@ async fn write_status(
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let previous = dms.status.clone().unwrap_or_default();
-    let previous_ready = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY_CONDITION);
-    let status_str = if outcome.progress == Progress::Ready {
-        "True"
-    } else {
-        "False"
+    let previous_of = |type_: &str| previous.conditions.iter().find(|c| c.type_ == type_);
+    let previous_ready = previous_of(READY_CONDITION);
+    let previous_storage = previous_of(STORAGE_CONDITION);
+    let condition = |type_: &str, status: bool, reason: &str, message: &str| {
+        let status = if status { "True" } else { "False" };
+        let last_transition_time = match previous_of(type_) {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => Time(Utc::now()),
+        };
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time,
+            observed_generation: dms.meta().generation,
+        }
     };
-    let transition_time = match previous_ready {
-        Some(c) if c.status == status_str => c.last_transition_time.clone(),
-        _ => Time(Utc::now()),
-    };
+    let mut conditions = vec![condition(
+        READY_CONDITION,
+        outcome.progress == Progress::Ready,
+        outcome.reason,
+        &outcome.message,
+    )];
+    match &outcome.storage {
+        Some(s) => conditions.push(condition(
+            STORAGE_CONDITION,
+            s.persistent,
+            s.reason,
+            &s.message,
+        )),
+        None => conditions.extend(previous_storage.cloned()),
+    }
     let status = DatamoverServerStatus {
         progress: Some(outcome.progress),
         server_info: outcome.server_info.clone(),
-        conditions: vec![Condition {
-            type_: READY_CONDITION.into(),
-            status: status_str.into(),
-            reason: outcome.reason.into(),
-            message: outcome.message.clone(),
-            last_transition_time: transition_time,
-            observed_generation: dms.meta().generation,
-        }],
+        conditions,
         observed_generation: dms.meta().generation,
     };
     let patch = json!({
@@ -381,20 +429,21 @@ async fn write_status(
         || previous_ready.map(|c| c.reason.as_str()) != Some(outcome.reason);
     if changed {
         info!(%ns, name = %dms.name_any(), progress = outcome.progress.as_str(), reason = outcome.reason, "status changed");
-        let event = Event {
-            type_: if outcome.progress == Progress::Failed {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: outcome.reason.into(),
-            note: Some(outcome.message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
+        let type_ = if outcome.progress == Progress::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        // An Event that cannot be written is not worth failing the reconciliation for.
-        if let Err(e) = ctx.recorder.publish(&event, &dms.object_ref(&())).await {
-            warn!(error = %e, "could not publish an Event");
+        publish(ctx, dms, type_, outcome.reason, &outcome.message).await;
+    }
+    if let Some(s) = &outcome.storage {
+        let was = previous_storage.map(|c| (c.status == "True", c.reason.as_str()));
+        if was != Some((s.persistent, s.reason)) {
+            if !s.persistent {
+                publish(ctx, dms, EventType::Warning, s.reason, &s.message).await;
+            } else if was.is_some_and(|(persistent, _)| !persistent) {
+                publish(ctx, dms, EventType::Normal, s.reason, &s.message).await;
+            }
         }
     }
     ctx.metrics
@@ -402,6 +451,21 @@ async fn write_status(
         .with_label_values(&[outcome.progress.as_str()])
         .inc();
     Ok(())
+}
+
+/// Publishes an Event about `dms`. One that cannot be written is logged, not worth failing
+/// the reconciliation for.
+async fn publish(ctx: &Context, dms: &DatamoverServer, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &dms.object_ref(&())).await {
+        warn!(error = %e, "could not publish an Event");
+    }
 }
 
 /// On an error: count it, log it, and retry with exponential backoff.
@@ -415,13 +479,36 @@ pub fn error_policy(dms: Arc<DatamoverServer>, error: &Error, ctx: Arc<Context>)
     Action::requeue(delay)
 }
 
+/// What a failed first list of DatamoverServers means, and what to do about it.
+pub fn startup_error(e: &kube::Error) -> Error {
+    let message = match e {
+        kube::Error::Api(r) if r.code == 404 => format!(
+            "the DatamoverServer CRD is not installed in this Kubernetes cluster: kubectl apply \
+             -f crd/manifests/crd.yaml (or install the Helm chart charts/datamover): {e}"
+        ),
+        kube::Error::Api(r) if r.code == 403 => format!(
+            "Kubernetes denies this controller's service account the list of DatamoverServers: \
+             apply crd/manifests/rbac.yaml (or install the Helm chart charts/datamover): {e}"
+        ),
+        kube::Error::Api(r) if r.code == 401 => format!(
+            "the Kubernetes API server refused the controller's credentials (service account \
+             token or kubeconfig): {e}"
+        ),
+        _ => format!(
+            "cannot reach the Kubernetes API server (check KUBECONFIG, or the cluster's \
+             network): {e}"
+        ),
+    };
+    Error::Startup(message)
+}
+
 /// Runs the controller until SIGTERM or SIGINT, then lets running reconciliations finish.
 pub async fn run(client: Client, ctx: Arc<Context>) -> Result<(), Error> {
     let servers: Api<DatamoverServer> = Api::all(client.clone());
-    // Fail early, with a clear message, when the CRD is not installed.
+    // Fail early, with one clear line, when the API server is unreachable, the CRD is
+    // not installed or the RBAC is missing.
     if let Err(e) = servers.list(&ListParams::default().limit(1)).await {
-        tracing::error!(error = %e, "cannot list DatamoverServers: is the CRD installed (kubectl apply -f crd/manifests/crd.yaml) and the RBAC applied?");
-        return Err(e.into());
+        return Err(startup_error(&e));
     }
     let owned = watcher::Config::default()
         .labels(&format!("{MANAGED_BY_LABEL}={}", resources::CONTROLLER_APP));

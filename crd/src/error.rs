@@ -17,6 +17,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The controller cannot start: what is wrong and what to do.
+    #[error("{0}")]
+    Startup(String),
 }
 
 impl Error {
@@ -29,6 +32,7 @@ impl Error {
             Error::ServerData { .. } => "server_data",
             Error::Io(_) => "io",
             Error::Metrics(_) => "metrics",
+            Error::Startup(_) => "startup",
         }
     }
 }

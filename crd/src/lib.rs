@@ -7,12 +7,14 @@
 //!  kubectl apply DatamoverServer ─▶ API server ◀── watch ── datamover-controller
 //!                                      ▲                       │ reconcile(dms):
 //!                                      │                       │ 1. get ConfigMap spec.config, Secrets
-//!                                      │                       │    spec.secrets[*], spec.clientSecretRef
+//!                                      │                       │    spec.secrets[*], spec.clientSecretRef,
+//!                                      │                       │    the storageVolume claim
 //!                                      │                       │    (missing: status Failed naming it,
 //!                                      │                       │    requeue with backoff)
 //!                                      │  server-side apply    │ 2. apply Deployment, Service,
 //!                                      └───────────────────────┤    NetworkPolicy (owner refs → GC)
-//!                                                              │ 3. list pods; GET /server-data from a
+//!                                                              │ 3. list pods (ready? image pulled?);
+//!                                                              │    GET /server-data from a
 //!  server pod ─ /etc/config, /etc/secrets/<name>,              │    ready pod's probe port
 //!     /etc/client_credentials, PROTOCOLS ◀── :8080 ────────────┘ 4. apply status: progress, serverInfo
 //!                                                                   {serviceName, base64 data}, conditions
@@ -30,18 +32,24 @@
 //!   finalizer that could wedge a deletion. The controller only `get`s ConfigMaps and
 //!   Secrets (it never lists or watches Secrets) and looks again every minute, so a
 //!   changed input takes effect within [`controller::RESYNC`].
+//! * [`storage`]: whether the repository survives a pod restart (a filesystem store needs
+//!   `spec.storageVolume` over its path), reported as the `StoragePersistent` condition.
+//! * [`pods`]: readiness of the server pods, and an image that cannot be pulled.
 //! * [`server_data`]: how `/etc/server/data` is read without `pods/exec`: the server serves
 //!   the same (public) fingerprint at `GET /server-data` on its plaintext probe port.
 //! * [`metrics`]: Prometheus counters and timings, `/healthz` and `/metrics`.
 //! * [`manifests`]: the CRD and the controller's Namespace, ServiceAccount, RBAC and
-//!   Deployment, rendered by the `crdgen` binary into `crd/manifests/`.
+//!   Deployment, rendered by the `crdgen` binary into `crd/manifests/`, and the chart's
+//!   copies of the CRD and the ClusterRole rules into `charts/datamover/`.
 
 pub mod controller;
 mod error;
 pub mod manifests;
 pub mod metrics;
+pub mod pods;
 pub mod resources;
 pub mod server_data;
+pub mod storage;
 pub mod types;
 
 pub use error::Error;

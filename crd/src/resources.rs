@@ -7,20 +7,23 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec as K8sNetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
-use crate::types::DatamoverServer;
+use crate::types::{ClientSelector, DatamoverServer, PodOptions};
 
 /// Pod-template annotation holding [`inputs_hash`]: a change rolls the pods.
 pub const INPUTS_HASH_ANNOTATION: &str = "dm.cr.kanister.io/inputs-hash";
@@ -37,6 +40,17 @@ pub const CONTROLLER_APP: &str = "datamover-controller";
 pub const HTTP_PORT: i32 = 8080;
 pub const HTTP_PORT_NAME: &str = "http";
 pub const CONTAINER_NAME: &str = "server";
+/// The label (value `"true"`) of client pods a NetworkPolicy lets in when an
+/// `allowedClients` entry has no `podSelector`. The datamover blueprints put it on their
+/// pods.
+pub const CLIENT_LABEL: &str = "dm.cr.kanister.io/client";
+/// Group of the server pods' volumes (`fsGroup`), the image's user and group: the server
+/// can write a mounted PersistentVolumeClaim.
+pub const SERVER_GID: i64 = 65532;
+/// Name of the `spec.storageVolume` volume.
+pub const STORAGE_VOLUME: &str = "storage";
+/// The label the API server puts on every namespace: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 pub const CONFIG_MOUNT: &str = "/etc/config";
 pub const SECRETS_MOUNT: &str = "/etc/secrets";
@@ -204,6 +218,22 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
             ..VolumeMount::default()
         },
     ];
+    if let Some(storage) = &spec.storage_volume {
+        volumes.push(Volume {
+            name: STORAGE_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: storage.persistent_volume_claim.claim_name.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: STORAGE_VOLUME.into(),
+            mount_path: storage.mount_path.clone(),
+            sub_path: storage.sub_path.clone(),
+            ..VolumeMount::default()
+        });
+    }
     for (i, s) in spec.secrets.iter().enumerate() {
         volumes.push(Volume {
             name: secret_volume(i),
@@ -335,7 +365,7 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
                     node_selector: non_empty(options.node_selector.clone()),
                     tolerations: non_empty_vec(options.tolerations.clone()),
                     affinity: options.affinity.clone(),
-                    security_context: options.security_context.clone(),
+                    security_context: Some(pod_security_context(&options)),
                     image_pull_secrets: non_empty_vec(options.image_pull_secrets.clone()),
                     // In-flight calls get 20 s after SIGTERM.
                     termination_grace_period_seconds: Some(30),
@@ -346,6 +376,20 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
         }),
         ..Deployment::default()
     })
+}
+
+/// The pod security context: the user's, with `fsGroup` 65532 (and `fsGroupChangePolicy`
+/// `OnRootMismatch`, so a large volume is not walked at every start) unless it sets its
+/// own, so the server's user can write its storage volume.
+fn pod_security_context(options: &PodOptions) -> PodSecurityContext {
+    let mut ctx = options.security_context.clone().unwrap_or_default();
+    if ctx.fs_group.is_none() {
+        ctx.fs_group = Some(SERVER_GID);
+        if ctx.fs_group_change_policy.is_none() {
+            ctx.fs_group_change_policy = Some("OnRootMismatch".into());
+        }
+    }
+    ctx
 }
 
 /// The Service clients connect to: one port per protocol.
@@ -390,15 +434,7 @@ pub fn network_policy_for(dms: &DatamoverServer) -> Result<Option<NetworkPolicy>
             ..NetworkPolicyPort::default()
         })
         .collect();
-    let clients: Vec<NetworkPolicyPeer> = np
-        .allowed_clients
-        .iter()
-        .map(|c| NetworkPolicyPeer {
-            pod_selector: c.pod_selector.clone(),
-            namespace_selector: c.namespace_selector.clone(),
-            ..NetworkPolicyPeer::default()
-        })
-        .collect();
+    let clients: Vec<NetworkPolicyPeer> = np.allowed_clients.iter().map(client_peer).collect();
     let mut ingress = Vec::new();
     if !clients.is_empty() {
         ingress.push(NetworkPolicyIngressRule {
@@ -436,6 +472,42 @@ pub fn network_policy_for(dms: &DatamoverServer) -> Result<Option<NetworkPolicy>
             ..K8sNetworkPolicySpec::default()
         }),
     }))
+}
+
+/// One `allowedClients` entry as a NetworkPolicy peer: its pod selector (default: the
+/// [`CLIENT_LABEL`]), and its namespaces by name (a `kubernetes.io/metadata.name In`
+/// requirement) and by label, both in one namespace selector. No namespaces at all: the
+/// peer is in the server's own namespace.
+pub fn client_peer(c: &ClientSelector) -> NetworkPolicyPeer {
+    let pod_selector = c.pod_selector.clone().unwrap_or_else(|| LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            CLIENT_LABEL.to_string(),
+            "true".to_string(),
+        )])),
+        ..LabelSelector::default()
+    });
+    let namespace_selector = if c.namespaces.is_empty() {
+        c.namespace_selector.clone()
+    } else {
+        let mut selector = c.namespace_selector.clone().unwrap_or_default();
+        let mut names = c.namespaces.clone();
+        names.sort();
+        names.dedup();
+        selector
+            .match_expressions
+            .get_or_insert_with(Vec::new)
+            .push(LabelSelectorRequirement {
+                key: NAMESPACE_NAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(names),
+            });
+        Some(selector)
+    };
+    NetworkPolicyPeer {
+        pod_selector: Some(pod_selector),
+        namespace_selector,
+        ..NetworkPolicyPeer::default()
+    }
 }
 
 fn non_empty_vec<T>(v: Vec<T>) -> Option<Vec<T>> {

@@ -2,7 +2,7 @@
 //!
 //! The spec follows the Kanister datamover design (`image`, `protocols`, `config`,
 //! `clientSecretRef`, `secrets`, probes) plus what operators need to run it (`replicas`,
-//! `env`, `podOptions`, `networkPolicy`). Validation lives in the generated OpenAPI schema,
+//! `env`, `podOptions`, `storageVolume`, `networkPolicy`). Validation lives in the generated OpenAPI schema,
 //! so `kubectl apply` rejects a bad object before the controller ever sees it.
 
 use std::collections::BTreeMap;
@@ -92,9 +92,53 @@ pub struct DatamoverServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_options: Option<PodOptions>,
 
+    /// A volume for the filesystem store (ConfigMap `type: filesystem`, or no `type` and
+    /// no bucket keys): a PersistentVolumeClaim of this namespace, mounted into the server
+    /// container at `mountPath` (default `/var/lib/datamover`, where the store lives unless
+    /// the ConfigMap's `path` says otherwise; `path` must be `mountPath` or below it).
+    /// Without it a filesystem store lives in the container and every snapshot is lost
+    /// whenever the pod restarts: the controller then sets the condition
+    /// `StoragePersistent` to False (reason `EphemeralFilesystemStore`) and emits a Warning
+    /// event. Pods run with `fsGroup: 65532` (unless `podOptions.securityContext` sets
+    /// another), so the server's user can write the volume. With `replicas` above 1 the
+    /// claim must be `ReadWriteMany` (a `ReadWriteOnce` claim attaches to one node only).
+    /// Not needed with an S3 store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_volume: Option<StorageVolume>,
+
     /// A NetworkPolicy that lets only the selected clients reach the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// The volume of the filesystem store, as in `spec.storageVolume`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageVolume {
+    /// The PersistentVolumeClaim holding the repository (created beforehand, in the
+    /// DatamoverServer's namespace).
+    pub persistent_volume_claim: ClaimRef,
+    /// Where the claim is mounted in the server container: an absolute path outside
+    /// `/etc`. Default: `/var/lib/datamover`.
+    #[serde(default = "default_storage_mount_path")]
+    #[schemars(length(min = 2, max = 1024), regex(pattern = r"^/[^/]"))]
+    pub mount_path: String,
+    /// A sub-directory of the claim to mount instead of its root (so that one claim can
+    /// serve several servers); relative, without `..`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]"))]
+    pub sub_path: Option<String>,
+}
+
+/// A PersistentVolumeClaim in the DatamoverServer's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub claim_name: String,
 }
 
 /// One protocol served by the server, as in `PROTOCOLS` (`name:port`).
@@ -162,20 +206,39 @@ pub struct PodOptions {
 pub struct NetworkPolicySpec {
     /// Create a NetworkPolicy for the server pods.
     pub enabled: bool,
-    /// Clients allowed to connect. Each entry selects pods (in the server's namespace,
-    /// or in the namespaces `namespaceSelector` selects). Empty: no client at all.
+    /// Clients allowed to connect. Each entry selects pods (by default those labelled
+    /// `dm.cr.kanister.io/client: "true"`) in the server's namespace, or in the namespaces
+    /// it names or selects (Kanister runs its function pods in the application's
+    /// namespace). Empty: no client at all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub allowed_clients: Vec<ClientSelector>,
 }
 
-/// A set of client pods, as in a NetworkPolicy peer.
+/// A set of client pods, as in a NetworkPolicy peer: the pods `podSelector` selects in
+/// the namespaces `namespaces` and `namespaceSelector` pick.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientSelector {
+    /// The client pods. Left out: pods labelled `dm.cr.kanister.io/client: "true"`, the
+    /// label the datamover blueprints give their pods. `{}`: every pod of the namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// The client pods' namespaces, by label. With `namespaces` too, a namespace must be
+    /// named and selected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// The client pods' namespaces, by name (for example the applications' namespaces
+    /// Kanister backs up). Neither this nor `namespaceSelector`: the server's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        )
+    )]
+    pub namespaces: Vec<String>,
 }
 
 /// Where the server is in its life.
@@ -233,4 +296,8 @@ fn default_protocols() -> Vec<ProtocolSpec> {
 
 fn default_replicas() -> i32 {
     1
+}
+
+fn default_storage_mount_path() -> String {
+    crate::storage::DEFAULT_STORE_PATH.to_string()
 }

@@ -86,3 +86,132 @@ fn the_schema_validates_ports_names_and_required_fields() {
         serde_json::json!(["Pending", "Ready", "Failed"])
     );
 }
+
+fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crd/ has a parent")
+        .to_path_buf()
+}
+
+fn yaml_docs(text: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Helm template lines (`{{ … }}`) removed: what is left of a template is plain YAML.
+fn without_template_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.contains("{{"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_helm_chart_does_not_drift_from_the_generated_manifests() {
+    let chart = repo_root().join(manifests::CHART_DIR);
+    let mut stale = Vec::new();
+    for (name, generated) in manifests::render_chart().unwrap() {
+        let committed = std::fs::read_to_string(chart.join(name)).unwrap_or_default();
+        if committed != generated {
+            stale.push(name);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "charts/datamover/{{{}}} differ from the code: run `cargo run -p datamover-crd --bin crdgen -- --write crd/manifests` and commit",
+        stale.join(",")
+    );
+
+    let generated: Vec<(&str, String)> = manifests::render().unwrap();
+    let file = |name: &str| {
+        generated
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c.clone())
+            .unwrap()
+    };
+    // The chart's CRD is crd/manifests/crd.yaml.
+    let chart_crd = std::fs::read_to_string(chart.join("crds/datamoverservers.yaml")).unwrap();
+    assert_eq!(chart_crd, file("crd.yaml"));
+
+    // The ClusterRole template's rules, read as YAML, are rbac.yaml's.
+    let rbac = yaml_docs(&file("rbac.yaml"));
+    let role = rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("rbac.yaml has a ClusterRole");
+    let template = std::fs::read_to_string(chart.join("templates/clusterrole.yaml")).unwrap();
+    let chart_role: serde_yaml::Value =
+        serde_yaml::from_str(&without_template_lines(&template)).unwrap();
+    assert_eq!(chart_role["kind"], "ClusterRole");
+    assert_eq!(chart_role["rules"], role["rules"]);
+    // The binding binds that role to the chart's service account.
+    let binding = std::fs::read_to_string(chart.join("templates/clusterrolebinding.yaml")).unwrap();
+    assert!(binding.contains("kind: ClusterRole\n"), "{binding}");
+
+    // The chart's Deployment sets what the generated one sets.
+    let deployment = std::fs::read_to_string(chart.join("templates/deployment.yaml")).unwrap();
+    let generated_deployment = serde_json::to_value(manifests::controller_deployment()).unwrap();
+    let container = &generated_deployment["spec"]["template"]["spec"]["containers"][0];
+    for env in container["env"].as_array().unwrap() {
+        let name = env["name"].as_str().unwrap();
+        assert!(
+            deployment.contains(&format!("- name: {name}\n")),
+            "the chart's Deployment lacks {name}"
+        );
+    }
+    for needle in [
+        "serviceAccountName: {{ include \"datamover.fullname\" . }}",
+        "namespace: {{ .Release.Namespace }}",
+        "containerPort: 8080",
+        "path: /healthz",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "type: RuntimeDefault",
+        "app.kubernetes.io/name: datamover-controller",
+    ] {
+        let haystack =
+            std::fs::read_to_string(chart.join("templates/_helpers.tpl")).unwrap() + &deployment;
+        assert!(haystack.contains(needle), "the chart lacks {needle:?}");
+    }
+
+    // The chart's versions follow the workspace's.
+    let meta: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(meta["apiVersion"], "v2");
+    assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(meta["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn the_schema_has_the_storage_volume_and_client_namespaces() {
+    let root = schema();
+    let spec = &root["properties"]["spec"]["properties"];
+    let volume = &spec["storageVolume"];
+    assert_eq!(
+        volume["required"],
+        serde_json::json!(["persistentVolumeClaim"])
+    );
+    assert_eq!(
+        volume["properties"]["mountPath"]["default"],
+        "/var/lib/datamover"
+    );
+    assert_eq!(
+        volume["properties"]["persistentVolumeClaim"]["required"],
+        serde_json::json!(["claimName"])
+    );
+    let client = &spec["networkPolicy"]["properties"]["allowedClients"]["items"]["properties"];
+    assert_eq!(client["namespaces"]["items"]["maxLength"], 63);
+    assert!(client["namespaces"]["items"]["pattern"].is_string());
+    let rules = root["x-kubernetes-validations"].as_array().unwrap();
+    assert!(rules.iter().any(|r| {
+        r["rule"]
+            .as_str()
+            .unwrap()
+            .contains("storageVolume.mountPath")
+    }));
+}
