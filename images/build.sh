@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the datamover container images, datamover-server:<version> and
-# datamover-client:<version>, with docker or buildah, without pulling anything.
+# Builds the datamover container images, datamover/datamover-server:<version>,
+# datamover/datamover-client:<version> and datamover/datamover-controller:<version>, with
+# docker or buildah, without pulling anything.
 #
 # The binaries are built beforehand (by default `cargo build --release`, or any directory
 # given with --bin-dir, e.g. target/debug in the tests). For each image this script
@@ -11,8 +12,11 @@
 # manager, no shell.
 #
 #   images/build.sh [--engine docker|buildah] [--bin-dir DIR] [--version V]
-#                   [--only server|client] [--tag-prefix PREFIX] [--keep-context DIR]
-#                   [--no-strip]
+#                   [--only server|client|controller] [--tag-prefix PREFIX]
+#                   [--keep-context DIR] [--no-strip]
+#
+# --tag-prefix (default `datamover/`) is put before `datamover-<name>:<version>`, e.g.
+# `registry.example.com/datamover/` to push to a registry.
 #
 # The copied binary is stripped of debug information (`strip`, when installed) unless
 # --no-strip is given.
@@ -27,7 +31,7 @@ engine=""
 bin_dir=""
 version=""
 only=""
-prefix=""
+prefix="datamover/"
 keep=""
 strip_bin=1
 while [[ $# -gt 0 ]]; do
@@ -39,7 +43,7 @@ while [[ $# -gt 0 ]]; do
         --tag-prefix) prefix="$2"; shift 2 ;;
         --keep-context) keep="$2"; shift 2 ;;
         --no-strip) strip_bin=0; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -69,7 +73,8 @@ created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 if [[ -z "$bin_dir" ]]; then
     echo "build.sh: building release binaries (cargo build --release)" >&2
-    (cd "$repo" && cargo build --release --locked -p datamover-server -p datamover-client --bins) >&2
+    (cd "$repo" && cargo build --release --locked -p datamover-server -p datamover-client \
+        -p datamover-crd --bins) >&2
     bin_dir="${CARGO_TARGET_DIR:-$repo/target}/release"
 fi
 bin_dir="$(cd "$bin_dir" && pwd)"
@@ -124,6 +129,11 @@ assemble() {
         client)
             mkdir -p "$rootfs/etc/client-secret" "$owned/home/datamover"
             ;;
+        controller)
+            # Reads nothing from /etc/config or /etc/secrets: only its service account.
+            rmdir "$rootfs/etc/config" "$rootfs/etc/secrets"
+            mkdir -p "$owned/home/datamover"
+            ;;
     esac
     cp "$here/$name/Containerfile" "$ctx/Containerfile"
 }
@@ -146,7 +156,7 @@ build() {
 }
 
 case "$only" in
-    "") build server; build client ;;
-    server|client) build "$only" ;;
-    *) echo "build.sh: --only must be server or client" >&2; exit 2 ;;
+    "") build server; build client; build controller ;;
+    server|client|controller) build "$only" ;;
+    *) echo "build.sh: --only must be server, client or controller, not '$only'" >&2; exit 2 ;;
 esac

@@ -1,5 +1,7 @@
-//! End-to-end: the container images. `images/build.sh` builds both images from the
-//! binaries of this build (`--bin-dir target/<profile>`), then the server and the client
+//! End-to-end: the container images. `images/build.sh` builds the three images
+//! (`datamover/datamover-{server,client,controller}:<version>`) from the binaries of this
+//! build (`--bin-dir target/<profile>`); the controller's runs `--help`, and without
+//! cluster credentials exits with one clear line. Then the server and the client
 //! run as containers on a private `--internal` Docker network, each with a read-only
 //! root filesystem, as the non-root user 65532, with every capability dropped; the
 //! server's config, secrets and client credentials are mounted read-only where the spec
@@ -232,16 +234,21 @@ fn images_build_and_round_trip_read_only_non_root() {
     }
     let run_id = format!("dmtest{}", std::process::id());
     let version = format!("test-{run_id}");
-    let server_image = format!("datamover-server:{version}");
-    let client_image = format!("datamover-client:{version}");
+    let server_image = format!("datamover/datamover-server:{version}");
+    let client_image = format!("datamover/datamover-client:{version}");
+    let controller_image = format!("datamover/datamover-controller:{version}");
     let mut cleanup = Cleanup {
         containers: Vec::new(),
         networks: Vec::new(),
         volumes: Vec::new(),
-        images: vec![server_image.clone(), client_image.clone()],
+        images: vec![
+            server_image.clone(),
+            client_image.clone(),
+            controller_image.clone(),
+        ],
     };
 
-    // Build both images from the binaries of this build.
+    // Build the three images from the binaries of this build.
     let built = run_for(
         Command::new(repo_root().join("images/build.sh"))
             .args(["--engine", "docker", "--bin-dir"])
@@ -258,11 +265,16 @@ fn images_build_and_round_trip_read_only_non_root() {
     let refs = String::from_utf8_lossy(&built.stdout).into_owned();
     assert_eq!(
         refs.lines().collect::<Vec<_>>(),
-        [server_image.as_str(), client_image.as_str()]
+        [
+            server_image.as_str(),
+            client_image.as_str(),
+            controller_image.as_str()
+        ]
     );
     for (image, entry) in [
         (&server_image, "datamover-server"),
         (&client_image, "datamover-client"),
+        (&controller_image, "datamover-controller"),
     ] {
         let meta = docker_ok(
             &[
@@ -284,6 +296,19 @@ fn images_build_and_round_trip_read_only_non_root() {
         let size: u64 = f[5].parse().unwrap();
         assert!(size < 200 * 1024 * 1024, "{image} is {size} bytes");
     }
+
+    // The controller's binary runs in its image: --help, and outside a cluster one clear
+    // error line (no panic).
+    let mut args = vec!["run", "--rm", "--network", "none"];
+    args.extend_from_slice(HARDENING);
+    args.push(&controller_image);
+    let help = docker_ok(&[args.as_slice(), &["--help"]].concat(), 60);
+    assert!(help.contains("Usage: datamover-controller"), "{help}");
+    let alone = docker(&args, 60);
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert_eq!(alone.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no Kubernetes credentials"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 
     // The server's /etc as Kubernetes would mount it: ConfigMap, Secrets, credentials.
     let work = tempfile::tempdir().unwrap();
