@@ -57,6 +57,8 @@ pub struct Emitter {
     catalog: CatalogWriter,
     counters: Arc<Counters>,
     pub stats: v1::BackupStats,
+    /// The backed-up directory's own metadata, for the commit.
+    root: Option<Node>,
 }
 
 type ChunkBatch = Vec<(ChunkId, Bytes)>;
@@ -140,14 +142,14 @@ impl Emitter {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(Vec<ChunkId>, v1::BackupStats), ClientError> {
+    fn finish(mut self) -> Result<(Vec<ChunkId>, v1::BackupStats, Option<Node>), ClientError> {
         for data in self.catalog.finish(self.params) {
             self.stats.chunks += 1;
             let id = self.send(data)?;
             self.catalog.ids.push(id);
         }
         self.tx.flush()?;
-        Ok((self.catalog.ids, self.stats))
+        Ok((self.catalog.ids, self.stats, self.root))
     }
 }
 
@@ -642,6 +644,9 @@ fn walk(root: &Path, em: &mut Emitter, mut prev: Option<PrevCatalog>) -> Result<
         entry.prepare(&mut prev);
         return visit(em, entry);
     }
+    // The directory itself is not in the catalog (its paths are relative to it): its
+    // metadata goes with the commit, for a restore to give its target back.
+    em.root = Some(node_from(Vec::new(), &meta, NodeType::Dir));
     let mut walker = Walker::new(root)?;
     let mut ahead: std::collections::VecDeque<Entry> = Default::default();
     let mut open = 0usize;
@@ -923,6 +928,7 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
         catalog: CatalogWriter::default(),
         counters,
         stats: v1::BackupStats::default(),
+        root: None,
     };
     let mut producer = tokio::task::spawn_blocking(move || {
         match input {
@@ -985,7 +991,7 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
     };
     // The uploader's error (server side) explains a producer stopped by a closed queue.
     let (chunks_sent, bytes_sent) = uploaded?;
-    let (catalog, mut stats) =
+    let (catalog, mut stats, root) =
         produced.map_err(|e| ClientError::Io(format!("backup worker failed: {e}")))??;
     stats.chunks_sent = chunks_sent;
     stats.bytes_sent = bytes_sent;
@@ -999,6 +1005,7 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
                 .map(|id| Bytes::copy_from_slice(&id.0))
                 .collect(),
             stats: Some(stats),
+            root,
         })
         .await?
         .into_inner()

@@ -9,7 +9,8 @@
 //! - a file gets its name only once it is complete and checked (created unnamed and
 //!   linked, or written under a temporary name and renamed);
 //! - a directory's mode and mtime are set once the walk has left it and its files are
-//!   written (after the symlinks, if it holds any).
+//!   written (after the symlinks, if it holds any); the target directory's own, from the
+//!   snapshot's root, last of all.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -599,9 +600,39 @@ pub async fn restore_files(
     pumped?;
     let writer = worked?;
     let mut result = writer.finish()?;
+    if let Some(root) = &snapshot.root {
+        set_target_meta(target, root, is_root())?;
+    }
     result.snapshot = snapshot;
     result.duration = started.elapsed();
     Ok(result)
+}
+
+/// Gives the target the mode, mtime (and, as root, the owner) of the snapshot's top
+/// directory, last, as every directory of the tree gets its own once written. A target
+/// the client may not change (a mount point of another user) keeps its own, with a
+/// warning: the files in it are restored all the same.
+fn set_target_meta(target: &Path, root: &Node, as_root: bool) -> Result<(), ClientError> {
+    let set = || -> std::io::Result<()> {
+        if as_root {
+            std::os::unix::fs::lchown(target, Some(root.uid), Some(root.gid))?;
+        }
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(root.mode & 0o7777))?;
+        let t = mtime(root.mtime_ns);
+        filetime::set_symlink_file_times(target, t, t)
+    };
+    match set() {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                path = %target.display(),
+                error = %e,
+                "the restore target keeps its own mode and mtime"
+            );
+            Ok(())
+        }
+        Err(e) => Err(ClientError::io(target.display(), e)),
+    }
 }
 
 /// `restore_stream <filename|-> [tag|id]`.

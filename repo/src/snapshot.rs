@@ -41,6 +41,43 @@ pub struct SnapshotFile {
     pub stats: Stats,
     /// Hex ids of the catalog's chunks, in order.
     pub catalog: Vec<String>,
+    /// The top directory's own metadata (absent in older snapshots, streams and
+    /// single files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootMeta>,
+}
+
+/// A snapshot's top directory: what a restore gives back to its target directory.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootMeta {
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RootMeta {
+    /// From a backup's root node: a directory, or nothing.
+    pub fn from_node(node: &v1::Node) -> Option<RootMeta> {
+        (node.r#type == v1::NodeType::Dir as i32).then_some(RootMeta {
+            mode: node.mode & 0o7777,
+            mtime_ns: node.mtime_ns,
+            uid: node.uid,
+            gid: node.gid,
+        })
+    }
+
+    pub fn to_node(self) -> v1::Node {
+        v1::Node {
+            r#type: v1::NodeType::Dir as i32,
+            mode: self.mode,
+            mtime_ns: self.mtime_ns,
+            uid: self.uid,
+            gid: self.gid,
+            ..Default::default()
+        }
+    }
 }
 
 impl SnapshotFile {
@@ -82,6 +119,7 @@ impl SnapshotFile {
                 files_unchanged: self.stats.files_unchanged,
                 other: self.stats.other,
             }),
+            root: self.root.map(RootMeta::to_node),
         }
     }
 }
@@ -98,5 +136,46 @@ impl From<&v1::BackupStats> for Stats {
             chunks_sent: s.chunks_sent,
             files_unchanged: s.files_unchanged,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_is_optional_and_round_trips() {
+        // A snapshot written before the root was recorded loads, without one.
+        let old = r#"{"tag":"t","time":"2024-01-01T00:00:00Z","client_id":"c","tenant":"c",
+            "hostname":"h","source":"/d","kind":"files","stats":{"files":0,"dirs":0,
+            "other":0,"bytes":0,"bytes_sent":0,"chunks":0,"chunks_sent":0,
+            "files_unchanged":0},"catalog":[]}"#;
+        let mut snap: SnapshotFile = serde_json::from_str(old).expect("old snapshot");
+        assert_eq!(snap.root, None);
+        assert!(snap.to_proto().root.is_none());
+        assert!(!serde_json::to_string(&snap).expect("json").contains("root"));
+
+        let node = v1::Node {
+            r#type: v1::NodeType::Dir as i32,
+            mode: 0o40750,
+            mtime_ns: -1_500,
+            uid: 7,
+            gid: 8,
+            ..Default::default()
+        };
+        snap.root = RootMeta::from_node(&node);
+        let back: SnapshotFile =
+            serde_json::from_str(&serde_json::to_string(&snap).expect("json")).expect("load");
+        let root = back.to_proto().root.expect("root");
+        assert_eq!(
+            (root.r#type, root.mode, root.mtime_ns, root.uid, root.gid),
+            (v1::NodeType::Dir as i32, 0o750, -1_500, 7, 8)
+        );
+        // Only a directory is a root.
+        let file = v1::Node {
+            r#type: v1::NodeType::File as i32,
+            ..node
+        };
+        assert_eq!(RootMeta::from_node(&file), None);
     }
 }

@@ -10,7 +10,8 @@ use datamover_proto::v1::datamover_server::Datamover;
 use datamover_proto::v1::{self, restore_item::Item};
 use datamover_repo::retention::{self, Policy};
 use datamover_repo::{
-    AddResult, ChunkData, RepoError, Repository, SnapshotFile, SnapshotKindName, VerifyOptions,
+    AddResult, ChunkData, RepoError, Repository, RootMeta, SnapshotFile, SnapshotKindName,
+    VerifyOptions,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -383,6 +384,12 @@ impl Datamover for DatamoverService {
                 kind: session.kind,
                 stats: r.stats.as_ref().map(Into::into).unwrap_or_default(),
                 catalog: catalog.iter().map(ChunkId::to_hex).collect(),
+                // Only for a tree: a stream has no top directory.
+                root: r
+                    .root
+                    .as_ref()
+                    .filter(|_| session.kind == SnapshotKindName::Files)
+                    .and_then(RootMeta::from_node),
             };
             self.repo.save_snapshot(snap).await.map_err(status)
         }

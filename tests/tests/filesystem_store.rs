@@ -471,3 +471,37 @@ fn command_from_file_runs_each_line() {
     assert_eq!(r.stdout.lines().filter(|l| l.starts_with('{')).count(), 2);
     assert_eq!(std::fs::read(out.join("f")).unwrap(), b"sidecar");
 }
+
+#[test]
+fn restore_gives_the_target_directory_the_snapshots_mode_and_mtime() {
+    use std::os::unix::fs::MetadataExt;
+    // The top directory is restored like every other one: its mode and mtime come from
+    // the snapshot, not from the restore (a new target) or from what was there before
+    // (an existing target).
+    let server = Server::start(Storage::Filesystem, &[("client-a", TOKEN)]);
+    let client = server.client("client-a", TOKEN);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_tree(&src);
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 123_456_789);
+    filetime::set_file_mtime(&src, t).unwrap();
+    client.ok(&["backup_files", src.to_str().unwrap(), "root-meta"]);
+
+    let fresh = work.path().join("fresh");
+    let existing = work.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for out in [&fresh, &existing] {
+        client.ok(&["restore_files", out.to_str().unwrap(), "root-meta"]);
+        let m = std::fs::metadata(out).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o750, "mode of {}", out.display());
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec()),
+            (1_500_000_000, 123_456_789),
+            "mtime of {}",
+            out.display()
+        );
+        assert_same_tree(&src, out);
+    }
+}

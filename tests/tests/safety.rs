@@ -90,6 +90,7 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
             session_id: begin.session_id,
             catalog: vec![Bytes::copy_from_slice(&catalog_id.0)],
             stats: None,
+            root: None,
         })
         .await
         .unwrap();
