@@ -1,5 +1,8 @@
 //! The connection to the server: TLS (pinned by `SERVER_DATA`, or verified against system
-//! and mounted CAs) and a gRPC channel whose every call carries the client's credential.
+//! and mounted CAs) and a gRPC channel whose every call carries the client's credential:
+//! `x-datamover-client: <id>` and `authorization: Bearer <credential>`, or, for a
+//! ServiceAccount token (read again for every connection, as the kubelet rotates it),
+//! `authorization: Bearer <token>` and `x-datamover-auth: serviceaccount`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,20 +22,60 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::ClientError;
-use crate::settings::ClientSettings;
+use crate::settings::{ClientSettings, read_token};
 
-/// Adds the client id and credential to every call.
+/// Adds the client id and credential (or the ServiceAccount token) to every call.
 #[derive(Clone)]
 pub struct Auth {
-    client_id: MetadataValue<tonic::metadata::Ascii>,
+    /// `None` for a ServiceAccount token: the server learns who it is from Kubernetes.
+    client_id: Option<MetadataValue<tonic::metadata::Ascii>>,
     bearer: MetadataValue<tonic::metadata::Ascii>,
+    /// `serviceaccount` for a ServiceAccount token.
+    scheme: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Auth {
+    /// The credential of `settings`; a token file is read now.
+    fn new(settings: &ClientSettings) -> Result<Auth, ClientError> {
+        if let Some(path) = &settings.token_file {
+            let token = read_token(path)?;
+            return Ok(Auth {
+                client_id: None,
+                bearer: format!("Bearer {token}").parse().map_err(|_| {
+                    ClientError::Auth(format!(
+                        "the ServiceAccount token at {} has characters that cannot be sent",
+                        path.display()
+                    ))
+                })?,
+                scheme: Some(MetadataValue::from_static(
+                    datamover_proto::SERVICE_ACCOUNT_AUTH,
+                )),
+            });
+        }
+        Ok(Auth {
+            client_id: Some(settings.client_id.parse().map_err(|_| {
+                ClientError::Auth(
+                    "the client id (file name in /etc/client-secret) is not ASCII".into(),
+                )
+            })?),
+            bearer: format!("Bearer {}", settings.credential).parse().map_err(|_| {
+                ClientError::Auth("the client credential has characters that cannot be sent; use a printable ASCII token".into())
+            })?,
+            scheme: None,
+        })
+    }
 }
 
 impl Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let m = req.metadata_mut();
-        m.insert(datamover_proto::CLIENT_ID_HEADER, self.client_id.clone());
+        if let Some(id) = &self.client_id {
+            m.insert(datamover_proto::CLIENT_ID_HEADER, id.clone());
+        }
         m.insert(datamover_proto::AUTHORIZATION_HEADER, self.bearer.clone());
+        if let Some(scheme) = &self.scheme {
+            m.insert(datamover_proto::AUTH_SCHEME_HEADER, scheme.clone());
+        }
         Ok(req)
     }
 }
@@ -165,6 +208,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Opens the channel (with a few attempts) and says hello, which checks the credential.
 pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
+    let auth = Auth::new(settings)?;
     let seen = Arc::new(Mutex::new(None));
     let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(settings, Arc::clone(&seen))?));
     let host = settings.host.clone();
@@ -239,14 +283,6 @@ pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
             settings.host, settings.port
         ))
     })?;
-    let auth = Auth {
-        client_id: settings.client_id.parse().map_err(|_| {
-            ClientError::Auth("the client id (file name in /etc/client-secret) is not ASCII".into())
-        })?,
-        bearer: format!("Bearer {}", settings.credential).parse().map_err(|_| {
-            ClientError::Auth("the client credential has characters that cannot be sent; use a printable ASCII token".into())
-        })?,
-    };
     let sync = SyncClient::with_interceptor(channel.clone(), auth.clone())
         .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
@@ -270,12 +306,17 @@ pub async fn connect(settings: &ClientSettings) -> Result<Conn, ClientError> {
     chunker
         .validate()
         .map_err(|e| ClientError::Server(format!("server sent bad chunker parameters: {e}")))?;
+    let mut settings = settings.clone();
+    if settings.token_file.is_some() && !hello.client_id.is_empty() {
+        // Who the server says this ServiceAccount is, for messages.
+        settings.client_id = hello.client_id.clone();
+    }
     Ok(Conn {
         api,
         sync,
         hello,
         key,
         chunker,
-        settings: settings.clone(),
+        settings,
     })
 }

@@ -1,10 +1,11 @@
 //! # datamover-client: backup and restore through a DatamoverServer
 //!
-//! The client holds one credential (`/etc/client-secret/<client_id>`) and never sees
+//! The client holds one credential (`/etc/client-secret/<client_id>`, or in a pod a
+//! projected ServiceAccount token in `DATAMOVER_TOKEN_FILE`) and never sees
 //! storage keys. It cuts data into content-defined chunks, asks the server which ones it
 //! lacks, and sends only those.
 //!
-//! - [`settings`]: `PROTOCOLS`, `SERVER_URL`, `SERVER_DATA`, the client secret.
+//! - [`settings`]: `PROTOCOLS`, `SERVER_URL`, `SERVER_DATA`, the client secret or token.
 //! - [`connect`]: TLS with certificate pinning, and the authenticated gRPC channel.
 //! - [`backup`]: the walk (unchanged files are not read again), the chunk pipeline and
 //!   the upload; files and streams share it.

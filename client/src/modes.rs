@@ -37,7 +37,9 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
                   under <target>/YYYY-MM-DD-HHMMSS/)  --disk-budget SIZE (ingress)
                   --bwlimit SIZE/s  --transfers N (16)  --state-dir DIR
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
-environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>";
+environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>,
+  or else a projected ServiceAccount token in DATAMOVER_TOKEN_FILE
+  (default /var/run/secrets/datamover/token)";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mode {

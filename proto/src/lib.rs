@@ -10,7 +10,8 @@
 //!   `/etc/server/data` and the client pins through `SERVER_DATA`;
 //! - [`codec`]: the gRPC codec both sides' generated code uses (prost's, with each
 //!   message's buffer sized once);
-//! - the metadata names and message size limits below.
+//! - the metadata names (a client credential, or a ServiceAccount token marked by
+//!   [`AUTH_SCHEME_HEADER`]) and message size limits below.
 
 pub mod codec;
 pub mod fingerprint;
@@ -30,6 +31,13 @@ pub const DEFAULT_PORT: u16 = 51515;
 pub const CLIENT_ID_HEADER: &str = "x-datamover-client";
 /// Metadata key carrying `Bearer <credential>`.
 pub const AUTHORIZATION_HEADER: &str = "authorization";
+/// Metadata key naming how the bearer credential is to be checked. Absent: a client
+/// credential, with the client id in [`CLIENT_ID_HEADER`]. [`SERVICE_ACCOUNT_AUTH`]: a
+/// Kubernetes ServiceAccount token (no client id is sent; the server learns the identity
+/// from the Kubernetes TokenReview API).
+pub const AUTH_SCHEME_HEADER: &str = "x-datamover-auth";
+/// The [`AUTH_SCHEME_HEADER`] value of a ServiceAccount token.
+pub const SERVICE_ACCOUNT_AUTH: &str = "serviceaccount";
 /// The largest gRPC message either side decodes. A message holds at most one maximal chunk
 /// plus a batch of small ones, so 16 MiB leaves ample room above the 1 MiB chunk maximum.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

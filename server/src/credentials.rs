@@ -1,8 +1,12 @@
 //! Client credentials: `/etc/client_credentials/<client_id>`, one file per client, holding
-//! a token or a PHC hash (`$argon2id$…`) of it; and the check of a caller against them.
+//! a token or a PHC hash (`$argon2id$…`) of it; and the check of a caller against them,
+//! or, for a caller that presents a Kubernetes ServiceAccount token
+//! (`x-datamover-auth: serviceaccount`), against the allowed ServiceAccounts
+//! ([`crate::sa_auth`]).
 //!
-//! The set is swapped whole on reload. Every swap bumps a generation that in-flight
-//! streams watch, so a revoked or rotated credential stops them at once.
+//! The set is swapped whole on reload. Every swap (of credentials, access rules or allowed
+//! ServiceAccounts) bumps a generation that in-flight streams watch, so a revoked or
+//! rotated credential stops them at once.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,6 +18,8 @@ use subtle::ConstantTimeEq;
 use tonic::Status;
 
 use crate::access::{Access, Op, Role};
+use crate::sa_auth::{Account, ServiceAccountAuth};
+use crate::sa_clients::ServiceAccountClients;
 
 /// A client's stored credential.
 #[derive(Clone)]
@@ -90,11 +96,20 @@ pub fn load_dir(dir: &Path) -> HashMap<String, Credential> {
 /// The authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// The client id, or `system:serviceaccount:<namespace>:<name>` for a token client.
     pub client_id: String,
     pub tenant: String,
     pub role: Role,
-    /// Which stored credential authenticated it (rotation invalidates it).
-    credential: [u8; 32],
+    proof: Proof,
+}
+
+/// What authenticated a caller.
+#[derive(Debug, Clone)]
+enum Proof {
+    /// This stored credential (rotation invalidates it).
+    Credential([u8; 32]),
+    /// A ServiceAccount token, confirmed by TokenReview for this account.
+    ServiceAccount(Arc<Account>),
 }
 
 impl Identity {
@@ -181,6 +196,7 @@ pub struct CredentialStore {
     phc_verified: RwLock<HashMap<String, PhcProof>>,
     generation: tokio::sync::watch::Sender<u64>,
     limiter: FailureLimiter,
+    accounts: Option<Arc<ServiceAccountAuth>>,
 }
 
 const UNAUTHENTICATED: &str = "the server does not accept this client's credential: check that /etc/client-secret/<client_id> holds the credential the server has for that client id in its client_credentials secret (it may have been rotated or revoked)";
@@ -210,7 +226,23 @@ impl CredentialStore {
             phc_verified: RwLock::new(HashMap::new()),
             generation: tokio::sync::watch::channel(0).0,
             limiter: FailureLimiter::default(),
+            accounts: None,
         }
+    }
+
+    /// Also accepts ServiceAccount tokens, checked by `accounts`.
+    pub fn with_service_accounts(mut self, accounts: Arc<ServiceAccountAuth>) -> Self {
+        self.accounts = Some(accounts);
+        self
+    }
+
+    /// Replaces the allowed ServiceAccounts; whether anything changed.
+    pub fn replace_service_accounts(&self, clients: ServiceAccountClients) -> bool {
+        let changed = self.accounts.as_ref().is_some_and(|a| a.replace(clients));
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        changed
     }
 
     fn clients(&self) -> Arc<Clients> {
@@ -276,14 +308,23 @@ impl CredentialStore {
         self.len() == 0
     }
 
-    /// Is this identity still valid: same credential, same tenant and role?
+    /// Is this identity still valid: same credential (or a ServiceAccount still
+    /// allowed), same tenant and role?
     pub fn is_current(&self, id: &Identity) -> bool {
-        let c = self.clients();
-        c.creds
-            .get(&id.client_id)
-            .is_some_and(|cred| cred.fingerprint() == id.credential)
-            && c.access.tenant(&id.client_id) == id.tenant
-            && c.access.role(&id.client_id) == id.role
+        match &id.proof {
+            Proof::Credential(fp) => {
+                let c = self.clients();
+                c.creds
+                    .get(&id.client_id)
+                    .is_some_and(|cred| cred.fingerprint() == *fp)
+                    && c.access.tenant(&id.client_id) == id.tenant
+                    && c.access.role(&id.client_id) == id.role
+            }
+            Proof::ServiceAccount(account) => self.accounts.as_ref().is_some_and(|a| {
+                a.current(account)
+                    .is_some_and(|(tenant, role)| tenant == id.tenant && role == id.role)
+            }),
+        }
     }
 
     /// UNAUTHENTICATED if the identity was revoked or rotated since it was checked.
@@ -357,7 +398,26 @@ impl CredentialStore {
             client_id: client_id.to_string(),
             tenant: clients.access.tenant(client_id),
             role: clients.access.role(client_id),
-            credential: fp,
+            proof: Proof::Credential(fp),
+        })
+    }
+
+    /// Checks a presented ServiceAccount token.
+    pub async fn verify_service_account(&self, token: &str) -> Result<Identity, Status> {
+        let Some(accounts) = &self.accounts else {
+            return Err(Status::unauthenticated(
+                "ServiceAccount tokens are not enabled on this server: use a client credential in /etc/client-secret",
+            ));
+        };
+        let admitted = accounts
+            .authenticate(token)
+            .await
+            .map_err(|r| r.to_status())?;
+        Ok(Identity {
+            client_id: admitted.account.username(),
+            tenant: admitted.tenant,
+            role: admitted.role,
+            proof: Proof::ServiceAccount(admitted.account),
         })
     }
 
@@ -369,6 +429,29 @@ impl CredentialStore {
         peer: Option<IpAddr>,
     ) -> Result<Identity, Status> {
         let result = async {
+            match meta
+                .get(datamover_proto::AUTH_SCHEME_HEADER)
+                .map(|v| v.to_str())
+            {
+                None => {}
+                Some(Ok(datamover_proto::SERVICE_ACCOUNT_AUTH)) => {
+                    let token = meta
+                        .get(datamover_proto::AUTHORIZATION_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .ok_or_else(|| {
+                            Status::unauthenticated("no ServiceAccount token in the request")
+                        })?;
+                    return self.verify_service_account(token.trim()).await;
+                }
+                Some(_) => {
+                    return Err(Status::unauthenticated(format!(
+                        "unknown {} in the request: this server knows '{}' (a ServiceAccount token) or none (a client credential)",
+                        datamover_proto::AUTH_SCHEME_HEADER,
+                        datamover_proto::SERVICE_ACCOUNT_AUTH
+                    )));
+                }
+            }
             let client_id = meta
                 .get(datamover_proto::CLIENT_ID_HEADER)
                 .and_then(|v| v.to_str().ok())

@@ -8,7 +8,12 @@
 //! - [`credentials`]: `/etc/client_credentials/<client_id>`, token or PHC hash, the check
 //!   of a caller's credential, and the slowdown of repeated failures.
 //! - [`access`]: tenants and roles (`append`, `read`, `full`, `admin`) from `/etc/config`.
-//! - [`reload`]: live reload of credentials and access rules (inotify plus a rescan).
+//! - [`reload`]: live reload of credentials, access rules and allowed ServiceAccounts
+//!   (inotify plus a rescan).
+//! - ServiceAccount clients: [`sa_clients`] (which ServiceAccounts may connect, as which
+//!   tenant and role: `/etc/serviceaccount_clients`), [`token_review`] (the Kubernetes
+//!   TokenReview API), [`review_cache`] (its answers, briefly) and [`sa_auth`] (the check
+//!   of a presented token).
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
 //! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`]. A restore
@@ -35,10 +40,14 @@ pub mod maintenance;
 pub mod metered;
 pub mod metrics;
 pub mod reload;
+pub mod review_cache;
 pub mod run;
+pub mod sa_auth;
+pub mod sa_clients;
 pub mod service;
 pub mod settings;
 pub mod sync;
 pub mod tls;
+pub mod token_review;
 
 pub use error::ServerError;

@@ -1,7 +1,7 @@
 //! Prometheus metrics.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -25,6 +25,14 @@ pub struct Metrics {
     pub sync_files: IntCounterVec,
     pub sync_bytes: IntCounterVec,
     pub sync_seconds: HistogramVec,
+    /// ServiceAccount clients: TokenReview requests by result (`authenticated`,
+    /// `unauthenticated`, `error`), their latency, answers taken from the cache, tokens
+    /// refused by reason, and the entries of the allowed ServiceAccounts.
+    pub token_reviews: IntCounterVec,
+    pub token_review_seconds: Histogram,
+    pub token_review_cache_hits: IntCounter,
+    pub serviceaccount_refusals: IntCounterVec,
+    pub serviceaccount_clients: IntGauge,
 }
 
 impl Metrics {
@@ -106,8 +114,46 @@ impl Metrics {
                 .buckets(vec![0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0]),
                 &["direction"],
             )?,
+            token_reviews: IntCounterVec::new(
+                Opts::new(
+                    "datamover_token_reviews_total",
+                    "Kubernetes TokenReview requests for ServiceAccount clients, by result",
+                ),
+                &["result"],
+            )?,
+            token_review_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "datamover_token_review_seconds",
+                    "Latency of Kubernetes TokenReview requests",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
+            token_review_cache_hits: c(
+                "datamover_token_review_cache_hits_total",
+                "ServiceAccount tokens checked from the cache, without a TokenReview",
+            )?,
+            serviceaccount_refusals: IntCounterVec::new(
+                Opts::new(
+                    "datamover_serviceaccount_refusals_total",
+                    "ServiceAccount tokens refused, by reason",
+                ),
+                &["reason"],
+            )?,
+            serviceaccount_clients: IntGauge::new(
+                "datamover_serviceaccount_clients",
+                "Entries of the allowed ServiceAccounts",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.token_reviews.clone()))?;
+        m.registry
+            .register(Box::new(m.token_review_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.serviceaccount_refusals.clone()))?;
+        m.registry
+            .register(Box::new(m.serviceaccount_clients.clone()))?;
         m.registry.register(Box::new(m.sync_files.clone()))?;
         m.registry.register(Box::new(m.sync_bytes.clone()))?;
         m.registry.register(Box::new(m.sync_seconds.clone()))?;
@@ -122,6 +168,7 @@ impl Metrics {
             &m.bytes_restored,
             &m.credential_reloads,
             &m.maintenance_bytes_freed,
+            &m.token_review_cache_hits,
         ] {
             m.registry.register(Box::new(counter.clone()))?;
         }

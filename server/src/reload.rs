@@ -1,7 +1,8 @@
-//! Live reload of client credentials, tenants and roles.
+//! Live reload of client credentials, tenants and roles, and allowed ServiceAccounts.
 //!
-//! `/etc/client_credentials` (and the `tenants`/`roles` keys of `/etc/config`) are watched
-//! with inotify (notify) and also re-read every second, so a change takes effect within
+//! `/etc/client_credentials` (and the `tenants`/`roles` keys of `/etc/config`, and
+//! `/etc/serviceaccount_clients`) are watched with inotify (notify) and also re-read every
+//! second, so a change takes effect within
 //! a second even when a watch cannot be set up (the directory appears later, or the file
 //! system does not support it). Kubelet updates a Secret volume by writing a new
 //! timestamped directory and swapping the `..data` symlink; the key files are symlinks
@@ -17,6 +18,7 @@ use notify::{RecursiveMode, Watcher};
 use crate::access::Access;
 use crate::credentials::{CredentialStore, load_dir};
 use crate::metrics::Metrics;
+use crate::sa_clients::ServiceAccountClients;
 use crate::settings::read_mount;
 
 const RESCAN: Duration = Duration::from_secs(1);
@@ -52,9 +54,30 @@ fn dir_identity(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The watched directories.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// `/etc/client_credentials`
+    pub credentials: PathBuf,
+    /// `/etc/config`
+    pub config: PathBuf,
+    /// `/etc/serviceaccount_clients`
+    pub service_accounts: PathBuf,
+}
+
 /// Reloads once; logs and counts what changed.
-pub fn reload(creds: &CredentialStore, cred_dir: &Path, config_dir: &Path, metrics: &Metrics) {
-    let changes = creds.replace(load_dir(cred_dir), load_access(config_dir));
+pub fn reload(creds: &CredentialStore, dirs: &Dirs, metrics: &Metrics) {
+    let accounts = ServiceAccountClients::load(&dirs.service_accounts);
+    let (entries, audience) = (accounts.entries.len(), accounts.audience.clone());
+    if creds.replace_service_accounts(accounts) {
+        metrics.credential_reloads.inc();
+        tracing::info!(
+            entries,
+            audience = audience.as_deref().unwrap_or("(none)"),
+            "allowed ServiceAccounts reloaded"
+        );
+    }
+    let changes = creds.replace(load_dir(&dirs.credentials), load_access(&dirs.config));
     if !changes.is_empty() {
         metrics.credential_reloads.inc();
         metrics.clients.set(creds.len() as i64);
@@ -69,12 +92,8 @@ pub fn reload(creds: &CredentialStore, cred_dir: &Path, config_dir: &Path, metri
 }
 
 /// Watches and rescans until the process ends.
-pub fn spawn(
-    creds: Arc<CredentialStore>,
-    cred_dir: PathBuf,
-    config_dir: PathBuf,
-    metrics: Arc<Metrics>,
-) {
+pub fn spawn(creds: Arc<CredentialStore>, dirs: Dirs, metrics: Arc<Metrics>) {
+    let cred_dir = dirs.credentials.clone();
     tokio::spawn(async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher: Option<(notify::RecommendedWatcher, Option<(u64, u64)>)> = None;
@@ -83,11 +102,15 @@ pub fn spawn(
             // (Re)establish the watch when missing or when the directory was replaced.
             let ident = dir_identity(&cred_dir);
             if watcher.as_ref().is_none_or(|(_, id)| *id != ident) {
-                let dirs: Vec<&Path> = [cred_dir.as_path(), config_dir.as_path()]
-                    .into_iter()
-                    .filter(|d| d.is_dir())
-                    .collect();
-                match watch(&dirs, tx.clone()) {
+                let watched: Vec<&Path> = [
+                    cred_dir.as_path(),
+                    dirs.config.as_path(),
+                    dirs.service_accounts.as_path(),
+                ]
+                .into_iter()
+                .filter(|d| d.is_dir())
+                .collect();
+                match watch(&watched, tx.clone()) {
                     Ok(w) if ident.is_some() => {
                         tracing::info!(dir = %cred_dir.display(), "watching client credentials");
                         watcher = Some((w, ident));
@@ -114,9 +137,8 @@ pub fn spawn(
                 }
                 _ = tokio::time::sleep(RESCAN) => {}
             }
-            let (c, d, m) = (Arc::clone(&creds), cred_dir.clone(), Arc::clone(&metrics));
-            let cfg = config_dir.clone();
-            let _ = tokio::task::spawn_blocking(move || reload(&c, &d, &cfg, &m)).await;
+            let (c, d, m) = (Arc::clone(&creds), dirs.clone(), Arc::clone(&metrics));
+            let _ = tokio::task::spawn_blocking(move || reload(&c, &d, &m)).await;
         }
     });
 }

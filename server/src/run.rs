@@ -20,9 +20,12 @@ use crate::maintenance::Maintainer;
 use crate::metered::MeteredStore;
 use crate::metrics::Metrics;
 use crate::reload;
+use crate::sa_auth::ServiceAccountAuth;
+use crate::sa_clients::ServiceAccountClients;
 use crate::service::{DatamoverService, Sessions};
 use crate::settings::{Settings, StorageSettings};
 use crate::sync::SyncService;
+use crate::token_review::KubeApi;
 use crate::{ServerError, tls};
 
 /// How long in-flight operations may finish after SIGTERM.
@@ -99,23 +102,26 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let repo = open_repository(&settings, &metrics).await?;
     let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;
 
-    let cred_dir = settings.paths.etc("client_credentials");
-    let config_dir = settings.paths.etc("config");
-    let creds = Arc::new(CredentialStore::new(
-        load_dir(&cred_dir),
-        reload::load_access(&config_dir),
-    ));
+    let dirs = reload::Dirs {
+        credentials: settings.paths.etc("client_credentials"),
+        config: settings.paths.etc("config"),
+        service_accounts: settings.paths.etc("serviceaccount_clients"),
+    };
+    let accounts = service_accounts(&settings, &dirs, &metrics);
+    let creds = Arc::new(
+        CredentialStore::new(
+            load_dir(&dirs.credentials),
+            reload::load_access(&dirs.config),
+        )
+        .with_service_accounts(Arc::clone(&accounts)),
+    );
     metrics.clients.set(creds.len() as i64);
-    if creds.is_empty() {
-        tracing::warn!(dir = %cred_dir.display(), "no client credentials yet: no client can connect until one is added");
+    let tokens_usable = accounts.api().is_ok() && !accounts.clients().is_empty();
+    if creds.is_empty() && !tokens_usable {
+        tracing::warn!(dir = %dirs.credentials.display(), "no client credentials yet: no client can connect until one is added");
     }
     tracing::info!(clients = ?creds.client_ids(), "client credentials loaded");
-    reload::spawn(
-        Arc::clone(&creds),
-        cred_dir,
-        config_dir,
-        Arc::clone(&metrics),
-    );
+    reload::spawn(Arc::clone(&creds), dirs, Arc::clone(&metrics));
 
     let grpc_addr = format!("{}:{}", settings.listen_host, settings.port);
     let grpc_listener = TcpListener::bind(&grpc_addr)
@@ -242,6 +248,35 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     flusher.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The check of ServiceAccount tokens; says once whether they are enabled.
+fn service_accounts(
+    settings: &Settings,
+    dirs: &reload::Dirs,
+    metrics: &Arc<Metrics>,
+) -> Arc<ServiceAccountAuth> {
+    let clients = ServiceAccountClients::load(&dirs.service_accounts);
+    let api = KubeApi::new(&settings.kube);
+    match &api {
+        Ok(api) => tracing::info!(
+            api = %api.address(),
+            audience = clients.audience.as_deref().unwrap_or("(none)"),
+            entries = clients.entries.len(),
+            dir = %dirs.service_accounts.display(),
+            "ServiceAccount tokens are checked with the Kubernetes TokenReview API"
+        ),
+        Err(reason) if clients.is_empty() => tracing::info!(
+            %reason,
+            "ServiceAccount tokens are not enabled on this server: no Kubernetes API access"
+        ),
+        Err(reason) => tracing::warn!(
+            %reason,
+            entries = clients.entries.len(),
+            "ServiceAccount tokens are not enabled on this server: no Kubernetes API access; the allowed ServiceAccounts cannot connect"
+        ),
+    }
+    Arc::new(ServiceAccountAuth::new(clients, api, Arc::clone(metrics)))
 }
 
 fn spawn_storage_check(repo: Arc<Repository>, ready: Arc<AtomicBool>) {

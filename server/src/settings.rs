@@ -96,6 +96,8 @@ pub struct Settings {
     /// directory (filesystem): config key `syncPrefix`, default `<prefix>/sync`.
     pub sync_prefix: String,
     pub config: BTreeMap<String, String>,
+    /// The Kubernetes API, for ServiceAccount clients.
+    pub kube: crate::token_review::KubeSettings,
 }
 
 impl std::fmt::Debug for Settings {
@@ -254,7 +256,9 @@ impl Settings {
             },
         };
 
+        let kube = crate::token_review::KubeSettings::from_env(&env, &paths);
         Ok(Settings {
+            kube,
             sync_prefix,
             maintenance,
             port,

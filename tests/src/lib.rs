@@ -75,6 +75,8 @@ pub struct Server {
     pub port: u16,
     pub http_port: u16,
     pub fingerprint: String,
+    /// Extra environment of the server process (kept across restarts).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -103,6 +105,16 @@ impl Server {
         root: tempfile::TempDir,
         storage: Storage<'_>,
         clients: &[(&str, &str)],
+    ) -> Server {
+        Self::start_in_with_env(root, storage, clients, &[])
+    }
+
+    /// Like [`Server::start_in`], with extra environment for the server process.
+    pub fn start_in_with_env(
+        root: tempfile::TempDir,
+        storage: Storage<'_>,
+        clients: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Server {
         let r = root.path();
         write(
@@ -148,6 +160,10 @@ impl Server {
             port: 0,
             http_port: 0,
             fingerprint: String::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         s.spawn();
@@ -183,6 +199,7 @@ impl Server {
                 format!("127.0.0.1:{}", self.http_port),
             )
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -278,6 +295,7 @@ impl Server {
             ),
             client_id: id.into(),
             credential: credential.into(),
+            token_file: None,
             ca_pem: None,
             hostname: "test".into(),
             root: None,
