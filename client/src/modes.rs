@@ -584,61 +584,78 @@ pub async fn run(mode: Mode, settings: &ClientSettings) -> Result<(), ClientErro
 /// Attempts of a `backup_files` whose connection drops.
 const BACKUP_ATTEMPTS: u32 = 4;
 
-/// Sidecar mode: each line of `file` is a mode and its arguments (shell quoting). A
-/// regular file is read once; a named pipe is reopened after each writer closes it, so
-/// `kubectl exec … -- sh -c 'echo backup_files /data t1 > /cmd'` drives a running
-/// sidecar, until a line `exit`.
+/// Sidecar mode: runs each line of `file` as a mode, as soon as the line arrives (a
+/// sidecar's stdin stays open, so waiting for its end would run nothing). A named pipe is
+/// opened again after each writer closes it; a line `exit` ends the mode. Lines are handed
+/// from a reader thread through a small bounded queue.
 pub async fn command_from_file(file: &Path, settings: &ClientSettings) -> Result<(), ClientError> {
+    use std::io::BufRead;
     use std::os::unix::fs::FileTypeExt;
     let is_fifo = std::fs::metadata(file)
         .map_err(|e| ClientError::io(file.display(), e))?
         .file_type()
         .is_fifo();
-    let mut last: Result<(), ClientError> = Ok(());
-    loop {
-        let path = file.to_path_buf();
-        let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path))
-            .await
-            .map_err(|e| ClientError::Io(e.to_string()))?
-            .map_err(|e| ClientError::io(file.display(), e))?;
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            if line == "exit" {
-                return last;
-            }
-            let Some(args) = shlex::split(line) else {
-                eprintln!(
-                    "datamover-client: error: cannot parse the line '{line}': check its quoting"
-                );
-                last = Err(usage("bad command line"));
-                continue;
-            };
-            let outcome = match parse(&args) {
-                Ok(Mode::CommandFromFile { .. }) => {
-                    Err(usage("command_from_file cannot be nested"))
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, ClientError>>(16);
+    let path = file.to_path_buf();
+    std::thread::spawn(move || {
+        loop {
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(ClientError::io(path.display(), e)));
+                    return;
                 }
-                Ok(mode) => {
-                    let r = async {
-                        let mut conn = connect::connect(settings).await?;
-                        run_one(&mut conn, &mode).await
+            };
+            for line in std::io::BufReader::new(f).lines() {
+                let sent = match line {
+                    Ok(l) => tx.blocking_send(Ok(l)),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(ClientError::io(path.display(), e)));
+                        return;
                     }
-                    .await;
-                    r.map(|v| print_result(&v, mode.uses_stdout()))
+                };
+                if sent.is_err() {
+                    return;
                 }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = &outcome {
-                eprintln!("datamover-client: error: {e}");
             }
-            last = outcome;
+            if !is_fifo {
+                return;
+            }
         }
-        if !is_fifo {
+    });
+    let mut last: Result<(), ClientError> = Ok(());
+    while let Some(line) = rx.recv().await {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line == "exit" {
             return last;
         }
+        let Some(args) = shlex::split(line) else {
+            eprintln!("datamover-client: error: cannot parse the line '{line}': check its quoting");
+            last = Err(usage("bad command line"));
+            continue;
+        };
+        let outcome = match parse(&args) {
+            Ok(Mode::CommandFromFile { .. }) => Err(usage("command_from_file cannot be nested")),
+            Ok(mode) => {
+                let r = async {
+                    let mut conn = connect::connect(settings).await?;
+                    run_one(&mut conn, &mode).await
+                }
+                .await;
+                r.map(|v| print_result(&v, mode.uses_stdout()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &outcome {
+            eprintln!("datamover-client: error: {e}");
+        }
+        last = outcome;
     }
+    last
 }
 
 #[cfg(test)]

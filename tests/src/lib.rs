@@ -9,6 +9,7 @@
 //! into, so `cargo build --workspace --bins` must run first (the test command does).
 
 pub mod blueprint;
+pub mod cluster;
 pub mod faults;
 pub mod garage;
 
