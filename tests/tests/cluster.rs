@@ -10,9 +10,13 @@
 
 #[path = "cluster/databases.rs"]
 mod databases;
+#[path = "cluster/install.rs"]
+mod install;
 #[path = "cluster/kanister.rs"]
 mod kanister;
 #[path = "cluster/server.rs"]
 mod server;
 #[path = "cluster/setup.rs"]
 mod setup;
+#[path = "cluster/sidecar.rs"]
+mod sidecar;

@@ -12,9 +12,7 @@
 use std::collections::BTreeMap;
 
 use datamover_tests::assert_same_tree;
-use datamover_tests::blueprint::{
-    add_output_artifacts, load, phase_outputs, render_value, repo_root,
-};
+use datamover_tests::blueprint::{load, phase_outputs, render, render_value, repo_root};
 use datamover_tests::cluster::{Cluster, poll};
 use serde_yaml::Value;
 
@@ -167,15 +165,20 @@ pub fn run_action(
     for phase in &phases {
         let name = phase["name"].as_str().unwrap_or_default().to_string();
         let outputs = run_phase(cluster, phase, values);
-        if blueprint["actions"][action]
-            .get("outputArtifacts")
-            .is_some()
-            && !outputs.is_empty()
-        {
-            add_output_artifacts(blueprint, action, &name, &outputs, values);
-        }
         for (k, v) in outputs {
             values.insert(format!(".Phases.{name}.Output.{k}"), v);
+        }
+    }
+    // The action's output artifacts, rendered as Kanister does once its phases are done
+    // (with everything the phases could see, and their outputs).
+    if let Some(artifacts) = blueprint["actions"][action]["outputArtifacts"].as_mapping() {
+        for (artifact, spec) in artifacts {
+            let artifact = artifact.as_str().unwrap_or_default();
+            for (key, template) in spec["keyValue"].as_mapping().into_iter().flatten() {
+                let key = key.as_str().unwrap_or_default();
+                let value = render(template.as_str().unwrap_or_default(), values);
+                values.insert(format!(".ArtifactsIn.{artifact}.KeyValue.{key}"), value);
+            }
         }
     }
 }
