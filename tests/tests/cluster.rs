@@ -8,15 +8,19 @@
 //! The tests share one cluster and one controller, so they take turns ([`turn`]). Without
 //! a cluster each says so and passes, except under `CI`.
 
-#[path = "cluster/databases.rs"]
-mod databases;
 #[path = "cluster/install.rs"]
 mod install;
 #[path = "cluster/kanister.rs"]
 mod kanister;
+#[path = "cluster/mysql.rs"]
+mod mysql;
+#[path = "cluster/postgresql.rs"]
+mod postgresql;
 #[path = "cluster/server.rs"]
 mod server;
 #[path = "cluster/setup.rs"]
 mod setup;
 #[path = "cluster/sidecar.rs"]
 mod sidecar;
+#[path = "cluster/volume.rs"]
+mod volume;

@@ -319,3 +319,39 @@ pub fn make_tree(root: &Path, seed: u64) {
     filetime::set_file_mtime(root, filetime::FileTime::from_unix_time(1_600_000_000, 0))
         .expect("mtime");
 }
+
+/// A Ready DatamoverServer in its own namespace and an application namespace holding a
+/// client's ConfigMap and Secret: what most cluster tests start from.
+pub struct ServerAndApp {
+    /// The application's namespace, with the client configuration (deleted on drop).
+    pub app: Namespace,
+    /// Where the server runs (deleted on drop).
+    _server_ns: Namespace,
+}
+
+/// A server (namespace `<prefix>-server`) with one client `id`, and that client's
+/// ConfigMap and Secret, both named `secret`, in namespace `<prefix>-app`.
+pub fn server_and_app(
+    cluster: &'static Cluster,
+    images: &Images,
+    prefix: &str,
+    id: &str,
+    secret: &str,
+) -> ServerAndApp {
+    let server_ns = cluster.namespace(&format!("{prefix}-server"));
+    let app = cluster.namespace(&format!("{prefix}-app"));
+    let token = format!("{id}-token-0123456789");
+    let server = TestServer::create(
+        cluster,
+        &server_ns,
+        "datamover",
+        &images.server,
+        &[(id, &token)],
+    );
+    let data = server.wait_ready(cluster, 180);
+    server.client_config(cluster, app.as_str(), secret, id, &token, &data);
+    ServerAndApp {
+        app,
+        _server_ns: server_ns,
+    }
+}

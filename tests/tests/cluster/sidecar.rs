@@ -1,15 +1,13 @@
 //! The sidecar blueprint in the cluster: KubeExec into the `datamover` sidecar of a
 //! running Deployment (the shape of blueprints/examples/app-with-sidecar.yaml) backs up
-//! and restores the live volume; delete is a KubeTask.
-
-use std::collections::BTreeMap;
+//! and restores the live volume; delete is a KubeTask. Through the phases as Kanister
+//! runs them and, when `KANISTER_CONTROLLER` is set, through real ActionSets.
 
 use datamover_tests::assert_same_tree;
-use datamover_tests::blueprint::load;
-use datamover_tests::cluster::poll;
+use datamover_tests::cluster::{Cluster, Images, poll};
 
-use crate::kanister::run_action;
-use crate::setup::{TestServer, chown_tree, make_tree, ready, turn};
+use crate::kanister::{ActionSpec, Artifacts, Object, Runner, kanister_controller};
+use crate::setup::{chown_tree, make_tree, ready, server_and_app, turn};
 
 #[test]
 fn the_sidecar_blueprint_execs_into_a_running_pod_and_restores_its_volume() {
@@ -17,24 +15,24 @@ fn the_sidecar_blueprint_execs_into_a_running_pod_and_restores_its_volume() {
     let Some((cluster, images)) = ready("cluster: sidecar blueprint") else {
         return;
     };
-    let ns = cluster.namespace("dm-sc-server");
-    let app = cluster.namespace("dm-sc-app");
-    let server = TestServer::create(
-        cluster,
-        &ns,
-        "datamover",
-        &images.server,
-        &[("notes", "notes-token-0123456789")],
-    );
-    let data = server.wait_ready(cluster, 180);
-    server.client_config(
-        cluster,
-        app.as_str(),
-        "datamover-client",
-        "notes",
-        "notes-token-0123456789",
-        &data,
-    );
+    sidecar_round_trip(cluster, images, Runner::Phases, "dm-sc");
+}
+
+#[test]
+fn real_kanister_runs_the_sidecar_blueprint() {
+    let _turn = turn();
+    if kanister_controller("cluster: real Kanister, sidecar blueprint").is_none() {
+        return;
+    }
+    let Some((cluster, images)) = ready("cluster: real Kanister, sidecar blueprint") else {
+        return;
+    };
+    sidecar_round_trip(cluster, images, Runner::Kanister, "dm-k10sc");
+}
+
+fn sidecar_round_trip(cluster: &'static Cluster, images: &Images, runner: Runner, prefix: &str) {
+    let setup = server_and_app(cluster, images, prefix, "notes", "datamover-client");
+    let app = &setup.app;
     let live = cluster.volume_dir(&format!("{}-notes", app.as_str()));
     make_tree(&live, 41);
     chown_tree(&live);
@@ -98,23 +96,34 @@ spec:
         .output()
         .expect("cp");
     assert!(o.status.success());
-    let bp = load("sidecar-blueprint.yaml");
-    let mut values = BTreeMap::new();
-    values.insert(".Deployment.Namespace".into(), app.as_str().to_string());
-    values.insert(".Deployment.Name".into(), "notes".to_string());
-    values.insert(".Deployment.Pods.0".into(), pod);
-    run_action(cluster, &bp, "backup", &mut values);
+    let none = Artifacts::new();
+    let deployment = Object::Deployment {
+        namespace: app.as_str(),
+        name: "notes",
+        pod: &pod,
+    };
+    let spec = |action, object, artifacts| ActionSpec {
+        blueprint: "sidecar-blueprint.yaml",
+        action,
+        object,
+        options: &[],
+        artifacts,
+    };
+    let out = runner.run(cluster, &spec("backup", deployment.clone(), &none));
     assert!(
-        values.contains_key(".ArtifactsIn.sidecarSnapshot.KeyValue.snapshot_id"),
-        "{values:?}"
+        out.get("sidecarSnapshot")
+            .is_some_and(|a| a.get("snapshot_id").is_some_and(|id| id.len() == 64)),
+        "{out:?}"
     );
 
     // Damage the live volume, then restore it in place.
     std::fs::remove_file(live.join("a/small.txt")).expect("rm");
     std::fs::write(live.join("big.bin"), b"overwritten").expect("write");
-    run_action(cluster, &bp, "restore", &mut values);
+    runner.run(cluster, &spec("restore", deployment, &out));
     assert_same_tree(reference.path(), &live);
 
-    values.insert(".Object.metadata.name".into(), app.as_str().to_string());
-    run_action(cluster, &bp, "delete", &mut values);
+    runner.run(
+        cluster,
+        &spec("delete", Object::Namespace(app.as_str()), &out),
+    );
 }

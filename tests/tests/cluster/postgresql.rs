@@ -1,17 +1,18 @@
 //! The PostgreSQL blueprint in the cluster: a real PostgreSQL pod (an image made from
 //! Debian's PostgreSQL, the one the local blueprint tests install), and the blueprint's
 //! MultiContainerRun phases as the pods Kanister creates: pg_dump into a FIFO read by
-//! `datamover-client backup_stream`, then `restore_stream` into psql, compared.
+//! `datamover-client backup_stream`, then `restore_stream` into psql, compared. Through
+//! the phases as Kanister runs them and, when `KANISTER_CONTROLLER` is set, through real
+//! ActionSets.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use datamover_tests::blueprint::{load, run_ok};
-use datamover_tests::cluster::{Cluster, host_image, poll};
+use datamover_tests::blueprint::run_ok;
+use datamover_tests::cluster::{Cluster, Images, host_image, poll};
 
-use crate::kanister::run_action;
-use crate::setup::{TestServer, ready, turn};
+use crate::kanister::{ActionSpec, Artifacts, Object, Runner, kanister_controller};
+use crate::setup::{ready, server_and_app, turn};
 
 /// The blueprint's database image name; here it holds Debian's PostgreSQL programs.
 const PG_IMAGE: &str = "postgres:16";
@@ -31,8 +32,8 @@ fn postgres_bin_dir() -> Option<PathBuf> {
     found.pop()
 }
 
-/// psql inside the database pod.
-fn psql(cluster: &Cluster, ns: &str, sql: &str) -> String {
+/// psql inside the database pod, as the superuser over its socket, in `db`.
+fn try_psql(cluster: &Cluster, ns: &str, db: &str, sql: &str) -> Result<String, String> {
     let o = cluster.kubectl_output(
         &[
             "exec",
@@ -46,7 +47,7 @@ fn psql(cluster: &Cluster, ns: &str, sql: &str) -> String {
             "-U",
             "postgres",
             "-d",
-            "shop",
+            db,
             "-tA",
             "-c",
             sql,
@@ -54,30 +55,68 @@ fn psql(cluster: &Cluster, ns: &str, sql: &str) -> String {
         None,
         120,
     );
-    assert!(
-        o.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+    if !o.status.success() {
+        return Err(format!(
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn psql(cluster: &Cluster, ns: &str, sql: &str) -> String {
+    try_psql(cluster, ns, "shop", sql).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn the_postgresql_blueprint_dumps_and_restores_a_database_pod_through_a_fifo() {
     let _turn = turn();
-    let Some(bin) = postgres_bin_dir() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "PostgreSQL is not installed; CI must run this test"
-        );
-        eprintln!(
-            "SKIPPED cluster: PostgreSQL blueprint: PostgreSQL is not installed (scripts/ensure-postgresql.sh)"
-        );
+    let Some(bin) = postgres_bin_dir_or_skip("cluster: PostgreSQL blueprint") else {
         return;
     };
     let Some((cluster, images)) = ready("cluster: PostgreSQL blueprint") else {
         return;
     };
+    postgresql_round_trip(cluster, images, &bin, Runner::Phases, "dm-pg");
+}
+
+#[test]
+fn real_kanister_runs_the_postgresql_blueprint() {
+    let _turn = turn();
+    let test = "cluster: real Kanister, PostgreSQL blueprint";
+    if kanister_controller(test).is_none() {
+        return;
+    }
+    let Some(bin) = postgres_bin_dir_or_skip(test) else {
+        return;
+    };
+    let Some((cluster, images)) = ready(test) else {
+        return;
+    };
+    postgresql_round_trip(cluster, images, &bin, Runner::Kanister, "dm-k10pg");
+}
+
+fn postgres_bin_dir_or_skip(test: &str) -> Option<PathBuf> {
+    let bin = postgres_bin_dir();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL is not installed; CI must run {test}"
+        );
+        eprintln!("SKIPPED {test}: PostgreSQL is not installed (scripts/ensure-postgresql.sh)");
+    }
+    bin
+}
+
+/// A PostgreSQL StatefulSet `shop-db` with a database `shop` and its Secret
+/// `datamover-postgresql`; dump, change, restore and delete through the blueprint.
+fn postgresql_round_trip(
+    cluster: &'static Cluster,
+    images: &Images,
+    bin: &Path,
+    runner: Runner,
+    prefix: &str,
+) {
     let pg = nix::unistd::User::from_name("postgres")
         .ok()
         .flatten()
@@ -103,24 +142,8 @@ fn the_postgresql_blueprint_dumps_and_restores_a_database_pod_through_a_fifo() {
     );
     cluster.load_images(&[PG_IMAGE]);
 
-    let server_ns = cluster.namespace("dm-pg-server");
-    let app = cluster.namespace("dm-pg-app");
-    let server = TestServer::create(
-        cluster,
-        &server_ns,
-        "datamover",
-        &images.server,
-        &[("shop-db", "shop-db-token-0123456789")],
-    );
-    let data = server.wait_ready(cluster, 180);
-    server.client_config(
-        cluster,
-        app.as_str(),
-        "datamover-client",
-        "shop-db",
-        "shop-db-token-0123456789",
-        &data,
-    );
+    let setup = server_and_app(cluster, images, prefix, "shop-db", "datamover-client");
+    let app = &setup.app;
 
     // The database's files, made on the node by initdb, on a local volume.
     let db_dir = cluster.volume_dir(&format!("{}-pgdata", app.as_str()));
@@ -194,46 +217,10 @@ stringData:
         ns = app.as_str(),
     ));
     poll("the PostgreSQL pod ready", 180, || {
-        let o = cluster.kubectl_output(
-            &[
-                "exec",
-                "-n",
-                app.as_str(),
-                "shop-db-0",
-                "--",
-                "psql",
-                "-h",
-                "/tmp",
-                "-U",
-                "postgres",
-                "-tA",
-                "-c",
-                "select 1",
-            ],
-            None,
-            30,
-        );
-        o.status.success().then_some(())
+        try_psql(cluster, app.as_str(), "postgres", "select 1").ok()
     });
-    let o = cluster.kubectl_output(
-        &[
-            "exec",
-            "-n",
-            app.as_str(),
-            "shop-db-0",
-            "--",
-            "psql",
-            "-h",
-            "/tmp",
-            "-U",
-            "postgres",
-            "-c",
-            "create database shop",
-        ],
-        None,
-        60,
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    try_psql(cluster, app.as_str(), "postgres", "create database shop")
+        .unwrap_or_else(|e| panic!("{e}"));
     psql(
         cluster,
         app.as_str(),
@@ -246,14 +233,23 @@ stringData:
         "select count(*), md5(string_agg(item, ',' order by id)) from orders",
     );
 
-    let bp = load("postgresql-blueprint.yaml");
-    let mut values: BTreeMap<String, String> = BTreeMap::new();
-    values.insert(".StatefulSet.Namespace".into(), app.as_str().into());
-    values.insert(".StatefulSet.Name".into(), "shop-db".into());
-    run_action(cluster, &bp, "backup", &mut values);
+    let statefulset = Object::StatefulSet {
+        namespace: app.as_str(),
+        name: "shop-db",
+    };
+    let none = Artifacts::new();
+    let spec = |action, object, artifacts| ActionSpec {
+        blueprint: "postgresql-blueprint.yaml",
+        action,
+        object,
+        options: &[],
+        artifacts,
+    };
+    let out = runner.run(cluster, &spec("backup", statefulset.clone(), &none));
     assert!(
-        values.contains_key(".ArtifactsIn.pgDump.KeyValue.snapshot_id"),
-        "{values:?}"
+        out.get("pgDump")
+            .is_some_and(|a| a.get("snapshot_id").is_some_and(|id| id.len() == 64)),
+        "{out:?}"
     );
 
     psql(
@@ -261,7 +257,7 @@ stringData:
         app.as_str(),
         "delete from orders where id > 100; update orders set item = 'changed'",
     );
-    run_action(cluster, &bp, "restore", &mut values);
+    runner.run(cluster, &spec("restore", statefulset, &out));
     let after = psql(
         cluster,
         app.as_str(),
@@ -271,8 +267,10 @@ stringData:
         before, after,
         "the restored table differs from the dumped one"
     );
-    values.insert(".Object.metadata.name".into(), app.as_str().into());
-    run_action(cluster, &bp, "delete", &mut values);
+    runner.run(
+        cluster,
+        &spec("delete", Object::Namespace(app.as_str()), &out),
+    );
 }
 
 fn append(path: &Path, text: &str) {

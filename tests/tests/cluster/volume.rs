@@ -1,0 +1,116 @@
+//! The volume blueprint in the cluster: backup of a PVC, restore into another, delete of
+//! the snapshot (then a restore of it fails), through its phases as Kanister's pods and,
+//! when `KANISTER_CONTROLLER` is set, through real ActionSets.
+
+use std::collections::BTreeMap;
+
+use datamover_tests::assert_same_tree;
+use datamover_tests::cluster::{Cluster, Images};
+
+use crate::kanister::{ActionSpec, Artifacts, Object, Runner, kanister_controller};
+use crate::setup::{make_tree, ready, server_and_app, turn};
+
+const BLUEPRINT: &str = "volume-blueprint.yaml";
+
+/// Backup, restore, delete, and a restore of the deleted snapshot that must fail. The
+/// client identity is a Secret of its own named by the ActionSet's options.
+fn volume_round_trip(cluster: &'static Cluster, images: &Images, runner: Runner, prefix: &str) {
+    let setup = server_and_app(cluster, images, prefix, "volume-client", "volume-client");
+    let app = setup.app.as_str();
+    let source = cluster.volume_dir(&format!("{app}-data"));
+    make_tree(&source, 21);
+    cluster.local_pvc(app, "data", &source);
+    let target = cluster.volume_dir(&format!("{app}-restored"));
+    cluster.local_pvc(app, "restored", &target);
+    let options = [
+        ("datamoverSecret", "volume-client"),
+        ("datamoverConfigMap", "volume-client"),
+    ];
+    let none = Artifacts::new();
+    let spec = |action, object, artifacts| ActionSpec {
+        blueprint: BLUEPRINT,
+        action,
+        object,
+        options: &options,
+        artifacts,
+    };
+
+    let out = runner.run(
+        cluster,
+        &spec(
+            "backup",
+            Object::Pvc {
+                namespace: app,
+                name: "data",
+            },
+            &none,
+        ),
+    );
+    let id = out
+        .get("volumeSnapshot")
+        .and_then(|a| a.get("snapshot_id"))
+        .cloned()
+        .unwrap_or_else(|| panic!("the backup's snapshot_id artifact: {out:?}"));
+    assert_eq!(id.len(), 64, "snapshot id {id:?}");
+
+    runner.run(
+        cluster,
+        &spec(
+            "restore",
+            Object::Pvc {
+                namespace: app,
+                name: "restored",
+            },
+            &out,
+        ),
+    );
+    assert_same_tree(&source, &target);
+
+    // Delete runs on the Namespace object.
+    runner.run(cluster, &spec("delete", Object::Namespace(app), &out));
+    // The snapshot is gone: a restore of it now fails.
+    let again = cluster.volume_dir(&format!("{app}-again"));
+    cluster.local_pvc(app, "again", &again);
+    let err = runner
+        .try_run(
+            cluster,
+            &spec(
+                "restore",
+                Object::Pvc {
+                    namespace: app,
+                    name: "again",
+                },
+                &out,
+            ),
+        )
+        .map(|a: BTreeMap<_, _>| format!("{a:?}"))
+        .expect_err("a restore of a deleted snapshot succeeded");
+    if runner == Runner::Phases {
+        assert!(
+            err.contains(&id[..8]) || err.to_lowercase().contains("not found"),
+            "{err}"
+        );
+    }
+    eprintln!("{runner:?}: volume blueprint backup, restore and delete of {id} complete");
+}
+
+#[test]
+fn the_volume_blueprint_backs_up_restores_and_deletes_as_kanister_runs_it() {
+    let _turn = turn();
+    let Some((cluster, images)) = ready("cluster: volume blueprint phases") else {
+        return;
+    };
+    volume_round_trip(cluster, images, Runner::Phases, "dm-bp");
+}
+
+#[test]
+fn real_kanister_runs_the_volume_blueprint() {
+    let _turn = turn();
+    if kanister_controller("cluster: real Kanister, volume blueprint").is_none() {
+        return;
+    }
+    let Some((cluster, images)) = ready("cluster: real Kanister, volume blueprint") else {
+        return;
+    };
+    volume_round_trip(cluster, images, Runner::Kanister, "dm-k10");
+}
