@@ -1,5 +1,6 @@
 //! The reconciler: one DatamoverServer in, its Deployment, Service and NetworkPolicy
-//! applied, its status written.
+//! applied (and, for ServiceAccount clients, the objects of `bindings.rs`), its
+//! status written.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use k8s_openapi::chrono::Utc;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, Event as Finalized};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -22,6 +24,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::Error;
+use crate::bindings;
 use crate::metrics::Metrics;
 use crate::pods;
 use crate::resources::{
@@ -29,6 +32,7 @@ use crate::resources::{
     network_policy_for, service_for,
 };
 use crate::server_data::ServerDataSource;
+use crate::serviceaccounts::{self, FINALIZER};
 use crate::storage::{self, STORAGE_CONDITION, StorageCheck};
 use crate::types::{DatamoverServer, DatamoverServerStatus, Progress, ServerInfo};
 
@@ -107,16 +111,41 @@ struct Outcome {
 }
 
 /// Reconciles one DatamoverServer. Children carry an owner reference to it, so deleting it
-/// deletes them (garbage collection); no finalizer is needed.
+/// deletes them (garbage collection). Only a server with ServiceAccount clients gets a
+/// finalizer ([`FINALIZER`]): its ClusterRoleBindings and RoleBindings in other
+/// namespaces cannot be owned by it, and are deleted by the controller before it goes.
 pub async fn reconcile(dms: Arc<DatamoverServer>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if dms.meta().deletion_timestamp.is_some() {
+    let tracked = dms.finalizers().iter().any(|f| f == FINALIZER);
+    if dms.meta().deletion_timestamp.is_some() && !tracked {
         debug!(name = %dms.name_any(), "being deleted; garbage collection removes its objects");
         return Ok(Action::await_change());
     }
     let started = Instant::now();
-    let result = reconcile_inner(&dms, &ctx).await;
+    let result = if serviceaccounts::enabled(&dms) || tracked {
+        let ns = dms
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let api = Api::<DatamoverServer>::namespaced(ctx.client.clone(), &ns);
+        finalizer::finalizer(&api, FINALIZER, dms, |event| async {
+            match event {
+                Finalized::Apply(dms) => reconcile_inner(&dms, &ctx).await,
+                Finalized::Cleanup(dms) => cleanup(&dms, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    } else {
+        reconcile_inner(&dms, &ctx).await
+    };
     ctx.metrics.observe(started.elapsed());
     result
+}
+
+/// The DatamoverServer is being deleted: its bindings go (the rest is garbage collected).
+async fn cleanup(dms: &DatamoverServer, ctx: &Context) -> Result<Action, Error> {
+    info!(name = %dms.name_any(), namespace = ?dms.namespace(), "deleting the bindings of a deleted DatamoverServer");
+    bindings::prune(dms, &ctx.client, &serviceaccounts::Bindings::default()).await?;
+    Ok(Action::await_change())
 }
 
 async fn reconcile_inner(dms: &DatamoverServer, ctx: &Context) -> Result<Action, Error> {
@@ -196,6 +225,8 @@ async fn reconcile_inner(dms: &DatamoverServer, ctx: &Context) -> Result<Action,
     let inputs = Inputs {
         hash: resources::inputs_hash(&config, &secrets),
     };
+    let tracked = dms.finalizers().iter().any(|f| f == FINALIZER);
+    bindings::apply(dms, client, tracked).await?;
     let apply = PatchParams::apply(MANAGER).force();
     let deployment = deployment_for(dms, &inputs)?;
     Api::<Deployment>::namespaced(client.clone(), &ns)
@@ -357,6 +388,7 @@ async fn observe_pods(
         server_info: Some(ServerInfo {
             service_name,
             data: base64::engine::general_purpose::STANDARD.encode(data.as_bytes()),
+            token_audience: None,
         }),
         storage: None,
     })
@@ -406,9 +438,13 @@ async fn write_status(
         )),
         None => conditions.extend(previous_storage.cloned()),
     }
+    let server_info = outcome.server_info.clone().map(|info| ServerInfo {
+        token_audience: serviceaccounts::published_audience(dms),
+        ..info
+    });
     let status = DatamoverServerStatus {
         progress: Some(outcome.progress),
-        server_info: outcome.server_info.clone(),
+        server_info,
         conditions,
         observed_generation: dms.meta().generation,
     };
@@ -515,7 +551,8 @@ pub async fn run(client: Client, ctx: Arc<Context>) -> Result<(), Error> {
     Controller::new(servers, watcher::Config::default())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -20,6 +20,9 @@ pub enum Error {
     /// The controller cannot start: what is wrong and what to do.
     #[error("{0}")]
     Startup(String),
+    /// Adding or removing the finalizer, or a reconciliation run under it.
+    #[error("{0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -33,6 +36,11 @@ impl Error {
             Error::Io(_) => "io",
             Error::Metrics(_) => "metrics",
             Error::Startup(_) => "startup",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
+                _ => "finalizer",
+            },
         }
     }
 }

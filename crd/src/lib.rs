@@ -11,8 +11,9 @@
 //!                                      │                       │    the storageVolume claim
 //!                                      │                       │    (missing: status Failed naming it,
 //!                                      │                       │    requeue with backoff)
-//!                                      │  server-side apply    │ 2. apply Deployment, Service,
-//!                                      └───────────────────────┤    NetworkPolicy (owner refs → GC)
+//!                                      │  server-side apply    │ 2. apply ConfigMap of SA clients,
+//!                                      │                       │    (SA + RBAC bindings), Deployment,
+//!                                      └───────────────────────┤    Service, NetworkPolicy
 //!                                                              │ 3. list pods (ready? image pulled?);
 //!                                                              │    GET /server-data from a
 //!  server pod ─ /etc/config, /etc/secrets/<name>,              │    ready pod's probe port
@@ -28,10 +29,18 @@
 //!   without `subPath`, so kubelet's atomic `..data` swap reaches the server.
 //! * [`controller`]: the reconciler, status by server-side apply, Events on transitions,
 //!   exponential backoff on errors. Children carry a controller owner reference, so
-//!   deleting the DatamoverServer deletes them through garbage collection; there is no
-//!   finalizer that could wedge a deletion. The controller only `get`s ConfigMaps and
-//!   Secrets (it never lists or watches Secrets) and looks again every minute, so a
-//!   changed input takes effect within [`controller::RESYNC`].
+//!   deleting the DatamoverServer deletes them through garbage collection. Only a server
+//!   with `spec.serviceAccountClients` gets a finalizer (its RBAC bindings cannot be
+//!   owned); it is dropped again when the list empties, so a server without them never
+//!   waits for the controller to be deleted. The controller only `get`s the user's
+//!   ConfigMaps and Secrets (it never lists or watches Secrets) and looks again every
+//!   minute, so a changed input takes effect within [`controller::RESYNC`].
+//! * [`serviceaccounts`]: pure builders for ServiceAccount clients: the ConfigMap
+//!   `<name>-serviceaccount-clients` (`audience`, `clients.json`) the server reads live
+//!   at `/etc/serviceaccount_clients` (not in the inputs hash), the server's
+//!   ServiceAccount, its ClusterRoleBinding to `system:auth-delegator` and the bindings
+//!   to `datamover-serviceaccount-reader` for label selectors; `bindings` applies them
+//!   and deletes stale bindings by label.
 //! * [`storage`]: whether the repository survives a pod restart (a filesystem store needs
 //!   `spec.storageVolume` over its path), reported as the `StoragePersistent` condition.
 //! * [`pods`]: readiness of the server pods, and an image that cannot be pulled.
@@ -42,6 +51,7 @@
 //!   Deployment, rendered by the `crdgen` binary into `crd/manifests/`, and the chart's
 //!   copies of the CRD and the ClusterRole rules into `charts/datamover/`.
 
+mod bindings;
 pub mod controller;
 mod error;
 pub mod manifests;
@@ -49,6 +59,7 @@ pub mod metrics;
 pub mod pods;
 pub mod resources;
 pub mod server_data;
+pub mod serviceaccounts;
 pub mod storage;
 pub mod types;
 

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::Error;
 use crate::resources::{CONTROLLER_APP, HTTP_PORT, NAME_LABEL};
+use crate::serviceaccounts::{AUTH_DELEGATOR_ROLE, SA_READER_ROLE};
 use crate::types::DatamoverServer;
 
 /// Namespace the controller runs in.
@@ -65,6 +66,18 @@ pub fn crd() -> CustomResourceDefinition {
                     "!has(self.spec.storageVolume) || !has(self.spec.storageVolume.subPath) || !self.spec.storageVolume.subPath.contains('..')",
                     "spec.storageVolume.subPath must not contain '..'",
                 ),
+                rule(
+                    "!has(self.spec.serviceAccountClients) || self.spec.serviceAccountClients.all(c, has(c.namespace) || has(c.selector))",
+                    "each spec.serviceAccountClients entry needs a namespace or a selector",
+                ),
+                rule(
+                    "!has(self.spec.serviceAccountClients) || self.spec.serviceAccountClients.all(c, has(c.namespace) || !has(c.selector) || (has(c.selector.matchLabels) && size(c.selector.matchLabels) > 0) || (has(c.selector.matchExpressions) && size(c.selector.matchExpressions) > 0))",
+                    "a spec.serviceAccountClients entry without a namespace needs a non-empty selector (an empty one would admit every ServiceAccount of the cluster)",
+                ),
+                rule(
+                    "!has(self.spec.serviceAccountClients) || self.spec.serviceAccountClients.all(c, !has(c.selector) || !has(c.selector.matchExpressions) || c.selector.matchExpressions.all(r, (r.operator == 'In' || r.operator == 'NotIn') == (has(r.values) && size(r.values) > 0)))",
+                    "in spec.serviceAccountClients selectors, In and NotIn need values; Exists and DoesNotExist take none",
+                ),
             ]);
         }
     }
@@ -92,8 +105,11 @@ fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 fn policy(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
-    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     PolicyRule {
         api_groups: Some(strings(groups)),
         resources: Some(strings(resources)),
@@ -103,9 +119,15 @@ fn policy(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 }
 
 /// Exactly what the controller calls, and nothing more: no list/watch of Secrets, no
-/// `pods/exec`, no deletes except of a NetworkPolicy it made and no longer wants. Pods are
-/// only listed (their readiness and container statuses, e.g. an image that cannot be
-/// pulled); PersistentVolumeClaims only read (does `spec.storageVolume`'s claim exist).
+/// `pods/exec`, no deletes except of a NetworkPolicy or a binding it made and no longer
+/// wants. Pods are only listed (their readiness and container statuses, e.g. an image
+/// that cannot be pulled); PersistentVolumeClaims only read (does `spec.storageVolume`'s
+/// claim exist). For ServiceAccount clients: the ConfigMap it writes (and watches, as it
+/// owns it), the server's ServiceAccount (created, never read or deleted: garbage
+/// collection does), ClusterRoleBindings and RoleBindings (listed by label to remove
+/// stale ones), `bind` on exactly the two ClusterRoles it binds (the API server's
+/// escalation check: the controller holds neither role's rights itself), and `patch` on
+/// DatamoverServers for the finalizer.
 pub fn cluster_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(CONTROLLER_APP, None),
@@ -113,7 +135,7 @@ pub fn cluster_role() -> ClusterRole {
             policy(
                 &["dm.cr.kanister.io"],
                 &["datamoverservers"],
-                &["get", "list", "watch"],
+                &["get", "list", "watch", "patch"],
             ),
             policy(
                 &["dm.cr.kanister.io"],
@@ -142,7 +164,33 @@ pub fn cluster_role() -> ClusterRole {
             ),
             policy(&[""], &["pods"], &["list"]),
             policy(&["events.k8s.io"], &["events"], &["create", "patch"]),
+            policy(
+                &[""],
+                &["configmaps"],
+                &["list", "watch", "create", "patch"],
+            ),
+            policy(&[""], &["serviceaccounts"], &["create", "patch"]),
+            policy(
+                &["rbac.authorization.k8s.io"],
+                &["clusterrolebindings", "rolebindings"],
+                &["list", "create", "patch", "delete"],
+            ),
+            PolicyRule {
+                resource_names: Some(strings(&[AUTH_DELEGATOR_ROLE, SA_READER_ROLE])),
+                ..policy(&["rbac.authorization.k8s.io"], &["clusterroles"], &["bind"])
+            },
         ]),
+        ..ClusterRole::default()
+    }
+}
+
+/// The ClusterRole the controller binds a server's ServiceAccount to when a
+/// `serviceAccountClients` entry has a label selector: reading ServiceAccounts' labels,
+/// nothing else (bound per namespace by a RoleBinding where the entry names one).
+pub fn serviceaccount_reader_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(SA_READER_ROLE, None),
+        rules: Some(vec![policy(&[""], &["serviceaccounts"], &["get"])]),
         ..ClusterRole::default()
     }
 }
@@ -298,6 +346,7 @@ pub fn render() -> Result<Vec<(&'static str, String)>, Error> {
                 value(&service_account)?,
                 value(&cluster_role())?,
                 value(&binding)?,
+                value(&serviceaccount_reader_role())?,
             ])?,
         ),
         (
@@ -322,18 +371,39 @@ metadata:
     {{- include \"datamover.labels\" . | nindent 4 }}
 ";
 
+const READER_ROLE_TEMPLATE_HEAD: &str = "\
+# Generated by `cargo run -p datamover-crd --bin crdgen -- --write crd/manifests`: the
+# ClusterRole of crd/manifests/rbac.yaml that the controller binds a DatamoverServer's
+# ServiceAccount to when a serviceAccountClients entry selects ServiceAccounts by label.
+# Its name is fixed (the controller binds it by name). Do not edit here.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: datamover-serviceaccount-reader
+  labels:
+    {{- include \"datamover.labels\" . | nindent 4 }}
+";
+
 /// The generated files of the Helm chart: (path under [`CHART_DIR`], content). The CRD
-/// is the same file as `crd/manifests/crd.yaml`; the ClusterRole template carries the
-/// rules of [`cluster_role`] literally, around Helm's name and labels.
+/// is the same file as `crd/manifests/crd.yaml`; the ClusterRole templates carry the
+/// rules of [`cluster_role`] and [`serviceaccount_reader_role`] literally, around Helm's
+/// name and labels.
 pub fn render_chart() -> Result<Vec<(&'static str, String)>, Error> {
     let rules = serde_yaml::to_string(&serde_json::json!({
         "rules": value(&cluster_role().rules)?,
+    }))?;
+    let reader_rules = serde_yaml::to_string(&serde_json::json!({
+        "rules": value(&serviceaccount_reader_role().rules)?,
     }))?;
     Ok(vec![
         ("crds/datamoverservers.yaml", yaml_docs(&[value(&crd())?])?),
         (
             "templates/clusterrole.yaml",
             format!("{CLUSTER_ROLE_TEMPLATE_HEAD}{rules}"),
+        ),
+        (
+            "templates/serviceaccount-reader-clusterrole.yaml",
+            format!("{READER_ROLE_TEMPLATE_HEAD}{reader_rules}"),
         ),
     ])
 }

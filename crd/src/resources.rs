@@ -1,6 +1,7 @@
 //! Pure functions from a `DatamoverServer` (and what the controller read from the
-//! cluster) to the objects it owns: the Deployment, the Service and the NetworkPolicy.
-//! No I/O here, so every detail of the pods is testable without a cluster.
+//! cluster) to the objects it owns: the Deployment, the Service and the NetworkPolicy
+//! (the ServiceAccount clients' objects are in [`crate::serviceaccounts`]). No I/O here,
+//! so every detail of the pods is testable without a cluster.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +24,7 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
+use crate::serviceaccounts::{self, SA_CLIENTS_MOUNT, SA_CLIENTS_VOLUME};
 use crate::types::{ClientSelector, DatamoverServer, PodOptions};
 
 /// Pod-template annotation holding [`inputs_hash`]: a change rolls the pods.
@@ -125,7 +127,7 @@ fn owner_reference(dms: &DatamoverServer) -> Result<OwnerReference, Error> {
         .ok_or(Error::MissingField("metadata.uid"))
 }
 
-fn child_meta(dms: &DatamoverServer) -> Result<ObjectMeta, Error> {
+pub(crate) fn child_meta(dms: &DatamoverServer) -> Result<ObjectMeta, Error> {
     Ok(ObjectMeta {
         name: Some(dms.name_any()),
         namespace: dms.namespace(),
@@ -198,6 +200,17 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
+        Volume {
+            // Whole, like the credentials: the server reloads it live. Its content is
+            // not in the inputs hash, so a change of spec.serviceAccountClients rolls
+            // nothing.
+            name: SA_CLIENTS_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: serviceaccounts::config_map_name(dms),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
     ];
     let mut mounts = vec![
         VolumeMount {
@@ -215,6 +228,12 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
         VolumeMount {
             name: "server-data".into(),
             mount_path: SERVER_DATA_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: SA_CLIENTS_VOLUME.into(),
+            mount_path: SA_CLIENTS_MOUNT.into(),
+            read_only: Some(true),
             ..VolumeMount::default()
         },
     ];
@@ -359,9 +378,10 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
-                    // The server never talks to the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    service_account_name: options.service_account_name.clone(),
+                    // The server talks to the Kubernetes API (TokenReview) only for
+                    // ServiceAccount clients; otherwise it gets no token.
+                    automount_service_account_token: Some(serviceaccounts::enabled(dms)),
+                    service_account_name: serviceaccounts::pod_service_account(dms),
                     node_selector: non_empty(options.node_selector.clone()),
                     tolerations: non_empty_vec(options.tolerations.clone()),
                     affinity: options.affinity.clone(),

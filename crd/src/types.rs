@@ -109,6 +109,100 @@ pub struct DatamoverServerSpec {
     /// A NetworkPolicy that lets only the selected clients reach the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+
+    /// Kubernetes ServiceAccounts whose projected tokens the server accepts instead of a
+    /// client credential, each as a tenant with a role. The token must be projected with
+    /// the audience of `status.serverInfo.tokenAudience`. Applied live (a ConfigMap the
+    /// server watches); when the list is non-empty the server pods run under a
+    /// ServiceAccount allowed to call the TokenReview API (`system:auth-delegator`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub service_account_clients: Vec<ServiceAccountClient>,
+}
+
+/// ServiceAccounts allowed to connect: by namespace and name, a whole namespace, or a
+/// label selector on the ServiceAccounts (of one namespace, or of every namespace).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountClient {
+    /// The ServiceAccounts' namespace. Required unless `selector` is given (then left
+    /// out: every namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: Option<String>,
+    /// The ServiceAccount's name. Left out: every ServiceAccount the other fields match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: Option<String>,
+    /// A label selector on the ServiceAccounts (not the pods). The server then reads the
+    /// ServiceAccounts' labels: the controller grants it `get` on `serviceaccounts` in
+    /// `namespace` (or in every namespace when there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<ServiceAccountSelector>,
+    /// Whose snapshots the client sees: a name like a client id (letters, digits, `.`,
+    /// `_`, `-`, not starting with `.`). May be shared with credential clients.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+    )]
+    pub tenant: String,
+    /// What the client may do in its tenant.
+    pub role: ClientRole,
+}
+
+/// A Kubernetes label selector (`matchLabels`, `matchExpressions`), every part of which
+/// must hold.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+impl ServiceAccountSelector {
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+/// One requirement of a label selector: `In` and `NotIn` need `values`, `Exists` and
+/// `DoesNotExist` take none.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SelectorRequirement {
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    pub operator: SelectorOperator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub values: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// A client's role: `append` (back up only), `read` (restore only), `full` (its own
+/// tenant, deletes included), `admin` (also maintenance).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientRole {
+    Append,
+    Read,
+    Full,
+    Admin,
 }
 
 /// The volume of the filesystem store, as in `spec.storageVolume`.
@@ -178,8 +272,10 @@ pub struct PodOptions {
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
-    /// Service account of the server pods. The server needs no Kubernetes API access;
-    /// its token is not mounted either way.
+    /// Service account of the server pods. Without `serviceAccountClients` the server
+    /// needs no Kubernetes API access and its token is not mounted; with them, the
+    /// controller binds this account (default: `<name>-datamover-server`, which it
+    /// creates) to `system:auth-delegator` and mounts its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub service_account_name: Option<String>,
@@ -271,6 +367,11 @@ pub struct ServerInfo {
     /// Base64 of the content of the server's `/etc/server/data` (the hex SHA-256
     /// fingerprint of its TLS certificate); give it to clients as `SERVER_DATA`.
     pub data: String,
+    /// With `spec.serviceAccountClients`: the audience a client pod projects its
+    /// ServiceAccount token with (`serviceAccountToken.audience`),
+    /// `datamover.<namespace>.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_audience: Option<String>,
 }
 
 /// Observed state, written by the controller.

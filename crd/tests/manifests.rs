@@ -215,3 +215,129 @@ fn the_schema_has_the_storage_volume_and_client_namespaces() {
             .contains("storageVolume.mountPath")
     }));
 }
+
+#[test]
+fn the_schema_validates_serviceaccount_clients_and_publishes_the_audience() {
+    let root = schema();
+    let clients = &root["properties"]["spec"]["properties"]["serviceAccountClients"];
+    assert_eq!(clients["maxItems"], 64);
+    let entry = &clients["items"];
+    assert_eq!(entry["required"], serde_json::json!(["role", "tenant"]));
+    let props = &entry["properties"];
+    assert_eq!(
+        props["role"]["enum"],
+        serde_json::json!(["append", "read", "full", "admin"])
+    );
+    assert!(props["tenant"]["pattern"].is_string());
+    assert_eq!(props["namespace"]["maxLength"], 63);
+    let requirement = &props["selector"]["properties"]["matchExpressions"]["items"];
+    assert_eq!(
+        requirement["properties"]["operator"]["enum"],
+        serde_json::json!(["In", "NotIn", "Exists", "DoesNotExist"])
+    );
+    let rules: Vec<String> = root["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap().to_string())
+        .collect();
+    for needle in [
+        "needs a namespace or a selector",
+        "needs a non-empty selector",
+        "In and NotIn need values",
+    ] {
+        assert!(
+            rules.iter().any(|m| m.contains(needle)),
+            "{needle}: {rules:?}"
+        );
+    }
+    let info = &root["properties"]["status"]["properties"]["serverInfo"]["properties"];
+    assert_eq!(info["tokenAudience"]["type"], "string");
+}
+
+/// The RBAC of ServiceAccount clients: exactly what the controller needs, `bind` only on
+/// the two ClusterRoles it binds, and the reader role shipped with it.
+#[test]
+fn the_controller_may_bind_only_the_two_roles_it_grants() {
+    let role = serde_json::to_value(manifests::cluster_role()).unwrap();
+    let rules = role["rules"].as_array().unwrap();
+    let verbs_of = |group: &str, resource: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r["apiGroups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g == group)
+                    && r["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x == resource)
+            })
+            .flat_map(|r| r["verbs"].as_array().unwrap().clone())
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let bind: Vec<&Value> = rules
+        .iter()
+        .filter(|r| r["verbs"].as_array().unwrap().iter().any(|v| v == "bind"))
+        .collect();
+    assert_eq!(bind.len(), 1);
+    assert_eq!(bind[0]["resources"], serde_json::json!(["clusterroles"]));
+    assert_eq!(
+        bind[0]["resourceNames"],
+        serde_json::json!(["system:auth-delegator", "datamover-serviceaccount-reader"])
+    );
+    assert!(
+        !rules.iter().any(|r| r["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "escalate" || v == "*")),
+        "no escalate, no wildcard"
+    );
+    let rbac = "rbac.authorization.k8s.io";
+    for resource in ["clusterrolebindings", "rolebindings"] {
+        assert_eq!(
+            verbs_of(rbac, resource),
+            ["list", "create", "patch", "delete"],
+            "{resource}"
+        );
+    }
+    assert_eq!(verbs_of("", "serviceaccounts"), ["create", "patch"]);
+    assert_eq!(
+        verbs_of("", "configmaps"),
+        ["get", "list", "watch", "create", "patch"]
+    );
+    assert_eq!(verbs_of("", "secrets"), ["get"], "Secrets stay get-only");
+    assert_eq!(
+        verbs_of("dm.cr.kanister.io", "datamoverservers"),
+        ["get", "list", "watch", "patch"]
+    );
+
+    let reader = serde_json::to_value(manifests::serviceaccount_reader_role()).unwrap();
+    assert_eq!(
+        reader["metadata"]["name"],
+        "datamover-serviceaccount-reader"
+    );
+    assert_eq!(
+        reader["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]}])
+    );
+    let rbac_yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/rbac.yaml"))
+            .unwrap();
+    assert!(rbac_yaml.contains("name: datamover-serviceaccount-reader"));
+    let chart = std::fs::read_to_string(
+        repo_root()
+            .join(manifests::CHART_DIR)
+            .join("templates/serviceaccount-reader-clusterrole.yaml"),
+    )
+    .unwrap();
+    assert!(
+        chart.contains("name: datamover-serviceaccount-reader\n"),
+        "{chart}"
+    );
+}

@@ -329,7 +329,8 @@ async fn deletion_leaves_cleanup_to_owner_references() {
         .iter()
         .filter(|c| c.method == "PATCH" && !c.path.ends_with("/status"))
         .collect();
-    assert_eq!(children.len(), 2, "{children:?}");
+    // The Deployment, the Service and the ServiceAccount clients' ConfigMap.
+    assert_eq!(children.len(), 3, "{children:?}");
     for child in children {
         let owner = &child.body["metadata"]["ownerReferences"][0];
         assert_eq!(owner["name"], "dms");

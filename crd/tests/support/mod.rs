@@ -43,6 +43,12 @@ pub struct World {
     pub pods: Vec<Pod>,
     pub network_policies: HashMap<String, Value>,
     pub claims: HashMap<String, Value>,
+    /// ClusterRoleBindings and RoleBindings a list returns (as if they matched the
+    /// label selector).
+    pub cluster_role_bindings: Vec<Value>,
+    pub role_bindings: Vec<Value>,
+    /// Namespaces that do not exist: applying a RoleBinding there is NotFound.
+    pub missing_namespaces: Vec<String>,
 }
 
 impl World {
@@ -168,6 +174,7 @@ pub fn server() -> DatamoverServer {
             pod_options: None,
             storage_volume: None,
             network_policy: None,
+            service_account_clients: vec![],
         },
     );
     dms.metadata.namespace = Some(NS.into());
@@ -239,6 +246,38 @@ pub fn answer(world: &World, call: &Call) -> (u16, Value) {
             obj["status"] = call.body["status"].clone();
             (200, obj)
         }
+        // The finalizer: a JSON patch (kube's finalizer helper) or a merge patch.
+        "PATCH" if resource("datamoverservers") => {
+            let mut obj = serde_json::to_value(server()).unwrap();
+            obj["metadata"]["finalizers"] = match &call.body {
+                Value::Array(_) => json!([datamover_crd::serviceaccounts::FINALIZER]),
+                other => other["metadata"]["finalizers"].clone(),
+            };
+            (200, obj)
+        }
+        "PATCH"
+            if resource("rolebindings")
+                && world
+                    .missing_namespaces
+                    .iter()
+                    .any(|ns| call.path.contains(&format!("/namespaces/{ns}/"))) =>
+        {
+            not_found("namespaces")
+        }
+        "GET" if last == "clusterrolebindings" => (
+            200,
+            json!({"kind": "ClusterRoleBindingList", "apiVersion": "rbac.authorization.k8s.io/v1",
+                   "metadata": {}, "items": world.cluster_role_bindings}),
+        ),
+        "GET" if last == "rolebindings" => (
+            200,
+            json!({"kind": "RoleBindingList", "apiVersion": "rbac.authorization.k8s.io/v1",
+                   "metadata": {}, "items": world.role_bindings}),
+        ),
+        "DELETE" if resource("clusterrolebindings") || resource("rolebindings") => (
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        ),
         // Server-side apply of a child: the API server returns the applied object.
         "PATCH" => (200, call.body.clone()),
         "POST" if last == "events" => (201, call.body.clone()),
