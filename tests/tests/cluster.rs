@@ -14,6 +14,8 @@ mod install;
 mod kanister;
 #[path = "cluster/mysql.rs"]
 mod mysql;
+#[path = "cluster/networkpolicy.rs"]
+mod networkpolicy;
 #[path = "cluster/postgresql.rs"]
 mod postgresql;
 #[path = "cluster/server.rs"]

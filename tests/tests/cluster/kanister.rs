@@ -162,7 +162,7 @@ impl Runner {
 }
 
 /// The template values Kanister gives an action on `spec`'s object.
-fn template_values(spec: &ActionSpec) -> BTreeMap<String, String> {
+pub fn template_values(spec: &ActionSpec) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     let mut set = |k: &str, x: &str| {
         v.insert(k.to_string(), x.to_string());

@@ -323,6 +323,7 @@ pub fn make_tree(root: &Path, seed: u64) {
 /// A Ready DatamoverServer in its own namespace and an application namespace holding a
 /// client's ConfigMap and Secret: what most cluster tests start from.
 pub struct ServerAndApp {
+    pub server: TestServer,
     /// The application's namespace, with the client configuration (deleted on drop).
     pub app: Namespace,
     /// Where the server runs (deleted on drop).
@@ -351,6 +352,7 @@ pub fn server_and_app(
     let data = server.wait_ready(cluster, 180);
     server.client_config(cluster, app.as_str(), secret, id, &token, &data);
     ServerAndApp {
+        server,
         app,
         _server_ns: server_ns,
     }
