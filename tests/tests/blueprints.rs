@@ -18,6 +18,7 @@ use serde_yaml::Value;
 
 const BLUEPRINTS: &[&str] = &[
     "volume-blueprint.yaml",
+    "volume-token-blueprint.yaml",
     "postgresql-blueprint.yaml",
     "mysql-blueprint.yaml",
     "sidecar-blueprint.yaml",
@@ -88,7 +89,13 @@ const OPTIONS: &[(&str, &str)] = &[
     ("datamoverConfigMap", "datamover-client"),
     ("postgresqlSecret", "datamover-postgresql"),
     ("mysqlSecret", "datamover-mysql"),
+    ("datamoverServiceAccount", "datamover-client"),
+    ("tokenAudience", "datamover.datamover.datamover"),
 ];
+
+/// Where a token blueprint's client finds its projected ServiceAccount token (the
+/// client's default `DATAMOVER_TOKEN_FILE` is `<this>/token`).
+const TOKEN_DIR: &str = "/var/run/secrets/datamover";
 
 fn function_args(func: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
     match func {
@@ -446,8 +453,67 @@ fn the_renderer_follows_go_templates_and_sprig() {
     }
 }
 
-/// The Secret and ConfigMap names come from the ActionSet's options, with the documented
-/// defaults: several client identities (and databases) can share a namespace.
+/// The projected ServiceAccount tokens of a rendered pod spec: (audience,
+/// expirationSeconds, path), and the directories the pod's containers mount them at.
+fn projected_tokens(spec: &Value) -> (Vec<(String, u64, String)>, BTreeSet<String>) {
+    let mut tokens = Vec::new();
+    let mut volumes = BTreeSet::new();
+    for vol in spec["volumes"].as_sequence().into_iter().flatten() {
+        for source in vol["projected"]["sources"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
+            let t = &source["serviceAccountToken"];
+            if t.is_mapping() {
+                tokens.push((
+                    t["audience"].as_str().unwrap_or_default().to_string(),
+                    t["expirationSeconds"].as_u64().unwrap_or(3600),
+                    t["path"].as_str().unwrap_or_default().to_string(),
+                ));
+                volumes.extend(vol["name"].as_str().map(str::to_string));
+            }
+        }
+    }
+    let mut dirs = BTreeSet::new();
+    for c in spec["containers"].as_sequence().into_iter().flatten() {
+        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            if m["name"].as_str().is_some_and(|n| volumes.contains(n)) {
+                dirs.extend(m["mountPath"].as_str().map(str::to_string));
+            }
+        }
+    }
+    (tokens, dirs)
+}
+
+/// A token blueprint's pod: under the ServiceAccount `account`, with exactly one
+/// projected token for `audience` (600 s) at the client's default path, no credential
+/// Secret, and not the account's API token.
+fn check_token_pod(spec: &Value, account: &str, audience: &str, what: &str) {
+    assert_eq!(
+        spec["serviceAccountName"].as_str(),
+        Some(account),
+        "{what}: serviceAccountName"
+    );
+    assert_eq!(
+        spec["automountServiceAccountToken"].as_bool(),
+        Some(false),
+        "{what}: the API token is not mounted"
+    );
+    let (tokens, dirs) = projected_tokens(spec);
+    assert_eq!(
+        tokens,
+        [(audience.to_string(), 600, "token".to_string())],
+        "{what}: the projected token"
+    );
+    assert_eq!(dirs, BTreeSet::from([TOKEN_DIR.to_string()]), "{what}");
+    let (secrets, _, _) = referenced_names(spec);
+    assert!(secrets.is_empty(), "{what}: a token pod mounts no Secret");
+}
+
+/// The Secret and ConfigMap names (the ServiceAccount and the token's audience for the
+/// token blueprint) come from the ActionSet's options, with the documented defaults:
+/// several client identities (and databases) can share a namespace.
 #[test]
 fn actionset_options_name_the_secret_and_config_map() {
     let renamed: Vec<(&str, &str)> = vec![
@@ -455,7 +521,17 @@ fn actionset_options_name_the_secret_and_config_map() {
         ("datamoverConfigMap", "shop-db-2-server"),
         ("postgresqlSecret", "postgresql-2"),
         ("mysqlSecret", "mysql-2"),
+        ("datamoverServiceAccount", "shop-db-2-account"),
+        ("tokenAudience", "datamover.backup.dms"),
     ];
+    let option = |options: &[(&str, &str)], key: &str| {
+        options
+            .iter()
+            .find(|(k, v)| *k == key && !v.is_empty())
+            .or_else(|| OPTIONS.iter().find(|(k, _)| *k == key))
+            .map(|(_, v)| v.to_string())
+            .unwrap()
+    };
     let mut pods = 0;
     for name in BLUEPRINTS {
         let bp = load(name);
@@ -482,7 +558,12 @@ fn actionset_options_name_the_secret_and_config_map() {
                     ),
                     // An empty option is no option (sprig's default).
                     (
-                        vec![("datamoverSecret", ""), ("datamoverConfigMap", "")],
+                        vec![
+                            ("datamoverSecret", ""),
+                            ("datamoverConfigMap", ""),
+                            ("datamoverServiceAccount", ""),
+                            ("tokenAudience", ""),
+                        ],
                         "datamover-client",
                         "datamover-client",
                         ["datamover-postgresql", "datamover-mysql"],
@@ -497,11 +578,20 @@ fn actionset_options_name_the_secret_and_config_map() {
                     let values = template_values(kind, "shop", "data", &inputs, &options);
                     let args = phase_args(&bp, action_name, phase_name, &values);
                     let (volumes, config_maps, secrets) = referenced_names(&args["podOverride"]);
-                    assert_eq!(
-                        volumes,
-                        BTreeSet::from([secret.to_string()]),
-                        "{what} {options:?}: credential Secret"
-                    );
+                    if name.contains("token") {
+                        check_token_pod(
+                            &args["podOverride"],
+                            &option(&options, "datamoverServiceAccount"),
+                            &option(&options, "tokenAudience"),
+                            &format!("{what} {options:?}"),
+                        );
+                    } else {
+                        assert_eq!(
+                            volumes,
+                            BTreeSet::from([secret.to_string()]),
+                            "{what} {options:?}: credential Secret"
+                        );
+                    }
                     assert_eq!(
                         config_maps,
                         BTreeSet::from([config.to_string()]),
@@ -941,15 +1031,59 @@ fn check_secret_readable(spec: &Value, what: &str) -> usize {
     checked
 }
 
+/// Every container that mounts a projected ServiceAccount token can read it: the kubelet
+/// writes it with mode 0600 when the pod has an `fsGroup` (owned by root), unless every
+/// container runs as one explicitly given user, whose file it then is.
+fn check_token_readable(spec: &Value, what: &str) -> usize {
+    let (tokens, dirs) = projected_tokens(spec);
+    if tokens.is_empty() {
+        return 0;
+    }
+    let pod_sc = &spec["securityContext"];
+    let fs_group = pod_sc["fsGroup"].as_u64();
+    let uid_of = |c: &Value| {
+        c["securityContext"]["runAsUser"]
+            .as_u64()
+            .or(pod_sc["runAsUser"].as_u64())
+    };
+    let all: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_sequence().into_iter().flatten())
+        .collect();
+    let one_user = uid_of(all[0]).filter(|u| all.iter().all(|c| uid_of(c) == Some(*u)));
+    let mut checked = 0;
+    for c in &all {
+        let mounts_token = c["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|m| m["mountPath"].as_str().is_some_and(|p| dirs.contains(p)));
+        if !mounts_token {
+            continue;
+        }
+        let readable = uid_of(c) == Some(0) || one_user.is_some() || fs_group.is_none();
+        assert!(
+            readable,
+            "{what}: container {} cannot read its projected token (fsGroup {fs_group:?} makes it 0600 root's): give every container the same runAsUser",
+            c["name"].as_str().unwrap_or("?")
+        );
+        checked += 1;
+    }
+    checked
+}
+
 #[test]
 fn non_root_client_containers_can_read_their_credential() {
     let mut checked = 0;
-    let dir = repo_root().join("blueprints/examples");
-    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+    let files = ["blueprints/examples", "crd/examples"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(repo_root().join(d)).unwrap().flatten());
+    for e in files {
         let text = std::fs::read_to_string(e.path()).unwrap();
         for doc in documents(&text) {
             for spec in pod_specs(&doc) {
                 checked += check_secret_readable(spec, &e.path().display().to_string());
+                checked += check_token_readable(spec, &e.path().display().to_string());
             }
         }
     }
@@ -968,15 +1102,17 @@ fn non_root_client_containers_can_read_their_credential() {
                         };
                         c["image"] = image.clone();
                     }
-                    checked += check_secret_readable(
-                        &spec,
-                        &format!("{name} {}", action.as_str().unwrap()),
-                    );
+                    let what = format!("{name} {}", action.as_str().unwrap());
+                    checked += check_secret_readable(&spec, &what);
+                    checked += check_token_readable(&spec, &what);
                 }
             }
         }
     }
-    assert!(checked >= 12, "checked {checked} credential mounts");
+    assert!(
+        checked >= 15,
+        "checked {checked} credential and token mounts"
+    );
 }
 
 /// The examples use the project's image names, of this version.
