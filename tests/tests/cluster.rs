@@ -26,3 +26,5 @@ mod setup;
 mod sidecar;
 #[path = "cluster/volume.rs"]
 mod volume;
+#[path = "cluster/walkthrough.rs"]
+mod walkthrough;
