@@ -20,6 +20,8 @@ mod networkpolicy;
 mod postgresql;
 #[path = "cluster/server.rs"]
 mod server;
+#[path = "cluster/serviceaccounts.rs"]
+mod serviceaccounts;
 #[path = "cluster/setup.rs"]
 mod setup;
 #[path = "cluster/sidecar.rs"]

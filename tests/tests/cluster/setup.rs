@@ -95,6 +95,19 @@ impl TestServer {
         image: &str,
         clients: &[(&str, &str)],
     ) -> TestServer {
+        Self::create_with(cluster, ns, name, image, clients, "")
+    }
+
+    /// [`TestServer::create`] with more of the CR's spec: YAML lines indented by two
+    /// spaces (fields of `spec`).
+    pub fn create_with(
+        cluster: &Cluster,
+        ns: &Namespace,
+        name: &str,
+        image: &str,
+        clients: &[(&str, &str)],
+        extra_spec: &str,
+    ) -> TestServer {
         let repo_dir = cluster.volume_dir(&format!("{}-{name}-repo", ns.as_str()));
         chown_for_pods(&repo_dir);
         cluster.local_pvc(ns.as_str(), &format!("{name}-repo"), &repo_dir);
@@ -132,7 +145,7 @@ spec:
     persistentVolumeClaim: {{claimName: {name}-repo}}
   env:
   - {{name: RUST_LOG, value: info}}
-"#,
+{extra_spec}"#,
             ns = ns.as_str(),
         ));
         TestServer {

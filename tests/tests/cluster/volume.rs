@@ -1,6 +1,8 @@
 //! The volume blueprint in the cluster: backup of a PVC, restore into another, delete of
 //! the snapshot (then a restore of it fails), through its phases as Kanister's pods and,
-//! when `KANISTER_CONTROLLER` is set, through real ActionSets.
+//! when `KANISTER_CONTROLLER` is set, through real ActionSets. Its token variant
+//! (volume-token-blueprint.yaml) the same way, with no credential Secret in the
+//! application's namespace: the pods present their ServiceAccount's projected token.
 
 use std::collections::BTreeMap;
 
@@ -8,30 +10,93 @@ use datamover_tests::assert_same_tree;
 use datamover_tests::cluster::{Cluster, Images};
 
 use crate::kanister::{ActionSpec, Artifacts, Object, Runner, kanister_controller};
-use crate::setup::{make_tree, ready, server_and_app, turn};
+use crate::setup::{TestServer, make_tree, ready, server_and_app, turn};
 
-const BLUEPRINT: &str = "volume-blueprint.yaml";
-
-/// Backup, restore, delete, and a restore of the deleted snapshot that must fail. The
-/// client identity is a Secret of its own named by the ActionSet's options.
+/// The volume blueprint with a client identity of its own (a Secret and ConfigMap named
+/// by the ActionSet's options).
 fn volume_round_trip(cluster: &'static Cluster, images: &Images, runner: Runner, prefix: &str) {
     let setup = server_and_app(cluster, images, prefix, "volume-client", "volume-client");
-    let app = setup.app.as_str();
+    let options = [
+        ("datamoverSecret", "volume-client"),
+        ("datamoverConfigMap", "volume-client"),
+    ];
+    volume_actions(
+        cluster,
+        runner,
+        setup.app.as_str(),
+        "volume-blueprint.yaml",
+        &options,
+    );
+}
+
+/// The token variant: the DatamoverServer lists the application's ServiceAccount
+/// `datamover-client`; the namespace holds that account and the ConfigMap
+/// `datamover-client`, no Secret; the ActionSet gives the token audience.
+fn volume_token_round_trip(
+    cluster: &'static Cluster,
+    images: &Images,
+    runner: Runner,
+    prefix: &str,
+) {
+    let server_ns = cluster.namespace(&format!("{prefix}-server"));
+    let app = cluster.namespace(&format!("{prefix}-app"));
+    let a = app.as_str();
+    cluster.kubectl_ok(&["create", "serviceaccount", "-n", a, "datamover-client"]);
+    let server = TestServer::create_with(
+        cluster,
+        &server_ns,
+        "datamover",
+        &images.server,
+        &[("edge-1", "edge-1-token-0123456789")],
+        &format!(
+            "  serviceAccountClients: [{{namespace: {a}, name: datamover-client, tenant: apps, role: full}}]\n"
+        ),
+    );
+    let data = server.wait_ready(cluster, 180);
+    let audience = cluster.jsonpath(
+        &server.ns,
+        &format!("datamoverserver/{}", server.name),
+        "{.status.serverInfo.tokenAudience}",
+    );
+    assert!(!audience.is_empty(), "no status.serverInfo.tokenAudience");
+    server.client_config(
+        cluster,
+        a,
+        "datamover-client",
+        "unused",
+        "unused-0123456789",
+        &data,
+    );
+    // No credential Secret in the application's namespace.
+    cluster.kubectl_ok(&["delete", "secret", "-n", a, "datamover-client"]);
+    volume_actions(
+        cluster,
+        runner,
+        a,
+        "volume-token-blueprint.yaml",
+        &[("tokenAudience", &audience)],
+    );
+}
+
+/// Backup, restore, delete, and a restore of the deleted snapshot that must fail.
+fn volume_actions(
+    cluster: &'static Cluster,
+    runner: Runner,
+    app: &str,
+    blueprint: &str,
+    options: &[(&str, &str)],
+) {
     let source = cluster.volume_dir(&format!("{app}-data"));
     make_tree(&source, 21);
     cluster.local_pvc(app, "data", &source);
     let target = cluster.volume_dir(&format!("{app}-restored"));
     cluster.local_pvc(app, "restored", &target);
-    let options = [
-        ("datamoverSecret", "volume-client"),
-        ("datamoverConfigMap", "volume-client"),
-    ];
     let none = Artifacts::new();
     let spec = |action, object, artifacts| ActionSpec {
-        blueprint: BLUEPRINT,
+        blueprint,
         action,
         object,
-        options: &options,
+        options,
         artifacts,
     };
 
@@ -91,7 +156,7 @@ fn volume_round_trip(cluster: &'static Cluster, images: &Images, runner: Runner,
             "{err}"
         );
     }
-    eprintln!("{runner:?}: volume blueprint backup, restore and delete of {id} complete");
+    eprintln!("{runner:?}: {blueprint}: backup, restore and delete of {id} complete");
 }
 
 #[test]
@@ -113,4 +178,26 @@ fn real_kanister_runs_the_volume_blueprint() {
         return;
     };
     volume_round_trip(cluster, images, Runner::Kanister, "dm-k10");
+}
+
+#[test]
+fn the_volume_token_blueprint_needs_no_secret_in_the_application_namespace() {
+    let _turn = turn();
+    let Some((cluster, images)) = ready("cluster: volume token blueprint phases") else {
+        return;
+    };
+    volume_token_round_trip(cluster, images, Runner::Phases, "dm-tk");
+}
+
+#[test]
+fn real_kanister_runs_the_volume_token_blueprint() {
+    let _turn = turn();
+    let test = "cluster: real Kanister, volume token blueprint";
+    if kanister_controller(test).is_none() {
+        return;
+    }
+    let Some((cluster, images)) = ready(test) else {
+        return;
+    };
+    volume_token_round_trip(cluster, images, Runner::Kanister, "dm-k10tk");
 }
