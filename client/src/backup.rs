@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use datamover_core::catalog::{CatalogDecoder, encode_node};
+use datamover_core::catalog::CatalogDecoder;
 use datamover_core::chunk::{ChunkBuffer, ChunkError, ChunkId, ChunkIdKey, ChunkerParams};
 use datamover_core::paths::walk_order;
 use datamover_proto::v1::{self, Node, NodeType, SnapshotKind};
@@ -22,9 +22,12 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+mod catalog_writer;
+
 use crate::ClientError;
 use crate::connect::{Api, Conn};
 use crate::progress::{Counters, Reporter};
+use catalog_writer::CatalogWriter;
 
 /// Batches of chunks queued between the producer and the uploader.
 const CHUNK_QUEUE: usize = 8;
@@ -45,6 +48,15 @@ pub struct BackupResult {
     pub snapshot: v1::Snapshot,
     pub stats: v1::BackupStats,
     pub duration: Duration,
+}
+
+/// What the producer made: the catalog's chunks and marks, the statistics and the
+/// backed-up directory's own node.
+struct Produced {
+    catalog: Vec<ChunkId>,
+    marks: Vec<v1::CatalogMark>,
+    stats: v1::BackupStats,
+    root: Option<Node>,
 }
 
 /// Hands chunks to the uploader and collects the catalog.
@@ -142,57 +154,19 @@ impl Emitter {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<(Vec<ChunkId>, v1::BackupStats, Option<Node>), ClientError> {
+    fn finish(mut self) -> Result<Produced, ClientError> {
         for data in self.catalog.finish(self.params) {
             self.stats.chunks += 1;
             let id = self.send(data)?;
             self.catalog.ids.push(id);
         }
         self.tx.flush()?;
-        Ok((self.catalog.ids, self.stats, self.root))
-    }
-}
-
-/// The catalog as it is written: encoded nodes cut into content-defined chunks. Cutting a
-/// buffer holding more than one maximal chunk and keeping the last (possibly short) piece
-/// gives exactly the cuts of the whole stream, so unchanged trees dedup.
-#[derive(Default)]
-struct CatalogWriter {
-    buf: Vec<u8>,
-    ids: Vec<ChunkId>,
-}
-
-impl CatalogWriter {
-    fn add(&mut self, node: &Node, p: ChunkerParams) -> Vec<Vec<u8>> {
-        encode_node(node, &mut self.buf);
-        if self.buf.len() < 4 * p.max_size as usize {
-            return Vec::new();
-        }
-        self.cut(p, false)
-    }
-
-    fn finish(&mut self, p: ChunkerParams) -> Vec<Vec<u8>> {
-        self.cut(p, true)
-    }
-
-    fn cut(&mut self, p: ChunkerParams, all: bool) -> Vec<Vec<u8>> {
-        let cuts: Vec<(usize, usize)> =
-            fastcdc::v2020::FastCDC::new(&self.buf, p.min_size, p.avg_size, p.max_size)
-                .map(|c| (c.offset, c.length))
-                .collect();
-        let keep = if all {
-            cuts.len()
-        } else {
-            cuts.len().saturating_sub(1)
-        };
-        let mut out = Vec::with_capacity(keep);
-        let mut end = 0;
-        for (off, len) in cuts.into_iter().take(keep) {
-            out.push(self.buf[off..off + len].to_vec());
-            end = off + len;
-        }
-        self.buf.drain(..end);
-        out
+        Ok(Produced {
+            catalog: self.catalog.ids,
+            marks: self.catalog.marks,
+            stats: self.stats,
+            root: self.root,
+        })
     }
 }
 
@@ -815,6 +789,7 @@ fn prev_catalog(api: &Api, snapshot_id: String) -> PrevCatalog {
             .read_catalog(v1::ReadCatalogRequest {
                 snapshot_id,
                 encoded: true,
+                ..Default::default()
             })
             .await;
         let mut stream = match stream {
@@ -991,8 +966,12 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
     };
     // The uploader's error (server side) explains a producer stopped by a closed queue.
     let (chunks_sent, bytes_sent) = uploaded?;
-    let (catalog, mut stats, root) =
-        produced.map_err(|e| ClientError::Io(format!("backup worker failed: {e}")))??;
+    let Produced {
+        catalog,
+        marks,
+        mut stats,
+        root,
+    } = produced.map_err(|e| ClientError::Io(format!("backup worker failed: {e}")))??;
     stats.chunks_sent = chunks_sent;
     stats.bytes_sent = bytes_sent;
     tracing::debug!(elapsed = ?started.elapsed(), chunks_sent, "walk and upload done; committing");
@@ -1006,6 +985,7 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
                 .collect(),
             stats: Some(stats),
             root,
+            catalog_marks: marks,
         })
         .await?
         .into_inner()
@@ -1063,37 +1043,6 @@ pub async fn backup_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn catalog_cuts_match_whole_stream() {
-        let p = ChunkerParams {
-            min_size: 4096,
-            avg_size: 16384,
-            max_size: 65536,
-        };
-        let nodes: Vec<Node> = (0..20000)
-            .map(|i| Node {
-                path: format!("dir{}/file-{i}", i % 37).into_bytes().into(),
-                size: i,
-                ..Default::default()
-            })
-            .collect();
-        let mut whole = Vec::new();
-        for n in &nodes {
-            encode_node(n, &mut whole);
-        }
-        let expected: Vec<Vec<u8>> =
-            fastcdc::v2020::FastCDC::new(&whole, p.min_size, p.avg_size, p.max_size)
-                .map(|c| whole[c.offset..c.offset + c.length].to_vec())
-                .collect();
-        let mut w = CatalogWriter::default();
-        let mut got = Vec::new();
-        for n in &nodes {
-            got.extend(w.add(n, p));
-        }
-        got.extend(w.finish(p));
-        assert_eq!(got, expected);
-    }
 
     #[test]
     fn lstat_at_reads_the_entry_itself() {

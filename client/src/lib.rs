@@ -13,12 +13,15 @@
 //!   names until complete; streams into a FIFO, a file or stdout. Chunks arrive
 //!   compressed as stored and are decompressed and checked against their ids by the
 //!   writer threads.
+//! - [`browse`]: `ls`, `find`, `diff` and `cat` of snapshots, reading only the part of a
+//!   catalog they need (its marks make it seekable).
 //! - [`sync`]: edge sync of device directories with plain objects (egress, ingress, a
 //!   Flotta `EdgeWorkload`), once or continuously.
 //! - [`modes`]: the command line modes, `command_from_file`, and the result lines.
 //! - [`progress`]: progress on stderr.
 
 pub mod backup;
+pub mod browse;
 pub mod connect;
 pub mod error;
 pub mod modes;

@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 
 use crate::ClientError;
 use crate::backup::{self, BackupResult};
+use crate::browse;
 use crate::connect::{self, Conn};
 use crate::restore::{self, RestoreResult};
 use crate::settings::ClientSettings;
@@ -14,10 +15,19 @@ use crate::sync::{self, Direction, SyncOptions};
 
 pub const USAGE: &str = "usage: datamover-client <mode> <args>
   backup_files <path> <tag>          back up a directory tree            (alias fs_backup)
-  restore_files <path> <tag|id>      restore the latest snapshot of tag  (alias fs_restore)
+  restore_files <path> <tag|id> [--path P] [--include G]... [--exclude G]...
+                                     restore the latest snapshot of tag  (alias fs_restore);
+                                     only the tree at P, only what matches G (globs: a
+                                     name at any depth, or a path with '/'); parents are
+                                     created, the rest of <path> is left as it is
   backup_stream <file|-> [tag]       back up a named pipe, file or stdin (alias stream_backup)
   restore_stream <file|-> [tag|id]   restore a stream into a pipe, file or stdout (alias stream_restore)
   list [tag]                         list snapshots as JSON
+  ls <tag|id> [path] [--recursive]   the entries of a directory of a snapshot (JSON lines)
+  find <tag|id> <glob>...            the paths that match, in one snapshot
+  find --all <glob>...               ... in every snapshot: which hold it, in which version
+  diff <tag|id> <tag|id>             added, removed, modified paths (no file data read)
+  cat <tag|id> <path>                one file of a snapshot to stdout
   delete <snapshot-id>               delete one snapshot (id or unique prefix, never a tag)
   forget [--tag T] --keep-last N|--keep-hourly N|--keep-daily N|--keep-weekly N|--keep-monthly N [--dry-run]
                                      apply a retention policy per tag
@@ -50,6 +60,7 @@ pub enum Mode {
     RestoreFiles {
         path: PathBuf,
         spec: String,
+        selection: restore::PartialRestore,
     },
     BackupStream {
         file: String,
@@ -81,6 +92,7 @@ pub enum Mode {
         mode: &'static str,
         jobs: Vec<SyncOptions>,
     },
+    Browse(browse::Command),
 }
 
 impl Mode {
@@ -97,12 +109,14 @@ impl Mode {
             Mode::Maintenance { .. } => "maintenance",
             Mode::CommandFromFile { .. } => "command_from_file",
             Mode::Sync { mode, .. } => mode,
+            Mode::Browse(c) => c.name(),
         }
     }
 
     /// Does the mode write its data to stdout (so results go to stderr)?
     fn uses_stdout(&self) -> bool {
         matches!(self, Mode::RestoreStream { file, .. } if file == "-")
+            || matches!(self, Mode::Browse(c) if c.uses_stdout())
     }
 }
 
@@ -137,10 +151,14 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
             path: PathBuf::from(nonempty(path, "path")?),
             tag: nonempty(tag, "tag")?,
         }),
-        ("restore_files" | "fs_restore", [path, spec]) => Ok(Mode::RestoreFiles {
+        ("restore_files" | "fs_restore", [path, spec, opts @ ..]) => Ok(Mode::RestoreFiles {
             path: PathBuf::from(nonempty(path, "path")?),
             spec: nonempty(spec, "tag")?,
+            selection: parse_partial(opts)?,
         }),
+        ("ls" | "find" | "diff" | "cat", opts) => browse::parse(mode, opts)
+            .map(Mode::Browse)
+            .map_err(|e| usage(&e)),
         ("backup_stream" | "stream_backup", [file, rest @ ..]) if rest.len() <= 1 => {
             Ok(Mode::BackupStream {
                 file: nonempty(file, "file")?,
@@ -182,6 +200,26 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
     }
+}
+
+/// `restore_files` options: `--path P`, `--include G`, `--exclude G` (repeatable).
+fn parse_partial(opts: &[&str]) -> Result<restore::PartialRestore, ClientError> {
+    let mut sel = restore::PartialRestore::default();
+    let mut it = opts.iter();
+    while let Some(opt) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| usage(&format!("{opt} needs a value")))?;
+        match *opt {
+            "--path" => sel.path = browse::snapshot_path(value).map_err(|e| usage(&e))?,
+            "--include" => sel.include.push(value.to_string()),
+            "--exclude" => sel.exclude.push(value.to_string()),
+            other => return Err(usage(&format!("unknown restore_files option '{other}'"))),
+        }
+    }
+    datamover_core::select::Selection::new(&sel.path, &sel.include, &sel.exclude)
+        .map_err(|e| usage(&e.to_string()))?;
+    Ok(sel)
 }
 
 fn parse_sync(mode: &str, opts: &[&str]) -> Result<Mode, ClientError> {
@@ -405,8 +443,12 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
             let r = backup::backup_stream(conn, file, tag).await?;
             Ok(backup_json(mode.name(), &r))
         }
-        Mode::RestoreFiles { path, spec } => {
-            let r = restore::restore_files(conn, path, spec).await?;
+        Mode::RestoreFiles {
+            path,
+            spec,
+            selection,
+        } => {
+            let r = restore::restore_files(conn, path, spec, selection).await?;
             Ok(restore_json(mode.name(), &r, &path.display().to_string()))
         }
         Mode::RestoreStream { file, spec } => {
@@ -528,6 +570,7 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
             Ok(Value::Object(m))
         }
         Mode::Sync { mode, jobs } => sync::run_once(conn, jobs, mode).await,
+        Mode::Browse(c) => browse::run(conn, c).await,
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
 }

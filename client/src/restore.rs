@@ -54,7 +54,7 @@ fn is_root() -> bool {
 }
 
 mod files;
-mod piece;
+pub(crate) mod piece;
 
 use files::{FileJob, FilePool, SMALL_FILE, Stopped};
 use piece::{Piece, Unpacker};
@@ -504,11 +504,27 @@ impl StreamSink {
 /// once per message rather than once per item).
 const STREAM_QUEUE: usize = 3;
 
+/// What part of a snapshot `restore_files` restores (all of it by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartialRestore {
+    /// A path inside the snapshot: only its tree.
+    pub path: Vec<u8>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl PartialRestore {
+    pub fn is_everything(&self) -> bool {
+        self.path.is_empty() && self.include.is_empty() && self.exclude.is_empty()
+    }
+}
+
 /// Opens the restore stream; fails before anything is written if the snapshot is unknown.
 async fn open(
     conn: &mut Conn,
     spec: &str,
     accept_packed: bool,
+    part: &PartialRestore,
 ) -> Result<
     (
         v1::Snapshot,
@@ -522,6 +538,9 @@ async fn open(
         .restore(v1::RestoreRequest {
             snapshot: spec.to_string(),
             accept_packed,
+            path: part.path.clone().into(),
+            include: part.include.clone(),
+            exclude: part.exclude.clone(),
         })
         .await
         .map_err(|s| match s.code() {
@@ -561,11 +580,12 @@ async fn pump(
     }
 }
 
-/// `restore_files <path> <tag|id>`.
+/// `restore_files <path> <tag|id> [--path P] [--include G]... [--exclude G]...`.
 pub async fn restore_files(
     conn: &mut Conn,
     target: &Path,
     spec: &str,
+    part: &PartialRestore,
 ) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
     if std::fs::metadata(target).is_ok_and(|m| !m.is_dir()) {
@@ -574,7 +594,7 @@ pub async fn restore_files(
             target.display()
         )));
     }
-    let (snapshot, first, stream) = open(conn, spec, true).await?;
+    let (snapshot, first, stream) = open(conn, spec, true, part).await?;
     std::fs::create_dir_all(target).map_err(|e| ClientError::io(target.display(), e))?;
     let counters = Arc::new(Counters::default());
     let _progress = Reporter::start("restore", Arc::clone(&counters));
@@ -600,7 +620,8 @@ pub async fn restore_files(
     pumped?;
     let writer = worked?;
     let mut result = writer.finish()?;
-    if let Some(root) = &snapshot.root {
+    // A partial restore leaves the target's own metadata as it is.
+    if let Some(root) = snapshot.root.as_ref().filter(|_| part.is_everything()) {
         set_target_meta(target, root, is_root())?;
     }
     result.snapshot = snapshot;
@@ -642,7 +663,7 @@ pub async fn restore_stream(
     spec: &str,
 ) -> Result<RestoreResult, ClientError> {
     let started = Instant::now();
-    let (snapshot, first, stream) = open(conn, spec, true).await?;
+    let (snapshot, first, stream) = open(conn, spec, true, &PartialRestore::default()).await?;
     if snapshot.kind != v1::SnapshotKind::Stream as i32 {
         return Err(ClientError::Usage(format!(
             "snapshot {} ({}) is a file backup, not a stream: use restore_files",

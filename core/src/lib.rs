@@ -7,6 +7,8 @@
 //!   chunked and deduplicated like file data, so an unchanged tree costs nothing to store
 //!   and a tree of millions of files is never held in memory whole.
 //! - [`paths`]: the walk order, and the checks that keep a restore inside its target.
+//! - [`select`]: which paths a partial restore or a `find` selects (a subtree, include
+//!   and exclude globs), the same on both sides.
 //!
 //! Storage, encryption and the repository layout are the server's alone
 //! (`datamover-repo`); the client never links them.
@@ -14,3 +16,4 @@
 pub mod catalog;
 pub mod chunk;
 pub mod paths;
+pub mod select;

@@ -39,4 +39,4 @@ pub use repository::{
     AddResult, ChunkData, ChunkPlace, MaintenanceOptions, MaintenanceReport, Problem, Repository,
     RepositoryOptions, VerifyOptions, VerifyReport,
 };
-pub use snapshot::{RootMeta, SnapshotFile, SnapshotKindName};
+pub use snapshot::{CatalogMark, MAX_MARK_PATH, RootMeta, SnapshotFile, SnapshotKindName};

@@ -669,6 +669,18 @@ impl Repository {
         tenant: &str,
         catalog: Vec<ChunkId>,
     ) -> mpsc::Receiver<Result<Node, RepoError>> {
+        self.catalog_nodes_at(tenant, catalog, 0)
+    }
+
+    /// [`Repository::catalog_nodes`] from byte `offset` of the catalog's first chunk,
+    /// where a node begins (a catalog mark): `catalog` is then the rest of the catalog
+    /// from that chunk on.
+    pub fn catalog_nodes_at(
+        self: &Arc<Self>,
+        tenant: &str,
+        catalog: Vec<ChunkId>,
+        offset: usize,
+    ) -> mpsc::Receiver<Result<Node, RepoError>> {
         let (tx, rx) = mpsc::channel(CATALOG_NODE_QUEUE);
         let me = Arc::clone(self);
         let tenant = tenant.to_string();
@@ -683,9 +695,17 @@ impl Repository {
             futures::pin_mut!(reads);
             let mut decoder = CatalogDecoder::new();
             let corrupt = |e| RepoError::corrupt("snapshot catalog", e);
+            let mut skip = offset;
             let outcome = async {
                 while let Some(data) = reads.next().await {
-                    decoder.push(&data?);
+                    let data = data?;
+                    if skip > data.len() {
+                        return Err(RepoError::corrupt(
+                            "snapshot catalog",
+                            "a catalog mark lies beyond its chunk",
+                        ));
+                    }
+                    decoder.push(&data[std::mem::take(&mut skip)..]);
                     while let Some(node) = decoder.next_node().map_err(corrupt)? {
                         if tx.send(Ok(node)).await.is_err() {
                             return Ok(());

@@ -45,6 +45,80 @@ pub struct SnapshotFile {
     /// single files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootMeta>,
+    /// Where nodes begin in the catalog's chunks (empty in older snapshots): what makes
+    /// a path seekable without reading the whole catalog.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catalog_marks: Vec<CatalogMark>,
+}
+
+/// The first node that begins in catalog chunk `chunk`, at byte `offset`, and its path
+/// (hex of the raw bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CatalogMark {
+    pub chunk: u32,
+    pub offset: u32,
+    pub path: String,
+}
+
+/// Longest path a mark may carry (Linux's PATH_MAX).
+pub const MAX_MARK_PATH: usize = 4096;
+
+impl CatalogMark {
+    /// Marks as a client sent them, checked against a catalog of `chunks` chunks of at
+    /// most `max_chunk` bytes: in strictly increasing chunk order, inside their chunk,
+    /// paths of bounded length in walk order. Anything else is refused as a whole.
+    pub fn from_proto(
+        marks: &[v1::CatalogMark],
+        chunks: usize,
+        max_chunk: u32,
+    ) -> Result<Vec<CatalogMark>, String> {
+        let mut out = Vec::with_capacity(marks.len().min(chunks));
+        for (i, m) in marks.iter().enumerate() {
+            if m.chunk as usize >= chunks {
+                return Err(format!(
+                    "catalog mark {i} names chunk {} of {chunks}",
+                    m.chunk
+                ));
+            }
+            if m.offset >= max_chunk {
+                return Err(format!(
+                    "catalog mark {i} has offset {} beyond a chunk",
+                    m.offset
+                ));
+            }
+            if m.path.is_empty() || m.path.len() > MAX_MARK_PATH {
+                return Err(format!(
+                    "catalog mark {i} has a path of {} bytes",
+                    m.path.len()
+                ));
+            }
+            if i > 0 {
+                let prev = &marks[i - 1];
+                if prev.chunk >= m.chunk
+                    || datamover_core::paths::walk_order(&prev.path, &m.path)
+                        != std::cmp::Ordering::Less
+                {
+                    return Err(format!("catalog mark {i} is out of order"));
+                }
+            }
+            out.push(CatalogMark {
+                chunk: m.chunk,
+                offset: m.offset,
+                path: hex::encode(&m.path),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn to_proto(&self) -> Result<v1::CatalogMark, RepoError> {
+        Ok(v1::CatalogMark {
+            chunk: self.chunk,
+            offset: self.offset,
+            path: hex::decode(&self.path)
+                .map_err(|_| RepoError::corrupt("snapshot catalog mark", "bad path"))?
+                .into(),
+        })
+    }
 }
 
 /// A snapshot's top directory: what a restore gives back to its target directory.
@@ -145,13 +219,14 @@ mod tests {
 
     #[test]
     fn the_root_is_optional_and_round_trips() {
-        // A snapshot written before the root was recorded loads, without one.
+        // A snapshot written before the root (and the marks) was recorded loads, without.
         let old = r#"{"tag":"t","time":"2024-01-01T00:00:00Z","client_id":"c","tenant":"c",
             "hostname":"h","source":"/d","kind":"files","stats":{"files":0,"dirs":0,
             "other":0,"bytes":0,"bytes_sent":0,"chunks":0,"chunks_sent":0,
             "files_unchanged":0},"catalog":[]}"#;
         let mut snap: SnapshotFile = serde_json::from_str(old).expect("old snapshot");
         assert_eq!(snap.root, None);
+        assert!(snap.catalog_marks.is_empty());
         assert!(snap.to_proto().root.is_none());
         assert!(!serde_json::to_string(&snap).expect("json").contains("root"));
 
@@ -177,5 +252,37 @@ mod tests {
             ..node
         };
         assert_eq!(RootMeta::from_node(&file), None);
+    }
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    fn mark(chunk: u32, offset: u32, path: &str) -> v1::CatalogMark {
+        v1::CatalogMark {
+            chunk,
+            offset,
+            path: path.as_bytes().to_vec().into(),
+        }
+    }
+
+    #[test]
+    fn marks_are_checked_and_round_trip() {
+        let good = [mark(0, 0, "a"), mark(2, 17, "a/b"), mark(3, 5, "b")];
+        let stored = CatalogMark::from_proto(&good, 4, 1 << 20).expect("valid");
+        assert_eq!(stored[1].path, hex::encode("a/b"));
+        assert_eq!(stored[1].to_proto().expect("decodes"), good[1]);
+        for (bad, why) in [
+            (vec![mark(4, 0, "a")], "names chunk"),
+            (vec![mark(0, 1 << 20, "a")], "offset"),
+            (vec![mark(0, 0, "")], "path of 0"),
+            (vec![mark(1, 0, "b"), mark(1, 9, "c")], "out of order"),
+            (vec![mark(0, 0, "b"), mark(1, 0, "a")], "out of order"),
+            (vec![mark(0, 0, "a.txt"), mark(1, 0, "a/b")], "out of order"),
+        ] {
+            let e = CatalogMark::from_proto(&bad, 4, 1 << 20).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
     }
 }

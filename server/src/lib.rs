@@ -16,6 +16,8 @@
 //!   of a presented token).
 //! - [`tls`]: the given or a generated certificate and its fingerprint, written to
 //!   `/etc/server/data`.
+//! - [`browse`]: reading part of a snapshot (the catalog's marks, a range of it, chunks by
+//!   id) and the nodes a partial restore selects, by seeking instead of reading it all.
 //! - [`service`]: the gRPC service on top of [`datamover_repo::Repository`]. A restore
 //!   runs as a planner (walks the catalog, downloads packs ahead), a reader (opens
 //!   chunks within a bounded read-ahead) and a sender (sends them in snapshot order,
@@ -33,6 +35,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod access;
+pub mod browse;
 pub mod credentials;
 pub mod error;
 pub mod http;

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use datamover_core::chunk::ChunkId;
+use datamover_core::select::Selection;
 use datamover_proto::v1::datamover_server::Datamover;
 use datamover_proto::v1::{self, restore_item::Item};
 use datamover_repo::retention::{self, Policy};
 use datamover_repo::{
-    AddResult, ChunkData, RepoError, Repository, RootMeta, SnapshotFile, SnapshotKindName,
-    VerifyOptions,
+    AddResult, CatalogMark, ChunkData, RepoError, Repository, RootMeta, SnapshotFile,
+    SnapshotKindName, VerifyOptions,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -22,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::Op;
+use crate::browse;
 use crate::credentials::{CredentialStore, Identity};
 use crate::error::status;
 use crate::maintenance::Maintainer;
@@ -335,6 +337,12 @@ impl Datamover for DatamoverService {
             self.still_authorized(&id)?;
             // An empty catalog is the snapshot of an empty directory.
             let catalog = parse_ids(&r.catalog)?;
+            let catalog_marks = CatalogMark::from_proto(
+                &r.catalog_marks,
+                catalog.len(),
+                self.repo.chunker_params().max_size,
+            )
+            .map_err(|e| Status::invalid_argument(format!("{e}; the client is broken or outdated")))?;
             // Everything referenced must be stored before the snapshot names it. What
             // maintenance did meanwhile (on any replica) is loaded first; chunks it
             // condemned are copied back; chunks another session is still writing may
@@ -390,6 +398,7 @@ impl Datamover for DatamoverService {
                     .as_ref()
                     .filter(|_| session.kind == SnapshotKindName::Files)
                     .and_then(RootMeta::from_node),
+                catalog_marks,
             };
             self.repo.save_snapshot(snap).await.map_err(status)
         }
@@ -432,12 +441,17 @@ impl Datamover for DatamoverService {
             id.require(Op::Restore)?;
         }
         let r = req.into_inner();
+        // A part of a catalog is for browsing it (ls, find, cat, mount): a read.
+        if r.first_chunk > 0 || r.chunk_count > 0 {
+            id.require(Op::Restore)?;
+        }
         let snap = self.find_snapshot(&id, &r.snapshot_id).await?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let repo = Arc::clone(&self.repo);
         tokio::spawn(async move {
             let result = if r.encoded {
-                send_encoded_catalog(&repo, &id.tenant, &snap, &tx).await
+                let range = (r.first_chunk as usize, r.chunk_count as usize);
+                send_encoded_catalog(&repo, &id.tenant, &snap, range, &tx).await
             } else {
                 send_catalog_nodes(&repo, &id.tenant, &snap, &tx).await
             };
@@ -589,14 +603,22 @@ impl Datamover for DatamoverService {
         id.require(Op::Restore)?;
         let req = req.into_inner();
         let packed = req.accept_packed;
+        let selection = Selection::new(&req.path, &req.include, &req.exclude)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let what = describe_selection(&req);
         let snap = self.find_snapshot(&id, &req.snapshot).await?;
-        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, "restore started");
+        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, selection = %what, "restore started");
+        let plan = RestorePlan {
+            snapshot: snap.to_proto(),
+            nodes: browse::selected_nodes(&self.repo, &id.tenant, &snap, selection, what)?,
+            packed,
+        };
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let repo = Arc::clone(&self.repo);
         let metrics = Arc::clone(&self.metrics);
         let creds = Arc::clone(&self.creds);
         tokio::spawn(async move {
-            let result = restore_stream(&repo, &creds, &id, &snap, packed, &tx, &metrics).await;
+            let result = restore_stream(&repo, &creds, &id, plan, &tx, &metrics).await;
             repo.release_pack_buffers();
             metrics.op("restore", result.is_ok());
             if let Err(e) = result {
@@ -606,18 +628,74 @@ impl Datamover for DatamoverService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn catalog_index(
+        &self,
+        req: Request<v1::CatalogIndexRequest>,
+    ) -> Result<Response<v1::CatalogIndexResponse>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Restore)?;
+        let snap = self.find_snapshot(&id, &req.into_inner().snapshot).await?;
+        Ok(Response::new(browse::index_response(&snap)?))
+    }
+
+    type ReadChunksStream = ReceiverStream<Result<v1::ReadChunksResponse, Status>>;
+
+    async fn read_chunks(
+        &self,
+        req: Request<v1::ReadChunksRequest>,
+    ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let id = self.auth(req.metadata(), peer(&req)).await?;
+        id.require(Op::Restore)?;
+        let rx = browse::read_chunks(&self.repo, &id.tenant, &req.into_inner().ids)?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A partial restore's selection, for logs and messages.
+fn describe_selection(req: &v1::RestoreRequest) -> String {
+    let mut parts = Vec::new();
+    if !req.path.is_empty() {
+        parts.push(format!("path {:?}", String::from_utf8_lossy(&req.path)));
+    }
+    if !req.include.is_empty() {
+        parts.push(format!("--include {}", req.include.join(" ")));
+    }
+    if !req.exclude.is_empty() {
+        parts.push(format!("--exclude {}", req.exclude.join(" ")));
+    }
+    if parts.is_empty() {
+        "everything".to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 type CatalogSender = mpsc::Sender<Result<v1::ReadCatalogResponse, Status>>;
 
 /// A snapshot's catalog as stored: one message per catalog chunk, read a few ahead.
+/// `range`: the first chunk and how many (0: to the end).
 async fn send_encoded_catalog(
     repo: &Arc<Repository>,
     tenant: &str,
     snap: &SnapshotFile,
+    (first, count): (usize, usize),
     tx: &CatalogSender,
 ) -> Result<(), Status> {
-    let catalog = snap.catalog_ids().map_err(status)?;
+    let all = snap.catalog_ids().map_err(status)?;
+    if first > all.len() {
+        return Err(Status::out_of_range(format!(
+            "the catalog of snapshot {} has {} chunks, not {first}",
+            snap.id,
+            all.len()
+        )));
+    }
+    let end = if count == 0 {
+        all.len()
+    } else {
+        first.saturating_add(count).min(all.len())
+    };
+    let catalog = all[first..end].to_vec();
     let reads = futures::StreamExt::buffered(
         futures::StreamExt::map(futures::stream::iter(catalog), |cid| {
             let repo = Arc::clone(repo);
@@ -724,7 +802,7 @@ impl RecentPacks {
 fn plan_restore(
     repo: &Arc<Repository>,
     tenant: String,
-    catalog: Vec<ChunkId>,
+    mut nodes: browse::Nodes,
     packed: bool,
 ) -> (
     mpsc::Receiver<Planned>,
@@ -735,9 +813,8 @@ fn plan_restore(
     let planner = tokio::spawn(async move {
         let window = Arc::new(Semaphore::new(RESTORE_PACKS_AHEAD));
         let mut recent = RecentPacks::new(repo.pack_cache_packs());
-        let mut nodes = repo.catalog_nodes(&tenant, catalog);
         while let Some(node) = nodes.recv().await {
-            let mut node = node.map_err(status)?;
+            let mut node = node?;
             let chunks = std::mem::take(&mut node.chunks);
             if tx.send(Planned::Node(node)).await.is_err() {
                 return Ok(());
@@ -771,6 +848,14 @@ fn plan_restore(
     (rx, planner)
 }
 
+/// What a restore sends: the snapshot (in the first message), its nodes as selected,
+/// and whether file contents go as stored.
+struct RestorePlan {
+    snapshot: v1::Snapshot,
+    nodes: browse::Nodes,
+    packed: bool,
+}
+
 /// Sends the snapshot's nodes, each file node followed by its contents, in messages of
 /// about [`datamover_proto::BATCH_BYTES`]. A planner starts pack downloads ahead
 /// ([`plan_restore`]); a reader task starts chunk reads up to
@@ -780,18 +865,17 @@ async fn restore_stream(
     repo: &Arc<Repository>,
     creds: &CredentialStore,
     id: &Identity,
-    snap: &SnapshotFile,
-    packed: bool,
+    plan: RestorePlan,
     tx: &mpsc::Sender<Result<v1::RestoreResponse, Status>>,
     metrics: &Metrics,
 ) -> Result<(), Status> {
-    let (work_tx, mut work_rx) = mpsc::channel::<Work>(RESTORE_WORK_QUEUE);
-    let (mut planned, planner) = plan_restore(
-        repo,
-        id.tenant.clone(),
-        snap.catalog_ids().map_err(status)?,
+    let RestorePlan {
+        snapshot,
+        nodes,
         packed,
-    );
+    } = plan;
+    let (work_tx, mut work_rx) = mpsc::channel::<Work>(RESTORE_WORK_QUEUE);
+    let (mut planned, planner) = plan_restore(repo, id.tenant.clone(), nodes, packed);
     let reader = {
         let repo = Arc::clone(repo);
         let tenant = id.tenant.clone();
@@ -829,7 +913,7 @@ async fn restore_stream(
         })
     };
     let mut msg = v1::RestoreResponse {
-        snapshot: Some(snap.to_proto()),
+        snapshot: Some(snapshot),
         items: Vec::new(),
     };
     let mut size = 0usize;

@@ -18,6 +18,7 @@ async fn read_catalog(server: &Server, snapshot_id: &str, encoded: bool) -> (Vec
         .read_catalog(v1::ReadCatalogRequest {
             snapshot_id: snapshot_id.into(),
             encoded,
+            ..Default::default()
         })
         .await
         .unwrap()

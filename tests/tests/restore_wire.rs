@@ -28,6 +28,7 @@ async fn restore(server: &Server, tag: &str, accept_packed: bool) -> Sent {
         .restore(v1::RestoreRequest {
             snapshot: tag.into(),
             accept_packed,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -91,6 +91,7 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
             catalog: vec![Bytes::copy_from_slice(&catalog_id.0)],
             stats: None,
             root: None,
+            catalog_marks: Vec::new(),
         })
         .await
         .unwrap();
