@@ -11,14 +11,15 @@ mod diff;
 
 use std::io::Write;
 
-use datamover_core::chunk::ChunkId;
+use bytes::Bytes;
+use datamover_core::chunk::{ChunkId, ChunkIdKey};
 use datamover_core::paths::safe_relative;
 use datamover_core::select::{Globs, is_within};
 use datamover_proto::v1::{self, Node, NodeType, restore_item::Item};
 use serde_json::{Value, json};
 
 use crate::ClientError;
-use crate::connect::Conn;
+use crate::connect::{Api, Conn};
 use crate::restore::piece::{Piece, Unpacker};
 use catalog::Catalog;
 
@@ -329,11 +330,34 @@ pub async fn read_file(
     mut sink: impl FnMut(&[u8]) -> Result<(), ClientError>,
 ) -> Result<u64, ClientError> {
     let what = || format!("file {}", String::from_utf8_lossy(&node.path));
-    let mut unpacker = Unpacker::new(conn.key.clone());
     let mut written = 0u64;
-    for batch in node.chunks.chunks(READ_CHUNKS) {
-        let mut stream = conn
-            .api
+    read_chunks(&conn.api, &conn.key, &node.chunks, &what, |data| {
+        written += data.len() as u64;
+        sink(data)
+    })
+    .await?;
+    if written != node.size {
+        return Err(ClientError::Corrupt(format!(
+            "{}: {written} bytes read, but the snapshot says {}: run verify on the server's repository",
+            what(),
+            node.size
+        )));
+    }
+    Ok(written)
+}
+
+/// Chunks by id (of a file `what`), in order, each checked against its id, to `sink`:
+/// `ReadChunks` calls of at most [`READ_CHUNKS`] ids.
+pub async fn read_chunks(
+    api: &Api,
+    key: &ChunkIdKey,
+    ids: &[Bytes],
+    what: &dyn Fn() -> String,
+    mut sink: impl FnMut(&[u8]) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let mut unpacker = Unpacker::new(key.clone());
+    for batch in ids.chunks(READ_CHUNKS) {
+        let mut stream = api
             .clone()
             .read_chunks(v1::ReadChunksRequest {
                 ids: batch.to_vec(),
@@ -354,7 +378,7 @@ pub async fn read_file(
                     Some(Item::Data(d)) => {
                         let id = ChunkId::from_slice(want)
                             .map_err(|e| ClientError::Corrupt(format!("{}: {e}", what())))?;
-                        if conn.key.id(&d) != id {
+                        if key.id(&d) != id {
                             return Err(ClientError::Corrupt(format!(
                                 "{}: a chunk does not match its id: run verify on the server's repository",
                                 what()
@@ -369,9 +393,7 @@ pub async fn read_file(
                         )));
                     }
                 };
-                let data = unpacker.open(&piece, &what)?;
-                written += data.len() as u64;
-                sink(data)?;
+                sink(unpacker.open(&piece, what)?)?;
             }
         }
         if expected.next().is_some() {
@@ -381,14 +403,7 @@ pub async fn read_file(
             )));
         }
     }
-    if written != node.size {
-        return Err(ClientError::Corrupt(format!(
-            "{}: {written} bytes read, but the snapshot says {}: run verify on the server's repository",
-            what(),
-            node.size
-        )));
-    }
-    Ok(written)
+    Ok(())
 }
 
 async fn cat(conn: &mut Conn, spec: &str, path: &[u8]) -> Result<Value, ClientError> {

@@ -15,6 +15,8 @@
 //!   writer threads.
 //! - [`browse`]: `ls`, `find`, `diff` and `cat` of snapshots, reading only the part of a
 //!   catalog they need (its marks make it seekable).
+//! - [`mount`]: `mount <dir>`, the snapshots as a read-only FUSE file system, directories
+//!   and file ranges fetched when read.
 //! - [`sync`]: edge sync of device directories with plain objects (egress, ingress, a
 //!   Flotta `EdgeWorkload`), once or continuously.
 //! - [`modes`]: the command line modes, `command_from_file`, and the result lines.
@@ -25,6 +27,7 @@ pub mod browse;
 pub mod connect;
 pub mod error;
 pub mod modes;
+pub mod mount;
 pub mod progress;
 pub mod restore;
 pub mod settings;

@@ -9,6 +9,7 @@ use crate::ClientError;
 use crate::backup::{self, BackupResult};
 use crate::browse;
 use crate::connect::{self, Conn};
+use crate::mount;
 use crate::restore::{self, RestoreResult};
 use crate::settings::ClientSettings;
 use crate::sync::{self, Direction, SyncOptions};
@@ -28,6 +29,10 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
   find --all <glob>...               ... in every snapshot: which hold it, in which version
   diff <tag|id> <tag|id>             added, removed, modified paths (no file data read)
   cat <tag|id> <path>                one file of a snapshot to stdout
+  mount <dir>                        every snapshot as a read-only FUSE file system:
+                                     <dir>/<tag>/<time>/, <dir>/<tag>/latest; runs until
+                                     SIGTERM/Ctrl-C, then unmounts (needs /dev/fuse and
+                                     root or CAP_SYS_ADMIN)
   delete <snapshot-id>               delete one snapshot (id or unique prefix, never a tag)
   forget [--tag T] --keep-last N|--keep-hourly N|--keep-daily N|--keep-weekly N|--keep-monthly N [--dry-run]
                                      apply a retention policy per tag
@@ -93,6 +98,9 @@ pub enum Mode {
         jobs: Vec<SyncOptions>,
     },
     Browse(browse::Command),
+    Mount {
+        dir: PathBuf,
+    },
 }
 
 impl Mode {
@@ -110,6 +118,7 @@ impl Mode {
             Mode::CommandFromFile { .. } => "command_from_file",
             Mode::Sync { mode, .. } => mode,
             Mode::Browse(c) => c.name(),
+            Mode::Mount { .. } => "mount",
         }
     }
 
@@ -159,6 +168,9 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         ("ls" | "find" | "diff" | "cat", opts) => browse::parse(mode, opts)
             .map(Mode::Browse)
             .map_err(|e| usage(&e)),
+        ("mount", [dir]) => Ok(Mode::Mount {
+            dir: PathBuf::from(nonempty(dir, "mount point")?),
+        }),
         ("backup_stream" | "stream_backup", [file, rest @ ..]) if rest.len() <= 1 => {
             Ok(Mode::BackupStream {
                 file: nonempty(file, "file")?,
@@ -195,7 +207,7 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
         (
             "backup_files" | "fs_backup" | "restore_files" | "fs_restore" | "backup_stream"
             | "stream_backup" | "restore_stream" | "stream_restore" | "list" | "snapshots"
-            | "command_from_file" | "fs_sidecar" | "delete" | "forget_snapshot",
+            | "command_from_file" | "fs_sidecar" | "delete" | "forget_snapshot" | "mount",
             _,
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
@@ -571,6 +583,7 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
         }
         Mode::Sync { mode, jobs } => sync::run_once(conn, jobs, mode).await,
         Mode::Browse(c) => browse::run(conn, c).await,
+        Mode::Mount { dir } => mount::run(conn, dir).await,
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
 }
