@@ -313,6 +313,22 @@ fn mount_shows_snapshots_read_only_and_unmounts_on_sigterm() {
     );
     drop(f);
 
+    // A backup taken while mounted shows up (the list is asked for again after 5 s).
+    fu.ok(&["backup_files", other.to_str().unwrap(), "t"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while names(&mnt.join("t")).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the new snapshot did not show up in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let latest = std::fs::read_link(mnt.join("t/latest")).expect("readlink latest");
+    assert_eq!(
+        std::fs::read(mnt.join("t").join(latest).join("x.txt")).expect("read"),
+        b"other tag\n"
+    );
+
     // SIGTERM: unmounted, exit 0, a result line.
     let mut child = guard.1.take().expect("child");
     let status = stop(&mut child);
@@ -324,7 +340,7 @@ fn mount_shows_snapshots_read_only_and_unmounts_on_sigterm() {
         serde_json::from_str(out.lines().last().unwrap_or_default()).expect("result line");
     assert_eq!(result["mode"], "mount", "{out}");
     assert_eq!(result["stopped_by"], "SIGTERM", "{out}");
-    assert_eq!(result["snapshots"], 3, "{out}");
+    assert_eq!(result["snapshots"], 3, "the count at mount time: {out}");
     assert!(
         result["bytes_read"].as_u64().unwrap_or(0) >= BIG as u64,
         "{out}"

@@ -757,7 +757,12 @@ impl fuser::Filesystem for MountFs {
                 reply.error(Errno::ENOTDIR)
             }
             Some(What::Latest(_)) => reply.error(Errno::ENOTDIR),
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            // The tags and their snapshots change with new backups: listed anew.
+            Some(What::Root | What::Tag(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Some(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             None => reply.error(Errno::ENOENT),
         }
     }
