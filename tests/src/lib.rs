@@ -10,6 +10,7 @@
 
 pub mod blueprint;
 pub mod cluster;
+pub mod crafted;
 pub mod faults;
 pub mod garage;
 

@@ -279,3 +279,107 @@ fn ls_find_diff_cat_and_partial_restores() {
     failed(&other.run(&["ls", &id1]), 4, "no snapshot with tag or id");
     failed(&other.run(&["cat", &id1, "etc/app.conf"]), 4, "no snapshot");
 }
+
+/// A snapshot committed the way clients did before catalog marks (none): browsed and
+/// partly restored from the catalog's start. Marks that lie are refused at commit when
+/// they can be checked, and give a clear error, never a crash, when they cannot.
+#[test]
+fn snapshots_without_marks_and_lying_marks() {
+    use bytes::Bytes;
+    use datamover_proto::v1::{CatalogMark, Node, NodeType};
+
+    let server = Server::start(Storage::Filesystem, &[("old", "t-old")]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut conn = rt
+        .block_on(datamover_client::connect::connect(
+            &server.client_settings("old", "t-old"),
+        ))
+        .expect("connect");
+    let content = Bytes::from_static(b"old content\n");
+    let id = Bytes::copy_from_slice(&conn.key.id(&content).0);
+    let dir = |p: &str| Node {
+        path: Bytes::copy_from_slice(p.as_bytes()),
+        r#type: NodeType::Dir as i32,
+        mode: 0o755,
+        ..Default::default()
+    };
+    let file = |p: &str| Node {
+        path: Bytes::copy_from_slice(p.as_bytes()),
+        r#type: NodeType::File as i32,
+        mode: 0o644,
+        size: content.len() as u64,
+        chunks: vec![id.clone()],
+        ..Default::default()
+    };
+    let nodes = [
+        dir("etc"),
+        file("etc/a.conf"),
+        dir("var"),
+        file("var/b.log"),
+    ];
+    let contents = [content.clone()];
+    let snap = rt
+        .block_on(datamover_tests::crafted::commit(
+            &mut conn,
+            "old",
+            &nodes,
+            &contents,
+            Vec::new(),
+        ))
+        .expect("a snapshot without marks is accepted");
+    let client = server.client("old", "t-old");
+    let run = client.run(&["ls", "old"]);
+    assert_eq!(paths(&run), ["etc", "var"], "{}", run.stderr);
+    assert_eq!(run.json()["indexed"], false);
+    assert_eq!(
+        client.run(&["cat", &snap.id, "var/b.log"]).stdout,
+        "old content\n"
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    client.ok(&[
+        "restore_files",
+        work.path().to_str().unwrap(),
+        "old",
+        "--path",
+        "var",
+    ]);
+    assert_eq!(
+        std::fs::read(work.path().join("var/b.log")).expect("restored"),
+        b"old content\n"
+    );
+    assert!(!work.path().join("etc").exists());
+
+    // Marks out of order, or naming a chunk the catalog does not have: refused.
+    let mark = |chunk, offset, path: &str| CatalogMark {
+        chunk,
+        offset,
+        path: Bytes::copy_from_slice(path.as_bytes()),
+    };
+    for (marks, says) in [
+        (vec![mark(0, 0, "var"), mark(0, 0, "etc")], "out of order"),
+        (vec![mark(3, 0, "etc")], "names chunk 3 of 1"),
+    ] {
+        let e = rt
+            .block_on(datamover_tests::crafted::commit(
+                &mut conn, "bad", &nodes, &contents, marks,
+            ))
+            .expect_err(says);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(says), "{e}");
+    }
+    // A mark whose offset is not where a node begins cannot be checked without reading
+    // the catalog: a seek through it reports a damaged catalog.
+    let lying = rt
+        .block_on(datamover_tests::crafted::commit(
+            &mut conn,
+            "lying",
+            &nodes,
+            &contents,
+            vec![mark(0, 3, "etc")],
+        ))
+        .expect("accepted");
+    let run = client.run(&["ls", &lying.id, "var"]);
+    assert_eq!(run.code, 8, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("run verify"), "{}", run.stderr);
+}
