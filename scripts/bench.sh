@@ -4,7 +4,7 @@
 # (cargo install rustic-rs, where it installs) and Garage when missing. Options are
 # passed to the bench binary:
 #   --reps N (3)  --scale F (1.0: ~1 GiB mixed data)  --stream-mib N (1024)  --no-toolchain
-#   --datasets mixed,toolchain,stream,many,sync  --tools datamover,restic,rustic,rclone
+#   --datasets mixed,toolchain,stream,many,sync,browse  --tools datamover,restic,rustic,rclone
 #   --many-files N (1000000)  --many-reps N (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,7 @@ use std::time::Instant;
 use datamover_tests::{Garage, Server, Storage};
 use rand::{Rng, RngCore, SeedableRng};
 
+mod browse;
 mod sync;
 mod verify;
 
@@ -1011,9 +1012,9 @@ fn real_main() -> Res<()> {
         .unwrap_or(1024);
     let output = get("--output");
     let skip_tree = args.iter().any(|a| a == "--no-toolchain");
-    // --datasets mixed,toolchain,stream,many,sync (all by default); --tools datamover,restic,rclone
+    // --datasets mixed,toolchain,stream,many,sync,browse (all by default); --tools datamover,restic,rclone
     let datasets: Vec<String> = get("--datasets")
-        .unwrap_or_else(|| "mixed,toolchain,stream,many,sync".into())
+        .unwrap_or_else(|| "mixed,toolchain,stream,many,sync,browse".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
@@ -1197,6 +1198,15 @@ fn real_main() -> Res<()> {
         }
         b.discard(&dir);
     }
+    // (f) file-level access against restic, on a data set like (d).
+    let mut browse_section = String::new();
+    if want("browse") {
+        eprintln!("generating the browse data set: {many_files} small files");
+        let dir = work.path().join("browse-src");
+        let files = make_many(&dir, 98, many_files)?;
+        browse_section = browse::browse_scenarios(&b, &dir, &files)?;
+        b.discard(&dir);
+    }
     b.empty_trash();
 
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -1282,7 +1292,7 @@ fn real_main() -> Res<()> {
         mixed_bytes as f64 / 1048576.0,
         mixed_count,
     );
-    let text = report(&b, &meta);
+    let text = report(&b, &meta) + "\n" + &browse_section;
     println!("{text}");
     if let Some(o) = output {
         std::fs::write(&o, &text).map_err(|e| e.to_string())?;
