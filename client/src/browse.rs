@@ -352,7 +352,7 @@ pub async fn read_chunks(
     api: &Api,
     key: &ChunkIdKey,
     ids: &[Bytes],
-    what: &dyn Fn() -> String,
+    what: &(dyn Fn() -> String + Sync),
     mut sink: impl FnMut(&[u8]) -> Result<(), ClientError>,
 ) -> Result<(), ClientError> {
     let mut unpacker = Unpacker::new(key.clone());

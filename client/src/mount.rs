@@ -149,11 +149,12 @@ pub async fn run(conn: &mut Conn, dir: &Path) -> Result<Value, ClientError> {
         |kind| signal(kind).map_err(|e| ClientError::Io(format!("cannot catch signals: {e}")));
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
-    let reader = Reader {
+    let reader = Arc::new(Reader {
         api: conn.api.clone(),
         key: conn.key.clone(),
         cache: Mutex::new(ChunkCache::new(CHUNK_CACHE)),
-    };
+        prefetching: Mutex::new(Default::default()),
+    });
     let fs = MountFs::new(
         tokio::runtime::Handle::current(),
         conn.api.clone(),

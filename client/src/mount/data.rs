@@ -5,7 +5,10 @@
 //! chunks it covers (and a few after them, for the next sequential read); a read past it
 //! fetches the chunks in between once. Decoded chunks are kept in a [`ChunkCache`] bounded
 //! in bytes, shared by every file (a chunk that several files hold is fetched once).
+//! After each read, the chunks that follow it are fetched in the background
+//! ([`Reader::prefetch`]), so a sequential reader finds them cached instead of waiting.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -20,6 +23,11 @@ use crate::connect::Api;
 /// Chunks fetched in one call beyond the first one a read needs (about 2 MiB at the
 /// default chunk size), so that sequential reads mostly find their chunks cached.
 const READ_AHEAD: usize = 8;
+/// Chunks after a read that the background prefetch keeps cached (about 8 MiB at the
+/// default chunk size); it starts once a quarter of them are missing.
+const PREFETCH: usize = 32;
+/// Chunks being prefetched at once, across files.
+const PREFETCH_INFLIGHT: usize = 64;
 
 /// Decoded chunks by id, at most `capacity` bytes of them.
 pub struct ChunkCache {
@@ -39,6 +47,11 @@ impl ChunkCache {
 
     fn get(&mut self, id: &Bytes) -> Option<Bytes> {
         self.chunks.get(id).cloned()
+    }
+
+    /// Whether it holds `id` (without making it the most recently used).
+    fn contains(&self, id: &Bytes) -> bool {
+        self.chunks.contains(id)
     }
 
     fn put(&mut self, id: Bytes, data: Bytes) {
@@ -99,6 +112,8 @@ pub struct Reader {
     pub api: Api,
     pub key: ChunkIdKey,
     pub cache: Mutex<ChunkCache>,
+    /// Chunk ids the background prefetch is fetching.
+    pub prefetching: Mutex<HashSet<Bytes>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,7 +124,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Reader {
     /// `size` bytes of `node` from `offset` (fewer at its end).
     pub async fn read(
-        &self,
+        self: &Arc<Self>,
         node: &Node,
         layout: &Mutex<Layout>,
         offset: u64,
@@ -137,7 +152,60 @@ impl Reader {
             }
             i += 1;
         }
+        self.prefetch(node, i);
         Ok(out)
+    }
+
+    /// Fetches in the background the chunks of `node` from `from` on (up to
+    /// [`PREFETCH`]) that are neither cached nor being fetched, once a quarter of them are
+    /// missing. Their lengths are learnt when a read takes them from the cache.
+    fn prefetch(self: &Arc<Self>, node: &Node, from: usize) {
+        let last = node.chunks.len().min(from.saturating_add(PREFETCH));
+        let Some(window) = node.chunks.get(from..last) else {
+            return;
+        };
+        let ids: Vec<Bytes> = {
+            let cache = lock(&self.cache);
+            let mut inflight = lock(&self.prefetching);
+            let missing: Vec<Bytes> = window
+                .iter()
+                .filter(|id| !cache.contains(id) && !inflight.contains(*id))
+                .cloned()
+                .collect();
+            if missing.len() < PREFETCH / 4 && last < node.chunks.len()
+                || missing.is_empty()
+                || inflight.len() + missing.len() > PREFETCH_INFLIGHT
+            {
+                return;
+            }
+            inflight.extend(missing.iter().cloned());
+            missing
+        };
+        let me = Arc::clone(self);
+        let path = String::from_utf8_lossy(&node.path).into_owned();
+        tokio::spawn(async move {
+            let mut got = Vec::with_capacity(ids.len());
+            let what = || format!("file {path}");
+            let r = read_chunks(&me.api, &me.key, &ids, &what, |d| {
+                got.push(Bytes::copy_from_slice(d));
+                Ok(())
+            })
+            .await;
+            if let Err(e) = &r {
+                // The read that needs these chunks fetches them itself and reports it.
+                tracing::debug!(error = %e, "prefetch failed");
+            }
+            if r.is_ok() && got.len() == ids.len() {
+                let mut cache = lock(&me.cache);
+                for (id, d) in ids.iter().zip(got) {
+                    cache.put(id.clone(), d);
+                }
+            }
+            let mut inflight = lock(&me.prefetching);
+            for id in &ids {
+                inflight.remove(id);
+            }
+        });
     }
 
     /// Chunk `i` of `node`, from the cache or fetched with the few after it; the layout

@@ -149,7 +149,7 @@ struct Listings {
 pub struct MountFs {
     rt: tokio::runtime::Handle,
     api: Api,
-    reader: Reader,
+    reader: Arc<Reader>,
     state: Mutex<State>,
     catalogs: Mutex<HashMap<String, Arc<Catalog>>>,
     listings: Mutex<Listings>,
@@ -247,7 +247,7 @@ impl MountFs {
     pub fn new(
         rt: tokio::runtime::Handle,
         api: Api,
-        reader: Reader,
+        reader: Arc<Reader>,
         snapshots: Vec<v1::Snapshot>,
     ) -> MountFs {
         let mut inodes = HashMap::new();
