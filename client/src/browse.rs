@@ -212,7 +212,31 @@ pub async fn run(conn: &mut Conn, cmd: &Command) -> Result<Value, ClientError> {
     }
 }
 
-fn not_found(snapshot: &v1::Snapshot, path: &[u8]) -> ClientError {
+/// Why `path` is not in the snapshot: a parent that is not a directory, or no such path.
+async fn not_found(catalog: &Catalog, path: &[u8]) -> ClientError {
+    let snapshot = &catalog.snapshot;
+    let parents = path
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'/')
+        .map(|(i, _)| &path[..i]);
+    for parent in parents {
+        match catalog.find(parent).await {
+            Ok(Some(n)) if n.r#type != NodeType::Dir as i32 => {
+                return ClientError::NotFound(format!(
+                    "'{}' in snapshot {} is a {}, not a directory, so it holds no '{}': list it with `datamover-client ls {} {}`",
+                    String::from_utf8_lossy(parent),
+                    snapshot.id,
+                    type_name(n.r#type),
+                    String::from_utf8_lossy(path),
+                    snapshot.id,
+                    String::from_utf8_lossy(parent),
+                ));
+            }
+            Ok(Some(_)) => continue,
+            _ => break,
+        }
+    }
     ClientError::NotFound(format!(
         "snapshot {} (tag {}) has no path '{}': list its top with `datamover-client ls {}`",
         snapshot.id,
@@ -239,7 +263,7 @@ async fn ls(
             match c.next().await? {
                 Some(n) if datamover_core::paths::walk_order(&n.path, path).is_lt() => continue,
                 Some(n) if n.path.as_ref() == path => break n,
-                _ => return Err(not_found(&catalog.snapshot, path)),
+                _ => return Err(not_found(&catalog, path).await),
             }
         };
         if found.r#type != NodeType::Dir as i32 {
@@ -285,6 +309,7 @@ async fn find(
     globs: &[String],
     all: bool,
 ) -> Result<Value, ClientError> {
+    let globs_text = globs;
     let globs = Globs::new(globs).map_err(|e| ClientError::Usage(e.to_string()))?;
     let specs: Vec<String> = if all {
         let mut list = conn
@@ -316,6 +341,17 @@ async fn find(
         }
     }
     out.flush()?;
+    if out.count == 0 {
+        return Err(ClientError::NotFound(format!(
+            "nothing matches {} in {}: a glob without '/' matches a name, one with '/' the whole path from the snapshot's top (see `datamover-client ls`)",
+            globs_text.join(" "),
+            if all {
+                format!("any of the {snapshots} snapshots")
+            } else {
+                format!("snapshot {spec}")
+            }
+        )));
+    }
     Ok(json!({
         "mode": "find",
         "snapshots": snapshots,
@@ -408,10 +444,9 @@ pub async fn read_chunks(
 
 async fn cat(conn: &mut Conn, spec: &str, path: &[u8]) -> Result<Value, ClientError> {
     let catalog = Catalog::open(&conn.api, spec).await?;
-    let node = catalog
-        .find(path)
-        .await?
-        .ok_or_else(|| not_found(&catalog.snapshot, path))?;
+    let Some(node) = catalog.find(path).await? else {
+        return Err(not_found(&catalog, path).await);
+    };
     if node.r#type != NodeType::File as i32 {
         return Err(ClientError::Usage(format!(
             "'{}' in snapshot {} is a {}, not a file: list it with `datamover-client ls {} {}`, or restore it with `restore_files <target> {} --path {}`",

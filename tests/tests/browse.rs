@@ -122,6 +122,16 @@ fn ls_find_diff_cat_and_partial_restores() {
     let deep = fu.run(&["ls", &id1, "big"]);
     assert_eq!(entries(&deep).len(), BIG);
     failed(&fu.run(&["ls", &id1, "nope"]), 4, "has no path 'nope'");
+    failed(
+        &fu.run(&["ls", &id1, "etc/app.conf/inner"]),
+        4,
+        "'etc/app.conf' in snapshot",
+    );
+    failed(
+        &fu.run(&["cat", &id1, "z.txt/x"]),
+        4,
+        "is a file, not a directory",
+    );
     failed(&fu.run(&["ls", &id1, "etc/../.."]), 2, "'.' or '..'");
     failed(
         &fu.run(&["ls", "no-such-tag"]),
@@ -161,6 +171,11 @@ fn ls_find_diff_cat_and_partial_restores() {
         .collect();
     assert_eq!(sizes, [8, 14], "each snapshot's version");
     failed(&fu.run(&["find", &id1, "a/../b"]), 2, "bad glob");
+    failed(
+        &fu.run(&["find", &id1, "*.nothing"]),
+        4,
+        "nothing matches *.nothing",
+    );
 
     // diff: added, removed, modified, metadata; nothing else.
     let run = fu.run(&["diff", &id1, &id2]);
