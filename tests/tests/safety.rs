@@ -8,8 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use datamover_client::connect;
 use datamover_client::settings::ClientSettings;
-use datamover_core::catalog::encode_node;
-use datamover_proto::v1::{self, Node, NodeType};
+use datamover_proto::v1::{Node, NodeType};
 use datamover_tests::{Server, Storage, bin, free_port};
 
 const TOKEN: &str = "evil-token";
@@ -33,21 +32,9 @@ fn file_node(path: &str, chunk: &Bytes, size: u64) -> Node {
 async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut conn = connect::connect(&settings(server, id)).await.unwrap();
-    let begin = conn
-        .api
-        .begin_backup(v1::BeginBackupRequest {
-            tag: tag.into(),
-            kind: v1::SnapshotKind::Files as i32,
-            source: "/crafted".into(),
-            hostname: "evil".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let content = Bytes::from_static(b"pwned\n");
     let cid = conn.key.id(&content);
     let cid_b = Bytes::copy_from_slice(&cid.0);
-    let mut catalog = Vec::new();
     let nodes = vec![
         file_node("../escape-dotdot", &cid_b, 6),
         file_node(&format!("{outside}/escape-absolute"), &cid_b, 6),
@@ -62,37 +49,7 @@ async fn commit_crafted(server: &Server, id: &str, tag: &str, outside: &str) {
         file_node("prelink/escape-through-existing-link", &cid_b, 6),
         file_node("inside.txt", &cid_b, 6),
     ];
-    for n in &nodes {
-        encode_node(n, &mut catalog);
-    }
-    let catalog = Bytes::from(catalog);
-    let catalog_id = conn.key.id(&catalog);
-    let chunks = vec![
-        v1::Chunk {
-            id: cid_b.clone(),
-            data: content,
-        },
-        v1::Chunk {
-            id: Bytes::copy_from_slice(&catalog_id.0),
-            data: catalog,
-        },
-    ];
-    let msg = v1::PutChunksRequest {
-        session_id: begin.session_id.clone(),
-        chunks,
-    };
-    conn.api
-        .put_chunks(tokio_stream::iter(vec![msg]))
-        .await
-        .unwrap();
-    conn.api
-        .commit_backup(v1::CommitBackupRequest {
-            session_id: begin.session_id,
-            catalog: vec![Bytes::copy_from_slice(&catalog_id.0)],
-            stats: None,
-            root: None,
-            catalog_marks: Vec::new(),
-        })
+    datamover_tests::crafted::commit(&mut conn, tag, &nodes, &[content], Vec::new())
         .await
         .unwrap();
 }
