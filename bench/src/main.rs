@@ -25,6 +25,7 @@ use datamover_tests::{Garage, Server, Storage};
 use rand::{Rng, RngCore, SeedableRng};
 
 mod browse;
+mod cli;
 mod sync;
 mod verify;
 
@@ -998,26 +999,13 @@ fn main() {
 }
 
 fn real_main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let reps: usize = get("--reps").and_then(|v| v.parse().ok()).unwrap_or(3);
-    let scale: f64 = get("--scale").and_then(|v| v.parse().ok()).unwrap_or(1.0);
-    let stream_mib: usize = get("--stream-mib")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let output = get("--output");
-    let skip_tree = args.iter().any(|a| a == "--no-toolchain");
-    // --datasets mixed,toolchain,stream,many,sync,browse (all by default); --tools datamover,restic,rclone
-    let datasets: Vec<String> = get("--datasets")
-        .unwrap_or_else(|| "mixed,toolchain,stream,many,sync,browse".into())
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let cli = <cli::Cli as clap::Parser>::parse();
+    let reps = usize::from(cli.reps);
+    let scale = cli.scale;
+    let stream_mib = cli.stream_mib;
+    let output = cli.output.clone();
+    let skip_tree = cli.no_toolchain;
+    let datasets = cli.datasets.clone();
     let want = |d: &str| datasets.iter().any(|x| x == d);
     // rustic joins by default where it is installed (`cargo install rustic-rs`).
     let rustic_installed = Command::new("rustic")
@@ -1026,16 +1014,18 @@ fn real_main() -> Res<()> {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let tools: Vec<Tool> = get("--tools")
+    let tools: Vec<Tool> = cli
+        .tools
+        .clone()
         .unwrap_or_else(|| {
-            if rustic_installed {
-                "datamover,restic,rustic,rclone".into()
-            } else {
-                "datamover,restic,rclone".into()
-            }
+            cli::TOOLS
+                .iter()
+                .filter(|t| **t != "rustic" || rustic_installed)
+                .map(|t| t.to_string())
+                .collect()
         })
-        .split(',')
-        .filter_map(|t| match t.trim() {
+        .iter()
+        .filter_map(|t| match t.as_str() {
             "datamover" => Some(Tool::Datamover),
             "restic" => Some(Tool::Restic),
             "rustic" => Some(Tool::Rustic),
@@ -1043,13 +1033,9 @@ fn real_main() -> Res<()> {
             _ => None,
         })
         .collect();
-    let many_files: usize = get("--many-files")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let many_reps: usize = get("--many-reps").and_then(|v| v.parse().ok()).unwrap_or(1);
-    let work_dir = get("--work")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    let many_files = cli.many_files;
+    let many_reps = cli.many_reps;
+    let work_dir = cli.work.clone().unwrap_or_else(std::env::temp_dir);
     let work = tempfile::tempdir_in(&work_dir).map_err(|e| e.to_string())?;
 
     eprintln!("starting Garage");

@@ -1,0 +1,86 @@
+//! The bench's command line (clap): `--help` lists the options and starts nothing; an
+//! unknown option or value is an error.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub const DATASETS: [&str; 6] = ["mixed", "toolchain", "stream", "many", "sync", "browse"];
+pub const TOOLS: [&str; 4] = ["datamover", "restic", "rustic", "rclone"];
+
+/// Runs datamover, restic, rustic (where installed) and rclone side by side against one
+/// Garage on loopback, on the same data, and prints medians and ratios (ours / theirs).
+/// Usually started by scripts/bench.sh, which installs the tools and builds the release.
+#[derive(Parser, Debug)]
+#[command(name = "datamover-bench", version)]
+pub struct Cli {
+    /// Repetitions of each scenario (the report gives medians).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub reps: u16,
+    /// Size of the mixed data sets, (a) and (e): 1.0 is about 1 GiB.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Size of the stream data set (c), in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub stream_mib: usize,
+    /// Also write the report (Markdown) to this file, and a partial one as it goes.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Leave out data set (b), the Rust toolchain.
+    #[arg(long)]
+    pub no_toolchain: bool,
+    /// Data sets to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "mixed,toolchain,stream,many,sync,browse",
+          value_parser = clap::builder::PossibleValuesParser::new(DATASETS))]
+    pub datasets: Vec<String>,
+    /// Tools to run, comma-separated (default: all; rustic where it is installed).
+    #[arg(long, value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(TOOLS))]
+    pub tools: Option<Vec<String>>,
+    /// Files of data sets (d) and (f).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub many_files: usize,
+    /// Repetitions of data set (d).
+    #[arg(long, default_value_t = 1)]
+    pub many_reps: usize,
+    /// Directory for the data sets, restores and Garage's data (default: the temp dir).
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_unknown_flags_and_values() {
+        let c = Cli::try_parse_from(["datamover-bench"]).expect("defaults");
+        assert_eq!(c.reps, 3);
+        assert_eq!(c.datasets, DATASETS);
+        assert!(c.tools.is_none());
+        let c = Cli::try_parse_from([
+            "datamover-bench",
+            "--datasets",
+            "browse",
+            "--tools",
+            "datamover,restic",
+        ])
+        .expect("valid");
+        assert_eq!(c.datasets, ["browse"]);
+        assert_eq!(
+            c.tools.as_deref(),
+            Some(&["datamover".to_string(), "restic".to_string()][..])
+        );
+        for bad in [
+            vec!["datamover-bench", "--frobnicate"],
+            vec!["datamover-bench", "--datasets", "nope"],
+            vec!["datamover-bench", "--reps", "0"],
+            vec!["datamover-bench", "stray"],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+        let help = Cli::try_parse_from(["datamover-bench", "--help"]).expect_err("help");
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("--many-files"));
+    }
+}
