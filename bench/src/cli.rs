@@ -6,10 +6,18 @@ use std::path::PathBuf;
 use clap::Parser;
 
 pub const DATASETS: [&str; 6] = ["mixed", "toolchain", "stream", "many", "sync", "browse"];
-pub const TOOLS: [&str; 4] = ["datamover", "restic", "rustic", "rclone"];
+pub const TOOLS: [&str; 6] = [
+    "datamover",
+    "restic",
+    "rustic",
+    "rclone",
+    "kopia-server",
+    "kopia",
+];
 
-/// Runs datamover, restic, rustic (where installed) and rclone side by side against one
-/// Garage on loopback, on the same data, and prints medians and ratios (ours / theirs).
+/// Runs datamover, restic, rustic (where installed), rclone and kopia (where `KOPIA_BIN`
+/// names it) side by side against one Garage on loopback, on the same data, and prints
+/// medians and ratios (ours / theirs).
 /// Usually started by scripts/bench.sh, which installs the tools and builds the release.
 #[derive(Parser, Debug)]
 #[command(name = "datamover-bench", version)]
@@ -33,7 +41,8 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "mixed,toolchain,stream,many,sync,browse",
           value_parser = clap::builder::PossibleValuesParser::new(DATASETS))]
     pub datasets: Vec<String>,
-    /// Tools to run, comma-separated (default: all; rustic where it is installed).
+    /// Tools to run, comma-separated (default: all; rustic where it is installed, kopia and
+    /// kopia-server where `KOPIA_BIN` names a kopia binary).
     #[arg(long, value_delimiter = ',',
           value_parser = clap::builder::PossibleValuesParser::new(TOOLS))]
     pub tools: Option<Vec<String>>,

@@ -22,12 +22,20 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use datamover_tests::{Garage, Server, Storage};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::SeedableRng;
 
 mod browse;
 mod cli;
+mod data;
+mod kopia;
+mod measure;
+mod report;
 mod sync;
 mod verify;
+
+use data::{change_one_percent, du_bytes, half_compressible, list_files, make_many, make_mixed};
+use measure::{keep_logs_dir, measured, median, proc_cpu, proc_hwm_mib, reset_hwm};
+use report::report;
 
 type Res<T> = Result<T, String>;
 
@@ -37,16 +45,40 @@ enum Tool {
     Restic,
     Rustic,
     Rclone,
+    /// kopia's repository server with a client connected to it.
+    KopiaServer,
+    /// kopia's client straight on the S3 repository.
+    Kopia,
 }
 
 impl Tool {
+    const ALL: [Tool; 6] = [
+        Tool::Datamover,
+        Tool::Restic,
+        Tool::Rustic,
+        Tool::Rclone,
+        Tool::KopiaServer,
+        Tool::Kopia,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Tool::Datamover => "datamover",
             Tool::Restic => "restic",
             Tool::Rustic => "rustic",
             Tool::Rclone => "rclone",
+            Tool::KopiaServer => "kopia-server",
+            Tool::Kopia => "kopia",
         }
+    }
+
+    fn from_name(name: &str) -> Option<Tool> {
+        Tool::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether the tool's runs also measure a server process (ours, kopia's).
+    fn has_server(self) -> bool {
+        matches!(self, Tool::Datamover | Tool::KopiaServer)
     }
 }
 
@@ -94,235 +126,6 @@ struct Sample {
     pack_reads: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Spawns `cmd`, waits with `wait4`, returns (wall s, cpu s, max rss MiB).
-fn measured(mut cmd: Command, what: &str) -> Res<(f64, f64, f64)> {
-    let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-    if cmd.get_program() != "sh" {
-        cmd.stderr(log.reopen().map_err(|e| e.to_string())?);
-    }
-    let start = Instant::now();
-    let child = cmd.spawn().map_err(|e| format!("{what}: {e}"))?;
-    let pid = child.id() as libc::pid_t;
-    // ru_maxrss keeps the pre-exec high-water mark of the (v)forked parent, so the peak is
-    // sampled from the child's own VmHWM (reset by exec) until it exits.
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let peak = std::sync::Arc::clone(&peak);
-        let pid = pid as u32;
-        std::thread::spawn(move || {
-            // Bounded by the child's life: /proc/<pid> goes away when it is reaped.
-            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let kib = (proc_hwm_mib(pid) * 1024.0) as u64;
-                peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        })
-    };
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let wall = start.elapsed().as_secs_f64();
-    let _ = sampler.join();
-    if r < 0 {
-        return Err(format!("{what}: wait4 failed"));
-    }
-    std::mem::forget(child);
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        let err = std::fs::read_to_string(log.path()).unwrap_or_default();
-        return Err(format!(
-            "{what} failed ({status}): {}",
-            err.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
-        ));
-    }
-    keep_log(log.path(), what);
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
-    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), peak_mib))
-}
-
-/// With `BENCH_KEEP_LOGS=<dir>`, keeps each run's stderr there (numbered, in run order),
-/// for timelines: `RUST_LOG=debug` then applies to the clients and the server.
-fn keep_log(log: &Path, what: &str) {
-    let Some(dir) = keep_logs_dir() else {
-        return;
-    };
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name: String = what
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .take(60)
-        .collect();
-    let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::copy(log, dir.join(format!("{n:03}-{name}.log")));
-}
-
-/// Where run logs are kept, if `BENCH_KEEP_LOGS` asks for them.
-fn keep_logs_dir() -> Option<PathBuf> {
-    std::env::var_os("BENCH_KEEP_LOGS").map(PathBuf::from)
-}
-
-fn proc_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15; index 11 and 12 after the ')' and state.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn proc_hwm_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |k| k / 1024.0)
-}
-
-fn reset_hwm(pid: u32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-}
-
-// ---------------------------------------------------------------------------------------
-// Data sets, deterministic from a seed.
-
-const WORDS: &[&str] = &[
-    "backup", "restore", "chunk", "server", "client", "tenant", "volume", "kanister", "pod",
-    "storage", "object", "bucket", "snapshot", "stream", "pipe", "index", "pack", "the", "of",
-    "and", "to", "data", "device", "edge", "sync", "error", "retry", "metrics", "config",
-];
-
-fn text(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        out.extend_from_slice(WORDS[rng.gen_range(0..WORDS.len())].as_bytes());
-        out.push(if rng.gen_bool(0.1) { b'\n' } else { b' ' });
-        if rng.gen_bool(0.05) {
-            out.extend_from_slice(format!("{}", rng.r#gen::<u32>()).as_bytes());
-        }
-    }
-    out.truncate(len);
-    out
-}
-
-/// Half compressible: alternating 64 KiB of text and of random bytes.
-fn half_compressible(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let n = (len - out.len()).min(64 * 1024);
-        if (out.len() / (64 * 1024)) % 2 == 0 {
-            out.extend(text(rng, n));
-        } else {
-            let mut b = vec![0u8; n];
-            rng.fill_bytes(&mut b);
-            out.extend(b);
-        }
-    }
-    out
-}
-
-/// (a) About 1 GiB: 20,000 small text files, 300 medium, 3 large half-compressible.
-fn make_mixed(root: &Path, seed: u64, scale: f64) -> Res<Vec<PathBuf>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut files = Vec::new();
-    let small = (20_000.0 * scale) as usize;
-    for i in 0..small {
-        let dir = root.join(format!("small/d{:03}", i % 200));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let p = dir.join(format!("f{i:05}.txt"));
-        let len = rng.gen_range(512..10_000);
-        std::fs::write(&p, text(&mut rng, len)).map_err(|e| e.to_string())?;
-        files.push(p);
-    }
-    std::fs::create_dir_all(root.join("medium")).map_err(|e| e.to_string())?;
-    for i in 0..((300.0 * scale) as usize).max(1) {
-        let p = root.join(format!("medium/m{i:03}.bin"));
-        let len = rng.gen_range(512 * 1024..2 * 1024 * 1024);
-        std::fs::write(&p, half_compressible(&mut rng, len)).map_err(|e| e.to_string())?;
-        files.push(p);
-    }
-    std::fs::create_dir_all(root.join("large")).map_err(|e| e.to_string())?;
-    for i in 0..3 {
-        let p = root.join(format!("large/l{i}.img"));
-        let len = (180.0 * 1024.0 * 1024.0 * scale) as usize;
-        std::fs::write(&p, half_compressible(&mut rng, len)).map_err(|e| e.to_string())?;
-        files.push(p);
-    }
-    Ok(files)
-}
-
-/// Data set (d): `n` small files (50 to 300 bytes of text) in directories of 1000.
-fn make_many(root: &Path, seed: u64, n: usize) -> Res<Vec<PathBuf>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut files = Vec::with_capacity(n);
-    for i in 0..n {
-        let dir = root.join(format!("d{:04}", i / 1000));
-        if i % 1000 == 0 {
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        }
-        let p = dir.join(format!("f{i:07}"));
-        let len = rng.gen_range(50..300);
-        std::fs::write(&p, text(&mut rng, len)).map_err(|e| e.to_string())?;
-        files.push(p);
-    }
-    Ok(files)
-}
-
-/// Changes 1% of the files: a line appended to each.
-fn change_one_percent(files: &[PathBuf], seed: u64) -> Res<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = (files.len() / 100).max(1);
-    for _ in 0..n {
-        let p = &files[rng.gen_range(0..files.len())];
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(p)
-            .map_err(|e| e.to_string())?;
-        writeln!(f, "changed {}", rng.r#gen::<u64>()).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
-fn list_files(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file() {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn du_bytes(root: &Path) -> u64 {
-    list_files(root)
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 // ---------------------------------------------------------------------------------------
 // The tools.
 
@@ -336,6 +139,8 @@ struct Bench {
     caches_dropped: std::cell::Cell<Option<bool>>,
     /// The tools to run (`--tools`), all by default.
     tools: Vec<Tool>,
+    /// kopia, where `KOPIA_BIN` names it.
+    kopia_bin: Option<PathBuf>,
     /// Trees restored or downloaded in this data set, moved aside until it is done.
     trash: std::cell::Cell<usize>,
     /// Probe directories made by [`Bench::quiesce`].
@@ -436,7 +241,7 @@ impl Bench {
     /// The tools in the order of this repetition (reversed on odd ones), for a data set
     /// that may exclude some.
     fn order(&self, rep: usize, exclude: &[Tool]) -> Vec<Tool> {
-        let mut v: Vec<Tool> = [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone]
+        let mut v: Vec<Tool> = Tool::ALL
             .into_iter()
             .filter(|t| self.tools.contains(t) && !exclude.contains(t))
             .collect();
@@ -448,6 +253,32 @@ impl Bench {
 }
 
 impl Bench {
+    /// A kopia repository for each kopia row in `order` (the server row's with its
+    /// server started and a client connected).
+    fn kopia_repos(
+        &self,
+        order: &[Tool],
+        ds: &str,
+        rep: usize,
+    ) -> Res<BTreeMap<Tool, kopia::Kopia>> {
+        let mut out = BTreeMap::new();
+        for (tool, server, name) in [
+            (Tool::KopiaServer, true, "kopiaserver"),
+            (Tool::Kopia, false, "kopia"),
+        ] {
+            if !order.contains(&tool) {
+                continue;
+            }
+            let bin = self
+                .kopia_bin
+                .as_deref()
+                .ok_or("kopia rows asked for, but KOPIA_BIN names no kopia binary")?;
+            let prefix = format!("{ds}-{name}-{rep}");
+            out.insert(tool, kopia::Kopia::create(self, bin, &prefix, server)?);
+        }
+        Ok(out)
+    }
+
     fn rclone(&self, args: &[&str]) -> Command {
         let mut c = Command::new("rclone");
         c.args(args)
@@ -687,6 +518,7 @@ fn tree_scenarios(
     let restic_prefix = format!("{ds}-restic-{rep}");
     let rustic_prefix = format!("{ds}-rustic-{rep}");
     let rclone_prefix = format!("{ds}-rclone-{rep}");
+    let kopia = b.kopia_repos(&order, ds, rep)?;
     if order.contains(&Tool::Restic) {
         measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
     }
@@ -763,6 +595,15 @@ fn tree_scenarios(
                     simple(b, &rclone_prefix, c, "rclone copy back")?
                 }
                 (Tool::Rclone, false) => simple(b, &rclone_prefix, rclone_copy(b), "rclone copy")?,
+                (Tool::KopiaServer | Tool::Kopia, _) => {
+                    let k = kopia.get(&tool).ok_or("kopia repository missing")?;
+                    let (args, what): (Vec<&str>, _) = if restore {
+                        (vec!["restore", &src_s, out_s], "kopia restore")
+                    } else {
+                        (vec!["snapshot", "create", &src_s], "kopia snapshot create")
+                    };
+                    k.run(b, k.command(&args), what)?
+                }
             };
             if let (true, Some(want)) = (restore, &source) {
                 let got = verify::digest(&verify::restored_root(&out, src));
@@ -807,6 +648,7 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     let restic_prefix = format!("stream-restic-{rep}");
     let rustic_prefix = format!("stream-rustic-{rep}");
     let rclone_prefix = format!("stream-rclone-{rep}");
+    let kopia = b.kopia_repos(&order, ds, rep)?;
     if order.contains(&Tool::Restic) {
         measured(b.restic(&restic_prefix, &["init"]), "restic init")?;
     }
@@ -821,6 +663,11 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
             Tool::Restic => b.restic(&restic_prefix, &["dump", "latest", "/dump.sql"]),
             Tool::Rustic => b.rustic(&rustic_prefix, &["dump", "latest:dump.sql"])?,
             Tool::Rclone => b.rclone(&["cat", &object]),
+            Tool::KopiaServer | Tool::Kopia => {
+                let k = kopia.get(&tool).ok_or("kopia repository missing")?;
+                let root = k.latest_root(k.dir())?;
+                k.command(&["show", &format!("{root}/dump.sql")])
+            }
             Tool::Datamover => return Err("datamover restores through its server".into()),
         })
     };
@@ -863,6 +710,20 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
                     simple(b, &rclone_prefix, c, "rclone rcat")
                 })?,
                 (Tool::Rclone, _) => simple(b, &rclone_prefix, dump(b, tool)?, "rclone cat")?,
+                (Tool::KopiaServer | Tool::Kopia, Scenario::StreamBackup) => {
+                    let k = kopia.get(&tool).ok_or("kopia repository missing")?;
+                    with_fifo_writer(&fifo, source, || {
+                        let mut c =
+                            k.command(&["snapshot", "create", "--stdin-file=dump.sql", "-"]);
+                        c.stdin(File::open(&fifo).map_err(|e| e.to_string())?);
+                        k.run(b, c, "kopia snapshot create --stdin-file")
+                    })?
+                }
+                (Tool::KopiaServer | Tool::Kopia, _) => {
+                    let k = kopia.get(&tool).ok_or("kopia repository missing")?;
+                    let c = dump(b, tool)?;
+                    k.run(b, c, "kopia show")?
+                }
             };
             b.record(ds, sc, tool, s);
         }
@@ -898,99 +759,6 @@ fn stream_scenarios(b: &mut Bench, source: &Path, rep: usize) -> Res<()> {
     Ok(())
 }
 
-fn report(b: &Bench, meta: &str) -> String {
-    let mut out = String::new();
-    out.push_str(meta);
-    let datasets: Vec<String> = {
-        let mut v: Vec<String> = b.results.keys().map(|k| k.0.clone()).collect();
-        v.dedup();
-        v
-    };
-    for ds in datasets {
-        out.push_str(&format!("\n### Data set: {ds}\n\n"));
-        out.push_str("| scenario | tool | wall s | CPU s (client + server) | Garage CPU s | peak RSS MiB (client / server) | uploaded MiB | wall ratio ours/theirs |\n");
-        out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-        let scenarios: Vec<Scenario> = {
-            let mut v: Vec<Scenario> = b
-                .results
-                .keys()
-                .filter(|k| k.0 == ds)
-                .map(|k| k.1)
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        for sc in scenarios {
-            let med = |tool: Tool, f: fn(&Sample) -> f64| {
-                b.results
-                    .get(&(ds.clone(), sc, tool))
-                    .map(|v| median(v.iter().map(f).collect()))
-            };
-            let ours_wall = med(Tool::Datamover, |s| s.wall);
-            for tool in [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone] {
-                let Some(wall) = med(tool, |s| s.wall) else {
-                    continue;
-                };
-                let cpu = med(tool, |s| s.cpu).unwrap_or(0.0);
-                let rss = med(tool, |s| s.rss_mib).unwrap_or(0.0);
-                let up = med(tool, |s| s.uploaded_mib).unwrap_or(0.0);
-                let store = med(tool, |s| s.store_cpu).unwrap_or(0.0);
-                let n = b.results.get(&(ds.clone(), sc, tool)).map_or(0, Vec::len);
-                let (cpu_s, rss_s, ratio) = if tool == Tool::Datamover {
-                    let scpu = med(tool, |s| s.server_cpu).unwrap_or(0.0);
-                    let srss = med(tool, |s| s.server_rss_mib).unwrap_or(0.0);
-                    (
-                        format!("{cpu:.2} + {scpu:.2}"),
-                        format!("{rss:.0} / {srss:.0}"),
-                        "".to_string(),
-                    )
-                } else {
-                    (
-                        format!("{cpu:.2}"),
-                        format!("{rss:.0}"),
-                        ours_wall.map_or(String::new(), |o| format!("{:.2}", o / wall)),
-                    )
-                };
-                out.push_str(&format!(
-                    "| {} | {} (n={n}) | {wall:.2} | {cpu_s} | {store:.2} | {rss_s} | {up:.1} | {ratio} |\n",
-                    sc.name(),
-                    tool.name()
-                ));
-            }
-        }
-        if let Some((mib, secs)) = b.floors.get(&ds) {
-            out.push_str(&format!(
-                "\nFloor: uploading datamover's {mib:.0} MiB of compressed, encrypted packs to the same Garage with `rclone copy --transfers 8` alone takes {secs:.2} s.\n"
-            ));
-        }
-        let checks: Vec<String> = [Tool::Datamover, Tool::Restic, Tool::Rustic, Tool::Rclone]
-            .into_iter()
-            .filter_map(|tool| {
-                let v = b.verified.get(&(ds.clone(), tool))?;
-                let bad: Vec<&String> = v.iter().filter_map(|r| r.as_ref().err()).collect();
-                Some(match (bad.first(), v.first()) {
-                    (Some(e), _) => format!(
-                        "{} ✗ ({} of {} differ: {e})",
-                        tool.name(),
-                        bad.len(),
-                        v.len()
-                    ),
-                    (None, Some(Ok(n))) if *n > 1 => format!("{} ✓ ({n} entries)", tool.name()),
-                    (None, _) => format!("{} ✓", tool.name()),
-                })
-            })
-            .collect();
-        if !checks.is_empty() {
-            out.push_str(&format!(
-                "\nRestores checked against the source after the timed runs (every file's bytes and every link's target): {}.\n",
-                checks.join(", ")
-            ));
-        }
-    }
-    out
-}
-
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("datamover-bench: {e}");
@@ -1014,6 +782,21 @@ fn real_main() -> Res<()> {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    // kopia joins by default where KOPIA_BIN names it.
+    let kopia_bin = kopia::binary();
+    let kopia_named = |t: &str| t == "kopia" || t == "kopia-server";
+    if kopia_bin.is_none() {
+        if cli.tools.iter().flatten().any(|t| kopia_named(t)) {
+            return Err(format!(
+                "--tools names kopia, but {} does not name a kopia binary that runs: set it to one",
+                kopia::KOPIA_BIN
+            ));
+        }
+        eprintln!(
+            "kopia: {} does not name a kopia binary: the kopia rows are left out",
+            kopia::KOPIA_BIN
+        );
+    }
     let tools: Vec<Tool> = cli
         .tools
         .clone()
@@ -1021,17 +804,12 @@ fn real_main() -> Res<()> {
             cli::TOOLS
                 .iter()
                 .filter(|t| **t != "rustic" || rustic_installed)
+                .filter(|t| !kopia_named(t) || kopia_bin.is_some())
                 .map(|t| t.to_string())
                 .collect()
         })
         .iter()
-        .filter_map(|t| match t.as_str() {
-            "datamover" => Some(Tool::Datamover),
-            "restic" => Some(Tool::Restic),
-            "rustic" => Some(Tool::Rustic),
-            "rclone" => Some(Tool::Rclone),
-            _ => None,
-        })
+        .filter_map(|t| Tool::from_name(t))
         .collect();
     let many_files = cli.many_files;
     let many_reps = cli.many_reps;
@@ -1075,6 +853,7 @@ fn real_main() -> Res<()> {
         floors: BTreeMap::new(),
         caches_dropped: std::cell::Cell::new(None),
         tools,
+        kopia_bin: kopia_bin.clone(),
         trash: std::cell::Cell::new(0),
         probes: std::cell::Cell::new(0),
         verified: BTreeMap::new(),
@@ -1253,7 +1032,7 @@ fn real_main() -> Res<()> {
         "no (not permitted here)"
     };
     let meta = format!(
-        "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
+        "Machine: {} cores ({cpu}), {:.0} GiB memory. Tools: datamover {} (release build), {}, {}, {}, {}, Garage on 127.0.0.1 (single node, sqlite).\n\
          Work directory (data sets, restores, Garage's data): {work_fs}. Page cache dropped before every run: {cold}.\n\
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
@@ -1275,6 +1054,13 @@ fn real_main() -> Res<()> {
             "rustic not installed".to_string()
         },
         version("rclone", "version"),
+        kopia_bin.as_deref().map_or_else(
+            || format!("kopia not run ({} unset)", kopia::KOPIA_BIN),
+            |k| format!(
+                "{} (as `kopia-server`: a repository server over TLS with a client connected; as `kopia`: straight on S3; zstd compression)",
+                kopia::version(k)
+            ),
+        ),
         mixed_bytes as f64 / 1048576.0,
         mixed_count,
     );
