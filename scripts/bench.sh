@@ -4,7 +4,7 @@
 # proxy (scripts/ensure-bench-tools.sh), installs rustic (cargo install rustic-rs, where it
 # installs) and Garage when missing. Options are passed to the bench binary (--help):
 #   --reps N (3)  --scale F (1.0: ~1 GiB mixed data)  --stream-mib N (1024)  --no-toolchain
-#   --datasets mixed,toolchain,stream,many,sync,browse  --tools datamover,restic,rustic,rclone
+#   --datasets mixed,toolchain,stream,many,sync,browse  --tools datamover,restic,rustic,rclone,kopia-server,kopia
 #   --many-files N (1000000)  --many-reps N (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
