@@ -2,7 +2,8 @@
 # Benchmarks datamover against restic and rclone on the same Garage, in one run, and
 # writes bench/RESULTS-latest.md. Builds the newest restic and rclone from the Go module
 # proxy (scripts/ensure-bench-tools.sh), installs rustic (cargo install rustic-rs, where it
-# installs) and Garage when missing. Options are passed to the bench binary (--help):
+# installs) and Garage when missing; kopia joins where KOPIA_BIN names a kopia binary (this
+# project does not build kopia). Options are passed to the bench binary (--help):
 #   --reps N (3)  --scale F (1.0: ~1 GiB mixed data)  --stream-mib N (1024)  --no-toolchain
 #   --datasets mixed,toolchain,stream,many,sync,browse  --tools datamover,restic,rustic,rclone,kopia-server,kopia
 #   --many-files N (1000000)  --many-reps N (1)
