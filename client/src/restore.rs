@@ -3,7 +3,7 @@
 //! ([`files`]), so file creation uses every core:
 //!
 //! - every snapshot path goes through [`safe_relative`]: `..`, absolute paths and the like
-//!   are skipped, never written;
+//!   are skipped, never written (the restore then fails, once everything else is restored);
 //! - parents are checked with `lstat` and never followed if they are symlinks; the
 //!   snapshot's own symlinks are created last, so none can redirect a later write;
 //! - a file gets its name only once it is complete and checked (created unnamed and
@@ -39,6 +39,8 @@ pub struct RestoreResult {
     pub bytes: u64,
     /// Snapshot entries not restored because their path was unsafe.
     pub skipped: u64,
+    /// Why the first of them was not restored.
+    pub first_skipped: Option<String>,
     pub duration: Duration,
 }
 
@@ -275,6 +277,12 @@ impl TreeWriter {
         Ok(())
     }
 
+    /// An entry of the snapshot is not restored.
+    fn skip(&mut self, why: String) {
+        self.result.skipped += 1;
+        self.result.first_skipped.get_or_insert(why);
+    }
+
     fn node(&mut self, node: Node) -> Result<(), ClientError> {
         self.end_file()?;
         self.skip_data = true;
@@ -283,12 +291,15 @@ impl TreeWriter {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("{e}: skipped");
-                self.result.skipped += 1;
+                self.skip(e.to_string());
                 return Ok(());
             }
         };
         if !self.ensure_parents(&node.path)? {
-            self.result.skipped += 1;
+            self.skip(format!(
+                "{}: below a symlink or file in the target",
+                String::from_utf8_lossy(&node.path)
+            ));
             return Ok(());
         }
         let dest = self.target.join(&rel);
@@ -342,7 +353,7 @@ impl TreeWriter {
             }
             NodeType::Unspecified => {
                 tracing::warn!(path = %what, "unknown entry type in snapshot: skipped");
-                self.result.skipped += 1;
+                self.skip(format!("{what}: unknown entry type {}", node.r#type));
             }
         }
         Ok(())
@@ -398,14 +409,17 @@ impl TreeWriter {
         for (dest, node) in std::mem::take(&mut self.symlinks) {
             self.parent_ok = None;
             if !self.ensure_parents(&node.path)? {
-                self.result.skipped += 1;
+                self.skip(format!(
+                    "symlink {}: below a symlink or file in the target",
+                    dest.display()
+                ));
                 continue;
             }
             let what = dest.display().to_string();
             if let Ok(m) = std::fs::symlink_metadata(&dest) {
                 if m.is_dir() {
                     tracing::warn!(path = %what, "a directory is in the way of a symlink: skipped");
-                    self.result.skipped += 1;
+                    self.skip(format!("symlink {what}: a directory is in the way"));
                     continue;
                 }
                 std::fs::remove_file(&dest).map_err(|e| ClientError::io(&what, e))?;
@@ -624,6 +638,16 @@ pub async fn restore_files(
     if let Some(root) = snapshot.root.as_ref().filter(|_| part.is_everything()) {
         set_target_meta(target, root, is_root())?;
     }
+    if result.skipped > 0 {
+        // Everything else is in place, but the restore is not what the snapshot holds.
+        return Err(ClientError::Corrupt(format!(
+            "{} entries of snapshot {} were not restored, as they would be written outside {} or through a symlink (first: {}); the rest is restored: check the snapshot with `datamover-client ls`, and the server, which sent these paths",
+            result.skipped,
+            snapshot.id,
+            target.display(),
+            result.first_skipped.as_deref().unwrap_or("?")
+        )));
+    }
     result.snapshot = snapshot;
     result.duration = started.elapsed();
     Ok(result)
@@ -654,6 +678,27 @@ fn set_target_meta(target: &Path, root: &Node, as_root: bool) -> Result<(), Clie
         }
         Err(e) => Err(ClientError::io(target.display(), e)),
     }
+}
+
+/// Refuses stream data beyond the size the stream's node declared (or before it), so a
+/// server sending without end cannot fill the disk.
+fn too_much(
+    expected: Option<u64>,
+    written: u64,
+    more: usize,
+    output: &str,
+) -> Result<(), ClientError> {
+    let Some(size) = expected else {
+        return Err(ClientError::Corrupt(format!(
+            "the server sent stream data before the stream's entry; {output} is not restored: check the server"
+        )));
+    };
+    if written.saturating_add(more as u64) > size {
+        return Err(ClientError::Corrupt(format!(
+            "the server sent more than the stream's {size} bytes; {output} is not restored: run verify on the server's repository"
+        )));
+    }
+    Ok(())
 }
 
 /// `restore_stream <filename|-> [tag|id]`.
@@ -689,6 +734,7 @@ pub async fn restore_stream(
                         ));
                     }
                     Some(Item::Data(d)) => {
+                        too_much(expected, written, d.len(), &output_name)?;
                         sink.write(&d)
                             .map_err(|e| ClientError::io(&output_name, e))?;
                         written += d.len() as u64;
@@ -696,6 +742,7 @@ pub async fn restore_stream(
                     }
                     Some(Item::Packed(p)) => {
                         let piece = Piece::Packed(p);
+                        too_much(expected, written, piece.len(), &output_name)?;
                         let d = unpacker.open(&piece, &|| output_name.clone())?;
                         sink.write(d)
                             .map_err(|e| ClientError::io(&output_name, e))?;

@@ -474,6 +474,15 @@ impl Writer {
         piece: &Piece,
         unpacker: &mut Unpacker,
     ) -> Result<(), ClientError> {
+        // More than the file's size: refused before it is written (or decompressed), so
+        // a server that sends without end cannot fill the disk.
+        if f.written.saturating_add(piece.len() as u64) > f.node.size {
+            return Err(ClientError::Corrupt(format!(
+                "{}: the server sent more than the file's {} bytes; nothing was written under its name: run verify on the server's repository",
+                f.dest.display(),
+                f.node.size
+            )));
+        }
         let data = unpacker.open(piece, &|| f.dest.display().to_string())?;
         f.file
             .write_all(data)
