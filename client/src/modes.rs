@@ -51,6 +51,8 @@ pub const USAGE: &str = "usage: datamover-client <mode> <args>
                   --delete (propagate deletions)  --point-in-time (egress: a full copy
                   under <target>/YYYY-MM-DD-HHMMSS/)  --disk-budget SIZE (ingress)
                   --bwlimit SIZE/s  --transfers N (16)  --state-dir DIR
+  s3-credentials                     this client's key for the server's S3 gateway, as an
+                                     AWS profile on stdout (alias s3_credentials)
   command_from_file <file>           run each line of <file> as a mode  (alias fs_sidecar)
 environment: SERVER_URL, SERVER_DATA, PROTOCOLS; credential in /etc/client-secret/<client_id>,
   or else a projected ServiceAccount token in DATAMOVER_TOKEN_FILE
@@ -101,6 +103,7 @@ pub enum Mode {
     Mount {
         dir: PathBuf,
     },
+    S3Credentials,
 }
 
 impl Mode {
@@ -119,6 +122,7 @@ impl Mode {
             Mode::Sync { mode, .. } => mode,
             Mode::Browse(c) => c.name(),
             Mode::Mount { .. } => "mount",
+            Mode::S3Credentials => "s3-credentials",
         }
     }
 
@@ -126,6 +130,7 @@ impl Mode {
     fn uses_stdout(&self) -> bool {
         matches!(self, Mode::RestoreStream { file, .. } if file == "-")
             || matches!(self, Mode::Browse(c) if c.uses_stdout())
+            || matches!(self, Mode::S3Credentials)
     }
 }
 
@@ -201,13 +206,15 @@ pub fn parse(args: &[String]) -> Result<Mode, ClientError> {
             id: nonempty(id, "snapshot id")?,
         }),
         ("sync_egress" | "sync_ingress" | "sync_workload", opts) => parse_sync(mode, opts),
+        ("s3-credentials" | "s3_credentials", []) => Ok(Mode::S3Credentials),
         ("command_from_file" | "fs_sidecar", [file]) => Ok(Mode::CommandFromFile {
             file: PathBuf::from(nonempty(file, "file")?),
         }),
         (
             "backup_files" | "fs_backup" | "restore_files" | "fs_restore" | "backup_stream"
             | "stream_backup" | "restore_stream" | "stream_restore" | "list" | "snapshots"
-            | "command_from_file" | "fs_sidecar" | "delete" | "forget_snapshot" | "mount",
+            | "command_from_file" | "fs_sidecar" | "delete" | "forget_snapshot" | "mount"
+            | "s3-credentials" | "s3_credentials",
             _,
         ) => Err(usage(&format!("wrong arguments for {mode}"))),
         _ => Err(usage(&format!("unknown mode '{mode}'"))),
@@ -584,8 +591,45 @@ async fn run_one(conn: &mut Conn, mode: &Mode) -> Result<Value, ClientError> {
         Mode::Sync { mode, jobs } => sync::run_once(conn, jobs, mode).await,
         Mode::Browse(c) => browse::run(conn, c).await,
         Mode::Mount { dir } => mount::run(conn, dir).await,
+        Mode::S3Credentials => s3_credentials(conn).await,
         Mode::CommandFromFile { .. } => Err(usage("command_from_file cannot be nested")),
     }
+}
+
+/// Prints this client's S3 gateway key as an AWS profile (credentials and endpoint).
+async fn s3_credentials(conn: &mut Conn) -> Result<Value, ClientError> {
+    let key = conn
+        .sync
+        .s3_credentials(datamover_proto::v1::S3CredentialsRequest {})
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    let host = &conn.settings.host;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let endpoint = format!("https://{host}:{}", key.port);
+    let mut profile = format!(
+        "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\nendpoint_url = {endpoint}\n",
+        key.access_key_id, key.secret_access_key
+    );
+    if let Some(fp) = &conn.settings.pinned {
+        profile.push_str(&format!(
+            "# the endpoint presents the DatamoverServer's certificate, SHA-256 fingerprint {}\n",
+            fp.to_hex()
+        ));
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(profile.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| ClientError::Io(format!("writing the profile to stdout failed: {e}")))?;
+    Ok(serde_json::json!({
+        "mode": "s3-credentials",
+        "access_key_id": key.access_key_id,
+        "endpoint": endpoint,
+    }))
 }
 
 /// Runs a mode: connects, does it, prints the result.

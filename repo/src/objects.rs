@@ -34,6 +34,8 @@ pub struct ObjectInfo {
     /// Changes whenever the object's contents change (S3's ETag, a stat signature on a
     /// directory).
     pub etag: String,
+    /// When the object was last written, when the store says.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// What we keep about a synced file, as object metadata.
@@ -70,6 +72,8 @@ impl FileMeta {
 pub struct ObjectHead {
     pub size: u64,
     pub etag: String,
+    /// When the object was last written, when the store says.
+    pub modified: Option<std::time::SystemTime>,
     pub meta: Option<FileMeta>,
 }
 

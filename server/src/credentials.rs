@@ -402,6 +402,23 @@ impl CredentialStore {
         })
     }
 
+    /// The current identity of `client_id` and the fingerprint of its stored credential,
+    /// for callers that prove a secret derived from that credential (the S3 gateway signs
+    /// with one) instead of presenting it; `None` for a client without a credential file.
+    pub fn lookup_derived(&self, client_id: &str) -> Option<(Identity, [u8; 32])> {
+        let clients = self.clients();
+        let fp = clients.creds.get(client_id)?.fingerprint();
+        Some((
+            Identity {
+                client_id: client_id.to_string(),
+                tenant: clients.access.tenant(client_id),
+                role: clients.access.role(client_id),
+                proof: Proof::Credential(fp),
+            },
+            fp,
+        ))
+    }
+
     /// Checks a presented ServiceAccount token.
     pub async fn verify_service_account(&self, token: &str) -> Result<Identity, Status> {
         let Some(accounts) = &self.accounts else {

@@ -24,6 +24,8 @@
 //!   compressed as stored to clients that accept it).
 //! - [`sync`]: edge sync, the second service: devices' directories as plain objects under
 //!   `<sync prefix>/<tenant>/<target>/`, beside the repository.
+//! - [`s3`]: the S3 gateway (`s3:<port>` in `PROTOCOLS`): the plain objects of edge sync
+//!   over the S3 API, signed with a per-client key derived from the client's credential.
 //! - [`maintenance`]: maintenance on request and on a schedule, and the publication of
 //!   running sessions that keeps maintenance on other replicas safe.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` on a plaintext port; [`metered`] counts
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod reload;
 pub mod review_cache;
 pub mod run;
+pub mod s3;
 pub mod sa_auth;
 pub mod sa_clients;
 pub mod service;

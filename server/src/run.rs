@@ -26,7 +26,7 @@ use crate::service::{DatamoverService, Sessions};
 use crate::settings::{Settings, StorageSettings};
 use crate::sync::SyncService;
 use crate::token_review::KubeApi;
-use crate::{ServerError, tls};
+use crate::{ServerError, s3, tls};
 
 /// How long in-flight operations may finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -174,7 +174,26 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
     let objects = open_objects(&settings)?;
     tracing::info!(location = %objects.location(), "edge sync objects");
-    let sync = SyncService::new(objects, Arc::clone(&creds), Arc::clone(&metrics));
+    let s3_gateway = match settings.s3_port {
+        Some(port) => Some(
+            start_s3_gateway(
+                &settings,
+                port,
+                &tls,
+                Arc::clone(&objects),
+                Arc::clone(&creds),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let mut sync = SyncService::new(objects, Arc::clone(&creds), Arc::clone(&metrics));
+    if let Some(port) = settings.s3_port {
+        sync = sync.with_s3_gateway(
+            port,
+            s3::auth::GatewayKey::from_repo_password(&settings.repo_password),
+        );
+    }
     let flusher = sync.spawn_flusher();
     let sync_service = SyncServer::new(sync)
         .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
@@ -245,9 +264,39 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
         tracing::warn!("in-flight calls did not finish in time; their backups are not committed");
     }
+    if let Some(gateway) = s3_gateway {
+        gateway.abort();
+    }
     flusher.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the S3 gateway's port and serves it (`s3:<port>` in `PROTOCOLS`).
+async fn start_s3_gateway(
+    settings: &Settings,
+    port: u16,
+    tls: &tls::ServerTls,
+    objects: Arc<dyn ObjectStore>,
+    creds: Arc<CredentialStore>,
+) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    let addr = format!("{}:{port}", settings.listen_host);
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| ServerError::Listen {
+            addr: addr.clone(),
+            error: e.to_string(),
+        })?;
+    let acceptor = s3::listener::acceptor(tls)?;
+    let key = s3::auth::GatewayKey::from_repo_password(&settings.repo_password);
+    let gateway = s3::Gateway::new(objects, Arc::clone(&creds), key.clone());
+    let mut builder = s3s::service::S3ServiceBuilder::new(gateway);
+    builder.set_auth(s3::auth::GatewayAuth { creds, key });
+    let service = builder.build();
+    tracing::info!(address = %addr, "S3 gateway listening (TLS, the server's certificate)");
+    Ok(tokio::spawn(s3::listener::serve(
+        listener, acceptor, service,
+    )))
 }
 
 /// The check of ServiceAccount tokens; says once whether they are enabled.

@@ -76,10 +76,15 @@ impl StorageSettings {
     }
 }
 
+/// The `PROTOCOLS` name of the S3 gateway.
+pub const S3_PROTOCOL: &str = "s3";
+
 /// Everything the server needs to start.
 pub struct Settings {
     pub paths: Paths,
     pub port: u16,
+    /// The port of the S3 gateway (`s3:<port>` in `PROTOCOLS`), off when `None`.
+    pub s3_port: Option<u16>,
     pub listen_host: String,
     pub http_addr: String,
     pub storage: StorageSettings,
@@ -135,12 +140,15 @@ impl Settings {
         let protos = protocols::parse(env("PROTOCOLS").as_deref())
             .map_err(|e| ServerError::Config(e.to_string()))?;
         let mut port = None;
+        let mut s3_port = None;
         for p in &protos {
             if p.name == datamover_proto::PROTOCOL_NAME {
                 port = Some(p.port);
+            } else if p.name == S3_PROTOCOL {
+                s3_port = Some(p.port);
             } else {
                 return Err(ServerError::Config(format!(
-                    "PROTOCOLS lists '{}', which this server does not support; it supports only {}",
+                    "PROTOCOLS lists '{}', which this server does not support; it supports only {} and {S3_PROTOCOL}",
                     p.name,
                     datamover_proto::PROTOCOL_NAME
                 )));
@@ -262,6 +270,7 @@ impl Settings {
             sync_prefix,
             maintenance,
             port,
+            s3_port,
             listen_host: env("DATAMOVER_LISTEN_HOST").unwrap_or_else(|| "0.0.0.0".into()),
             http_addr: env("DATAMOVER_HTTP_ADDR").unwrap_or_else(|| "0.0.0.0:8080".into()),
             storage,
@@ -439,6 +448,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("'kopia'"), "{e}");
+        let s = load(&d, &[("PROTOCOLS", "datamover-v1:1;s3:9000")]).unwrap();
+        assert_eq!((s.port, s.s3_port), (1, Some(9000)));
+        assert_eq!(load(&d, &[]).unwrap().s3_port, None);
     }
 
     #[test]

@@ -134,9 +134,17 @@ pub struct SyncService {
     metrics: Arc<Metrics>,
     state: Arc<SyncState>,
     slots: Arc<Semaphore>,
+    /// The S3 gateway's port and key, when it is on.
+    s3: Option<(u16, crate::s3::auth::GatewayKey)>,
 }
 
 impl SyncService {
+    /// Hands out S3 gateway keys (the gateway serves on `port`).
+    pub fn with_s3_gateway(mut self, port: u16, key: crate::s3::auth::GatewayKey) -> Self {
+        self.s3 = Some((port, key));
+        self
+    }
+
     pub fn new(
         objects: Arc<dyn ObjectStore>,
         creds: Arc<CredentialStore>,
@@ -148,6 +156,7 @@ impl SyncService {
             metrics,
             state: Arc::default(),
             slots: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
+            s3: None,
         }
     }
 
@@ -777,6 +786,13 @@ impl Sync for SyncService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn s3_credentials(
+        &self,
+        req: Request<v1::S3CredentialsRequest>,
+    ) -> Result<Response<v1::S3CredentialsResponse>, Status> {
+        self.s3_key(req).await.map(Response::new)
+    }
+
     async fn delete(
         &self,
         req: Request<v1::SyncDeleteRequest>,
@@ -804,6 +820,32 @@ impl Sync for SyncService {
         self.state.mark_dirty(&mkey);
         tracing::info!(client = %id.client_id, %target, deleted, "synced objects deleted");
         Ok(Response::new(v1::SyncDeleteResponse { deleted }))
+    }
+}
+
+impl SyncService {
+    /// The caller's S3 gateway key: see the `S3Credentials` call of the proto.
+    async fn s3_key(
+        &self,
+        req: Request<v1::S3CredentialsRequest>,
+    ) -> Result<v1::S3CredentialsResponse, Status> {
+        let id = self.auth(caller(&req), Op::List).await?;
+        let Some((port, key)) = &self.s3 else {
+            return Err(Status::failed_precondition(
+                "this server does not serve the S3 gateway: add s3:<port> to its PROTOCOLS (spec.protocols of the DatamoverServer)",
+            ));
+        };
+        let Some((_, fp)) = self.creds.lookup_derived(&id.client_id) else {
+            return Err(Status::failed_precondition(
+                "S3 keys derive from a client credential file: a client that signs in with a ServiceAccount token has none; ask the operator for a client credential",
+            ));
+        };
+        tracing::info!(client = %id.client_id, "S3 gateway key handed out");
+        Ok(v1::S3CredentialsResponse {
+            access_key_id: id.client_id.clone(),
+            secret_access_key: key.secret(&id.client_id, &fp),
+            port: u32::from(*port),
+        })
     }
 }
 

@@ -124,6 +124,7 @@ impl ObjectStore for FsObjects {
                             key: key.to_string(),
                             size: m.len(),
                             etag: etag_of(&m),
+                            modified: m.modified().ok(),
                         });
                     }
                 }
@@ -143,6 +144,7 @@ impl ObjectStore for FsObjects {
             Ok(m) if m.is_file() => Ok(Some(ObjectHead {
                 size: m.len(),
                 etag: etag_of(&m),
+                modified: m.modified().ok(),
                 meta: None,
             })),
             Ok(_) => Ok(None),
@@ -160,6 +162,7 @@ impl ObjectStore for FsObjects {
         let head = ObjectHead {
             size: m.len(),
             etag: etag_of(&m),
+            modified: m.modified().ok(),
             meta: None,
         };
         file.seek(std::io::SeekFrom::Start(offset))

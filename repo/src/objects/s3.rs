@@ -19,6 +19,10 @@ fn etag(e: Option<&str>) -> String {
     e.unwrap_or("").trim_matches('"').to_string()
 }
 
+fn system_time(t: Option<&aws_smithy_types::DateTime>) -> Option<std::time::SystemTime> {
+    t.and_then(|t| std::time::SystemTime::try_from(*t).ok())
+}
+
 impl S3Objects {
     /// `root` is a key prefix relative to the bucket (the repository's own prefix is not
     /// added).
@@ -40,11 +44,13 @@ impl S3Objects {
     fn head_of(
         size: Option<i64>,
         e: Option<&str>,
+        modified: Option<&aws_smithy_types::DateTime>,
         meta: Option<&std::collections::HashMap<String, String>>,
     ) -> ObjectHead {
         ObjectHead {
             size: size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
             etag: etag(e),
+            modified: system_time(modified),
             meta: meta.and_then(|m| FileMeta::from_lookup(|k| m.get(k).cloned())),
         }
     }
@@ -82,6 +88,7 @@ impl ObjectStore for S3Objects {
                     key: rel.to_string(),
                     size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
                     etag: etag(obj.e_tag()),
+                    modified: system_time(obj.last_modified()),
                 });
             }
         }
@@ -102,6 +109,7 @@ impl ObjectStore for S3Objects {
             Ok(o) => Ok(Some(Self::head_of(
                 o.content_length(),
                 o.e_tag(),
+                o.last_modified(),
                 o.metadata(),
             ))),
             Err(e) => match self.s3.map(e, &full) {
@@ -123,7 +131,12 @@ impl ObjectStore for S3Objects {
             req = req.range(format!("bytes={offset}-"));
         }
         let out = req.send().await.map_err(|e| self.s3.map(e, &full))?;
-        let mut head = Self::head_of(out.content_length(), out.e_tag(), out.metadata());
+        let mut head = Self::head_of(
+            out.content_length(),
+            out.e_tag(),
+            out.last_modified(),
+            out.metadata(),
+        );
         // With a range, the length is the rest; the total follows the '/' of the range.
         head.size = match out.content_range().and_then(|r| r.rsplit('/').next()) {
             Some(total) => total.parse().unwrap_or(head.size + offset),

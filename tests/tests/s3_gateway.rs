@@ -1,0 +1,866 @@
+//! The S3 gateway end to end: the real server binary with `PROTOCOLS=…;s3:<port>`, real S3
+//! clients (aws-sdk-s3, rclone and the AWS CLI) over TLS with a per-client key, on the
+//! filesystem store and on Garage.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client as S3Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use datamover_tests::{Garage, Server, Storage, free_port, random_bytes, write};
+
+/// A CA and a server certificate signed by it, as a cluster's cert-manager would make.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "datamover test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    // Another name than the CA's, or OpenSSL takes the certificate for self-signed.
+    leaf.distinguished_name
+        .push(DnType::CommonName, "datamover test server");
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// A server with the S3 gateway on, and what a client needs to reach it.
+pub struct Gateway {
+    pub server: Server,
+    pub s3_port: u16,
+    pub ca_pem: String,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Gateway {
+    fn start(storage: Storage<'_>, clients: &[(&str, &str)], config: &[(&str, &str)]) -> Gateway {
+        let root = tempfile::tempdir().unwrap();
+        for (k, v) in config {
+            write(&root.path().join("etc/config").join(k), v.as_bytes());
+        }
+        let pki = pki();
+        write(
+            &root.path().join("etc/secrets/tls/tls.crt"),
+            pki.cert_pem.as_bytes(),
+        );
+        write(
+            &root.path().join("etc/secrets/tls/tls.key"),
+            pki.key_pem.as_bytes(),
+        );
+        let grpc = free_port();
+        let s3_port = free_port();
+        let protocols = format!("datamover-v1:{grpc};s3:{s3_port}");
+        let mut server =
+            Server::start_in_with_env(root, storage, clients, &[("PROTOCOLS", &protocols)]);
+        server.port = grpc;
+        Gateway {
+            server,
+            s3_port,
+            ca_pem: pki.ca_pem,
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// The S3 profile `datamover-client s3-credentials` prints for a client.
+    fn profile(&self, id: &str, credential: &str) -> String {
+        let r = self.server.client(id, credential).run(&["s3-credentials"]);
+        assert!(r.success(), "s3-credentials failed: {}", r.stderr);
+        r.stdout
+    }
+
+    /// The S3 secret of a client whose credential file holds `credential`.
+    fn secret(&self, id: &str, credential: &str) -> String {
+        let profile = self.profile(id, credential);
+        profile
+            .lines()
+            .find_map(|l| l.strip_prefix("aws_secret_access_key = "))
+            .unwrap_or_else(|| panic!("no secret in the profile:\n{profile}"))
+            .to_string()
+    }
+
+    /// An aws-sdk-s3 client signing as `id` with `secret`, trusting the test CA.
+    fn client_with_secret(&self, id: &str, secret: &str) -> S3Client {
+        use aws_smithy_http_client::tls;
+        let trust = tls::TrustStore::empty().with_pem_certificate(self.ca_pem.as_bytes().to_vec());
+        let ctx = tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .unwrap();
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(ctx)
+            .build_https();
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id, secret, None, None, "test",
+            ))
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .http_client(http)
+            .build();
+        S3Client::from_conf(conf)
+    }
+
+    fn client(&self, id: &str, credential: &str) -> S3Client {
+        self.client_with_secret(id, &self.secret(id, credential))
+    }
+
+    fn put(&self, c: &S3Client, bucket: &str, key: &str, data: &[u8]) -> Result<String, String> {
+        self.rt.block_on(async {
+            c.put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(ByteStream::from(data.to_vec()))
+                .send()
+                .await
+                .map(|o| o.e_tag().unwrap_or_default().to_string())
+                .map_err(code)
+        })
+    }
+
+    fn get(
+        &self,
+        c: &S3Client,
+        bucket: &str,
+        key: &str,
+        range: Option<&str>,
+    ) -> Result<Vec<u8>, String> {
+        self.rt.block_on(async {
+            let mut req = c.get_object().bucket(bucket).key(key);
+            if let Some(r) = range {
+                req = req.range(r);
+            }
+            let out = req.send().await.map_err(code)?;
+            let body = out.body.collect().await.map_err(|e| e.to_string())?;
+            Ok(body.into_bytes().to_vec())
+        })
+    }
+
+    fn keys(&self, c: &S3Client, bucket: &str, prefix: &str) -> Result<Vec<String>, String> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut pages = c
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .max_keys(2)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(code)?;
+                out.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_string)),
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, c: &S3Client, bucket: &str, key: &str) -> Result<(), String> {
+        self.rt.block_on(async {
+            c.delete_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(code)
+        })
+    }
+}
+
+/// The S3 error code of a failed call (or its description when there is none).
+fn code<E: ProvideErrorMetadata + std::fmt::Debug>(e: aws_sdk_s3::error::SdkError<E>) -> String {
+    match e.as_service_error().and_then(|s| s.code()) {
+        Some(c) => c.to_string(),
+        None => format!("{e:?}"),
+    }
+}
+
+fn multipart(g: &Gateway, c: &S3Client, bucket: &str, key: &str, parts: &[Vec<u8>]) {
+    g.rt.block_on(async {
+        let up = c
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let id = up.upload_id().unwrap().to_string();
+        let mut done = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let n = i as i32 + 1;
+            let out = c
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&id)
+                .part_number(n)
+                .body(ByteStream::from(p.clone()))
+                .send()
+                .await
+                .unwrap();
+            done.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .e_tag(out.e_tag().unwrap())
+                    .build(),
+            );
+        }
+        let listed = c
+            .list_parts()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(listed.parts().len(), parts.len());
+        assert_eq!(
+            listed.parts()[0].size(),
+            Some(parts[0].len() as i64),
+            "ListParts shows the parts' sizes"
+        );
+        c.complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    });
+}
+
+/// Put, list, get (whole and ranges), head, multipart, copy, delete: what a client sees.
+fn round_trip(g: &Gateway, c: &S3Client) {
+    let small = random_bytes(1, 1000);
+    let big = random_bytes(2, 21 * 1024 * 1024 + 17);
+    g.put(c, "photos", "a/small.bin", &small).unwrap();
+    g.put(c, "photos", "a/b/big.bin", &big).unwrap();
+    g.put(c, "photos", "top.txt", b"top").unwrap();
+    g.put(c, "photos", "empty", b"").unwrap();
+    assert_eq!(g.get(c, "photos", "a/small.bin", None).unwrap(), small);
+    assert!(
+        g.get(c, "photos", "a/b/big.bin", None).unwrap() == big,
+        "a streamed 21 MiB object reads back the same"
+    );
+    assert_eq!(g.get(c, "photos", "empty", None).unwrap(), b"");
+    assert_eq!(
+        g.get(c, "photos", "a/b/big.bin", Some("bytes=100-199"))
+            .unwrap(),
+        big[100..200]
+    );
+    assert_eq!(
+        g.get(c, "photos", "a/b/big.bin", Some("bytes=-10"))
+            .unwrap(),
+        big[big.len() - 10..]
+    );
+    assert_eq!(
+        g.get(
+            c,
+            "photos",
+            "a/b/big.bin",
+            Some(&format!("bytes={}-", 9 * 1024 * 1024))
+        )
+        .unwrap(),
+        big[9 * 1024 * 1024..]
+    );
+    assert_eq!(
+        g.get(c, "photos", "a/small.bin", Some("bytes=5000-6000")),
+        Err("InvalidRange".to_string())
+    );
+    assert_eq!(
+        g.get(c, "photos", "nope", None),
+        Err("NoSuchKey".to_string())
+    );
+    // Paged by two keys per page.
+    assert_eq!(
+        g.keys(c, "photos", "").unwrap(),
+        ["a/b/big.bin", "a/small.bin", "empty", "top.txt"]
+    );
+    assert_eq!(
+        g.keys(c, "photos", "a/").unwrap(),
+        ["a/b/big.bin", "a/small.bin"]
+    );
+    g.rt.block_on(async {
+        let page = c
+            .list_objects_v2()
+            .bucket("photos")
+            .delimiter("/")
+            .send()
+            .await
+            .unwrap();
+        let prefixes: Vec<&str> = page
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix())
+            .collect();
+        assert_eq!(prefixes, ["a/"]);
+        let keys: Vec<&str> = page.contents().iter().filter_map(|o| o.key()).collect();
+        assert_eq!(keys, ["empty", "top.txt"]);
+        assert!(page.contents()[1].last_modified().is_some());
+        let head = c
+            .head_object()
+            .bucket("photos")
+            .key("a/b/big.bin")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.content_length(), Some(big.len() as i64));
+        let buckets = c.list_buckets().send().await.unwrap();
+        let names: Vec<&str> = buckets.buckets().iter().filter_map(|b| b.name()).collect();
+        assert_eq!(names, ["photos"]);
+    });
+
+    // Multipart: two 5 MiB parts and a short last one.
+    let parts = vec![
+        random_bytes(3, 5 * 1024 * 1024),
+        random_bytes(4, 5 * 1024 * 1024),
+        random_bytes(5, 1234),
+    ];
+    multipart(g, c, "photos", "multi.bin", &parts);
+    assert_eq!(
+        g.get(c, "photos", "multi.bin", None).unwrap(),
+        parts.concat()
+    );
+    // An aborted upload leaves nothing.
+    g.rt.block_on(async {
+        let up = c
+            .create_multipart_upload()
+            .bucket("photos")
+            .key("gone.bin")
+            .send()
+            .await
+            .unwrap();
+        let id = up.upload_id().unwrap();
+        c.upload_part()
+            .bucket("photos")
+            .key("gone.bin")
+            .upload_id(id)
+            .part_number(1)
+            .body(ByteStream::from(vec![1u8; 1024]))
+            .send()
+            .await
+            .unwrap();
+        c.abort_multipart_upload()
+            .bucket("photos")
+            .key("gone.bin")
+            .upload_id(id)
+            .send()
+            .await
+            .unwrap();
+        let again = c
+            .upload_part()
+            .bucket("photos")
+            .key("gone.bin")
+            .upload_id(id)
+            .part_number(2)
+            .body(ByteStream::from(vec![1u8; 1024]))
+            .send()
+            .await;
+        assert_eq!(
+            again.map(|_| ()).map_err(code),
+            Err("NoSuchUpload".to_string())
+        );
+    });
+    assert_eq!(
+        g.get(c, "photos", "gone.bin", None),
+        Err("NoSuchKey".to_string())
+    );
+
+    // Copy within the tenant, across buckets.
+    g.rt.block_on(async {
+        c.copy_object()
+            .bucket("archive")
+            .key("copy/big.bin")
+            .copy_source("photos/a/b/big.bin")
+            .send()
+            .await
+            .unwrap();
+    });
+    assert!(g.get(c, "archive", "copy/big.bin", None).unwrap() == big);
+
+    // Delete one, then the rest at once.
+    g.delete(c, "photos", "top.txt").unwrap();
+    assert_eq!(
+        g.get(c, "photos", "top.txt", None),
+        Err("NoSuchKey".to_string())
+    );
+    g.rt.block_on(async {
+        let ids = ["a/small.bin", "a/b/big.bin", "empty", "multi.bin"]
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(*k).build().unwrap())
+            .collect();
+        let out = c
+            .delete_objects()
+            .bucket("photos")
+            .delete(Delete::builder().set_objects(Some(ids)).build().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.deleted().len(), 4);
+        assert!(out.errors().is_empty());
+    });
+    assert!(g.keys(c, "photos", "").unwrap().is_empty());
+    // A key that cannot be a file path is refused.
+    assert_eq!(
+        g.put(c, "photos", "a/../b", b"x"),
+        Err("InvalidArgument".to_string())
+    );
+}
+
+#[test]
+fn aws_sdk_round_trip_on_the_filesystem_store() {
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let c = g.client("alice", "alice-token");
+    round_trip(&g, &c);
+    assert_no_storage_secret(&g, &[]);
+}
+
+#[test]
+fn aws_sdk_round_trip_on_garage() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let g = Gateway::start(
+        Storage::S3 {
+            garage: &garage,
+            bucket: &garage.bucket,
+            prefix: "gw",
+        },
+        &[("alice", "alice-token")],
+        &[],
+    );
+    let c = g.client("alice", "alice-token");
+    round_trip(&g, &c);
+    assert_no_storage_secret(&g, &[&garage.secret_key, &garage.access_key]);
+}
+
+/// Neither the server's log nor its answers carry the storage keys.
+fn assert_no_storage_secret(g: &Gateway, secrets: &[&str]) {
+    let log = g.server.log();
+    for s in secrets {
+        assert!(!log.contains(s), "the server log holds a storage key");
+    }
+}
+
+#[test]
+fn wrong_keys_are_s3_errors() {
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let wrong = g.client_with_secret("alice", "not-the-secret");
+    assert_eq!(
+        g.put(&wrong, "box", "k", b"x"),
+        Err("SignatureDoesNotMatch".to_string())
+    );
+    let unknown = g.client_with_secret("mallory", &g.secret("alice", "alice-token"));
+    assert_eq!(
+        g.put(&unknown, "box", "k", b"x"),
+        Err("InvalidAccessKeyId".to_string())
+    );
+    // The gRPC credential itself is not the S3 secret.
+    let token = g.client_with_secret("alice", "alice-token");
+    assert_eq!(
+        g.put(&token, "box", "k", b"x"),
+        Err("SignatureDoesNotMatch".to_string())
+    );
+}
+
+#[test]
+fn tenants_are_separate_and_roles_limit_what_a_client_does() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[
+            ("owner", "owner-token"),
+            ("other", "other-token"),
+            ("reader", "reader-token"),
+            ("writer", "writer-token"),
+        ],
+        &[
+            (
+                "tenants",
+                "owner=team\nreader=team\nwriter=team\nother=elsewhere",
+            ),
+            ("roles", "reader=read\nwriter=append"),
+        ],
+    );
+    let owner = g.client("owner", "owner-token");
+    let other = g.client("other", "other-token");
+    let reader = g.client("reader", "reader-token");
+    let writer = g.client("writer", "writer-token");
+    g.put(&owner, "docs", "plan.txt", b"the plan").unwrap();
+
+    // Another tenant's namespace: the bucket is its own (empty) one; nothing leaks or changes.
+    assert_eq!(
+        g.get(&other, "docs", "plan.txt", None),
+        Err("NoSuchKey".into())
+    );
+    assert!(g.keys(&other, "docs", "").unwrap().is_empty());
+    g.put(&other, "docs", "plan.txt", b"theirs").unwrap();
+    assert_eq!(
+        g.get(&owner, "docs", "plan.txt", None).unwrap(),
+        b"the plan"
+    );
+    assert_eq!(g.get(&other, "docs", "plan.txt", None).unwrap(), b"theirs");
+
+    // read: get and list, no writes, no deletes.
+    assert_eq!(
+        g.get(&reader, "docs", "plan.txt", None).unwrap(),
+        b"the plan"
+    );
+    assert_eq!(g.keys(&reader, "docs", "").unwrap(), ["plan.txt"]);
+    assert_eq!(
+        g.put(&reader, "docs", "new.txt", b"x"),
+        Err("AccessDenied".into())
+    );
+    assert_eq!(
+        g.delete(&reader, "docs", "plan.txt"),
+        Err("AccessDenied".into())
+    );
+
+    // append: new objects and listing; no overwrite, no delete, no reading back.
+    g.put(&writer, "docs", "log-1.txt", b"one").unwrap();
+    assert_eq!(
+        g.put(&writer, "docs", "log-1.txt", b"two"),
+        Err("AccessDenied".into())
+    );
+    assert_eq!(
+        g.delete(&writer, "docs", "log-1.txt"),
+        Err("AccessDenied".into())
+    );
+    assert_eq!(
+        g.get(&writer, "docs", "log-1.txt", None),
+        Err("AccessDenied".into())
+    );
+    assert_eq!(
+        g.keys(&writer, "docs", "").unwrap(),
+        ["log-1.txt", "plan.txt"]
+    );
+    assert_eq!(g.get(&owner, "docs", "log-1.txt", None).unwrap(), b"one");
+}
+
+#[test]
+fn revoked_and_rotated_clients_are_refused_within_two_seconds() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[("alice", "alice-token"), ("bob", "bob-token")],
+        &[],
+    );
+    let alice = g.client("alice", "alice-token");
+    let bob = g.client("bob", "bob-token");
+    g.put(&alice, "box", "k", b"x").unwrap();
+    g.put(&bob, "box", "k", b"x").unwrap();
+
+    let creds = g.server.root.path().join("etc/client_credentials");
+    std::fs::remove_file(creds.join("alice")).unwrap();
+    g.server.set_client("bob", "bob-rotated");
+    let started = Instant::now();
+    let refused = |c: &S3Client, expect: &str| loop {
+        match g.keys(c, "box", "") {
+            Err(e) => {
+                assert_eq!(e, expect);
+                break started.elapsed();
+            }
+            Ok(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "still accepted after 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let a = refused(&alice, "InvalidAccessKeyId");
+    let b = refused(&bob, "SignatureDoesNotMatch");
+    assert!(
+        a < Duration::from_secs(2) && b < Duration::from_secs(2),
+        "refused after {a:?} / {b:?}"
+    );
+    // The rotated credential gives a new secret at once.
+    let bob2 = g.client("bob", "bob-rotated");
+    assert_eq!(g.get(&bob2, "box", "k", None).unwrap(), b"x");
+}
+
+#[test]
+fn edge_sync_objects_are_s3_objects_and_the_reverse() {
+    let g = Gateway::start(Storage::Filesystem, &[("dev", "dev-token")], &[]);
+    let c = g.client("dev", "dev-token");
+    let src = tempfile::tempdir().unwrap();
+    write(&src.path().join("a.txt"), b"from the device");
+    write(
+        &src.path().join("sub/big.bin"),
+        &random_bytes(7, 9 * 1024 * 1024),
+    );
+    let device = g.server.client("dev", "dev-token");
+    device.ok(&[
+        "sync_egress",
+        src.path().to_str().unwrap(),
+        "site-a",
+        "--once",
+    ]);
+    assert_eq!(g.keys(&c, "site-a", "").unwrap(), ["a.txt", "sub/big.bin"]);
+    assert_eq!(
+        g.get(&c, "site-a", "a.txt", None).unwrap(),
+        b"from the device"
+    );
+    assert!(
+        g.get(&c, "site-a", "sub/big.bin", None).unwrap()
+            == std::fs::read(src.path().join("sub/big.bin")).unwrap()
+    );
+
+    g.put(&c, "site-a", "from-s3/new.txt", b"written over S3")
+        .unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    device.ok(&[
+        "sync_ingress",
+        "site-a",
+        dst.path().to_str().unwrap(),
+        "--once",
+    ]);
+    assert_eq!(
+        std::fs::read(dst.path().join("from-s3/new.txt")).unwrap(),
+        b"written over S3"
+    );
+    assert_eq!(
+        std::fs::read(dst.path().join("a.txt")).unwrap(),
+        b"from the device"
+    );
+    assert_same_file(
+        &src.path().join("sub/big.bin"),
+        &dst.path().join("sub/big.bin"),
+    );
+}
+
+fn assert_same_file(a: &Path, b: &Path) {
+    assert!(
+        std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+        "{} differs from {}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// A command-line S3 client: from `S3_CLIENTS_BIN_DIR` (scripts/ensure-s3-clients.sh, which
+/// the test command runs) or the PATH; `None` (the test skips) when missing, a failure
+/// under CI.
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let dirs = std::env::var_os("S3_CLIENTS_BIN_DIR")
+        .into_iter()
+        .chain(std::env::var_os("PATH"))
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{name} is not installed: the test command installs it (scripts/ensure-s3-clients.sh)"
+    );
+    eprintln!("SKIPPED: {name} is not installed; run scripts/ensure-s3-clients.sh");
+    None
+}
+
+/// A tree with nested directories, an empty file and one file large enough for multipart.
+fn sample_tree(dir: &Path) {
+    write(&dir.join("readme.txt"), b"hello from a tool");
+    write(&dir.join("empty"), b"");
+    write(&dir.join("deep/er/data.bin"), &random_bytes(11, 300_000));
+    write(
+        &dir.join("deep/big.bin"),
+        &random_bytes(12, 11 * 1024 * 1024 + 5),
+    );
+    for i in 0..20 {
+        write(
+            &dir.join(format!("many/f{i:02}.txt")),
+            format!("file {i}").as_bytes(),
+        );
+    }
+}
+
+/// Every regular file under `dir`, by relative path.
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rclone_copies_a_tree_in_and_out() {
+    let Some(rclone) = tool("rclone") else {
+        return;
+    };
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let work = tempfile::tempdir().unwrap();
+    let ca = work.path().join("ca.pem");
+    write(&ca, g.ca_pem.as_bytes());
+    let src = work.path().join("src");
+    let dst = work.path().join("dst");
+    sample_tree(&src);
+    let rclone = |args: &[&str]| {
+        let mut c = std::process::Command::new(&rclone);
+        // rclone's S3 library would load this bundle instead of --ca-cert, and fail.
+        c.env_remove("AWS_CA_BUNDLE")
+            .env("RCLONE_CONFIG", work.path().join("rclone.conf"))
+            .env("RCLONE_CONFIG_GW_TYPE", "s3")
+            .env("RCLONE_CONFIG_GW_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_GW_ACCESS_KEY_ID", "alice")
+            .env(
+                "RCLONE_CONFIG_GW_SECRET_ACCESS_KEY",
+                g.secret("alice", "alice-token"),
+            )
+            .env("RCLONE_CONFIG_GW_ENDPOINT", g.endpoint())
+            .env("RCLONE_CONFIG_GW_FORCE_PATH_STYLE", "true")
+            .args(["--ca-cert", ca.to_str().unwrap()])
+            // Multipart from 5 MiB on, so the large file goes up in parts.
+            .args(["--s3-upload-cutoff", "5M", "--s3-chunk-size", "5M"])
+            .args(args);
+        run(&mut c);
+    };
+    rclone(&["copy", src.to_str().unwrap(), "gw:tools/in"]);
+    rclone(&["copy", "gw:tools/in", dst.to_str().unwrap()]);
+    assert!(
+        files(&src) == files(&dst),
+        "the tree read back through rclone differs"
+    );
+    // A second sync with nothing changed, then a deletion propagated.
+    std::fs::remove_file(src.join("many/f03.txt")).unwrap();
+    rclone(&["sync", "--size-only", src.to_str().unwrap(), "gw:tools/in"]);
+    let c = g.client("alice", "alice-token");
+    let keys = g.keys(&c, "tools", "in/many/").unwrap();
+    assert_eq!(keys.len(), 19);
+    assert!(!keys.contains(&"in/many/f03.txt".to_string()));
+}
+
+#[test]
+fn aws_cli_syncs_a_tree_in_and_out() {
+    let Some(aws) = tool("aws") else {
+        return;
+    };
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let work = tempfile::tempdir().unwrap();
+    let ca = work.path().join("ca.pem");
+    write(&ca, g.ca_pem.as_bytes());
+    let src = work.path().join("src");
+    let dst = work.path().join("dst");
+    sample_tree(&src);
+    let aws = |args: &[&str]| {
+        let mut c = std::process::Command::new(&aws);
+        c.env("AWS_ACCESS_KEY_ID", "alice")
+            .env("AWS_SECRET_ACCESS_KEY", g.secret("alice", "alice-token"))
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CA_BUNDLE", &ca)
+            .env("AWS_CONFIG_FILE", work.path().join("aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                work.path().join("aws-credentials"),
+            )
+            .env_remove("AWS_PROFILE")
+            .args(["--endpoint-url", &g.endpoint()])
+            .args(args);
+        run(&mut c);
+    };
+    aws(&["s3", "sync", src.to_str().unwrap(), "s3://cli/in"]);
+    aws(&["s3", "sync", "s3://cli/in", dst.to_str().unwrap()]);
+    assert!(
+        files(&src) == files(&dst),
+        "the tree read back through the AWS CLI differs"
+    );
+    std::fs::remove_file(src.join("many/f07.txt")).unwrap();
+    aws(&[
+        "s3",
+        "sync",
+        "--delete",
+        src.to_str().unwrap(),
+        "s3://cli/in",
+    ]);
+    let c = g.client("alice", "alice-token");
+    assert_eq!(g.keys(&c, "cli", "in/many/").unwrap().len(), 19);
+    aws(&["s3", "rm", "--recursive", "s3://cli/in"]);
+    assert!(g.keys(&c, "cli", "").unwrap().is_empty());
+}
+
+#[test]
+fn s3_credentials_prints_a_profile_and_needs_the_gateway() {
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let profile = g.profile("alice", "alice-token");
+    assert!(
+        profile.starts_with("[default]\naws_access_key_id = alice\n"),
+        "{profile}"
+    );
+    assert!(
+        profile.contains(&format!("endpoint_url = https://127.0.0.1:{}\n", g.s3_port)),
+        "{profile}"
+    );
+    let r = g
+        .server
+        .client("alice", "wrong-token")
+        .run(&["s3-credentials"]);
+    assert!(
+        !r.success() && r.stdout.is_empty(),
+        "a wrong credential gets no key"
+    );
+
+    let plain = Server::start(Storage::Filesystem, &[("alice", "alice-token")]);
+    let r = plain
+        .client("alice", "alice-token")
+        .run(&["s3-credentials"]);
+    assert!(!r.success());
+    assert!(r.stderr.contains("s3:<port>"), "{}", r.stderr);
+}
