@@ -4,7 +4,8 @@
 # container images (built with docker, run on a private network), the Kanister
 # blueprints and example manifests (validated against the Kubernetes schemas and
 # Kanister's Blueprint CRD) and the PostgreSQL and MySQL blueprints against real servers.
-# Installs Garage (cargo install), PostgreSQL and MariaDB (apt-get) on first use and reuses them;
+# Installs Garage (cargo install), PostgreSQL, MariaDB and rclone (apt-get) and the AWS CLI
+# (pip, in a virtualenv) on first use and reuses them;
 # starts a Docker engine when none runs (installing docker.io when missing) and a real
 # single-node Kubernetes (scripts/cluster-up.sh, built from Go modules once and cached), and
 # stops both at the end.
@@ -23,6 +24,12 @@ if MARIADB_BIN_DIR="$(scripts/ensure-mariadb.sh)"; then
     export MARIADB_BIN_DIR
 else
     echo "test.sh: MariaDB is not available: the MySQL blueprint test will skip (and fail under CI)" >&2
+fi
+# rclone (Debian) and the AWS CLI (PyPI, in a virtualenv) for the S3 gateway tests.
+if S3_CLIENTS_BIN_DIR="$(scripts/ensure-s3-clients.sh)"; then
+    export S3_CLIENTS_BIN_DIR
+else
+    echo "test.sh: rclone or the AWS CLI is not available: the S3 gateway's tool tests will skip (and fail under CI)" >&2
 fi
 
 # The Docker engine (image tests, and images for the cluster): started here when none
