@@ -15,5 +15,6 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod fuzz;
 pub mod paths;
 pub mod select;

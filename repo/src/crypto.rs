@@ -38,7 +38,35 @@ pub struct KdfParams {
     pub salt: String,
 }
 
+/// The most Argon2 memory, passes and lanes a repository config may ask for: the config
+/// is plain JSON that whoever can write to the bucket can change, and the key is derived
+/// before the password is checked, so its parameters are capped first.
+pub const MAX_KDF_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+pub const MAX_KDF_ITERATIONS: u32 = 64;
+pub const MAX_KDF_PARALLELISM: u32 = 64;
+
 impl KdfParams {
+    /// Refuses parameters beyond the caps (or an unknown algorithm).
+    pub fn check(&self) -> Result<(), RepoError> {
+        if self.algorithm != "argon2id" {
+            return Err(RepoError::BadConfig(format!(
+                "unknown key derivation '{}': the repository's config object is damaged or from a newer version",
+                self.algorithm
+            )));
+        }
+        if self.memory_kib > MAX_KDF_MEMORY_KIB
+            || self.iterations > MAX_KDF_ITERATIONS
+            || self.parallelism > MAX_KDF_PARALLELISM
+            || self.salt.len() > 256
+        {
+            return Err(RepoError::BadConfig(format!(
+                "the repository config asks for a key derivation of {} KiB, {} passes and {} lanes, beyond what this server accepts ({MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_ITERATIONS}, {MAX_KDF_PARALLELISM}) or with an oversized salt: the config object was altered; restore it from a copy",
+                self.memory_kib, self.iterations, self.parallelism
+            )));
+        }
+        Ok(())
+    }
+
     pub fn new_random() -> Self {
         let mut salt = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);
@@ -66,12 +94,7 @@ pub struct Keys {
 impl Keys {
     /// Derives the keys from the password (slow on purpose: memory-hard).
     pub fn derive(password: &[u8], kdf: &KdfParams) -> Result<Keys, RepoError> {
-        if kdf.algorithm != "argon2id" {
-            return Err(RepoError::BadConfig(format!(
-                "unknown key derivation '{}'",
-                kdf.algorithm
-            )));
-        }
+        kdf.check()?;
         let salt = hex::decode(&kdf.salt).map_err(|e| RepoError::BadConfig(e.to_string()))?;
         let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
             .map_err(|e| RepoError::BadConfig(e.to_string()))?;
@@ -464,6 +487,26 @@ mod tests {
             k.chunk_id_key("a").as_bytes(),
             k.chunk_id_key("b").as_bytes()
         );
+    }
+
+    #[test]
+    fn kdf_parameters_from_the_config_are_capped() {
+        // Without the caps, these would ask for 4 TiB of memory or 4 billion passes.
+        for p in [
+            KdfParams {
+                memory_kib: u32::MAX,
+                iterations: 1,
+                ..KdfParams::new_random()
+            },
+            KdfParams {
+                memory_kib: 8,
+                iterations: u32::MAX,
+                ..KdfParams::new_random()
+            },
+        ] {
+            let e = Keys::derive(b"pw", &p).err().expect("refused");
+            assert!(e.to_string().contains("restore it from a copy"), "{e}");
+        }
     }
 
     #[test]

@@ -35,6 +35,11 @@ mod snapshot;
 pub mod store;
 
 pub use error::RepoError;
+
+// The fuzz harnesses check the largest allocation each input causes.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: datamover_core::fuzz::LargestAlloc = datamover_core::fuzz::LargestAlloc;
 pub use repository::{
     AddResult, ChunkData, ChunkPlace, MaintenanceOptions, MaintenanceReport, Problem, Repository,
     RepositoryOptions, VerifyOptions, VerifyReport,

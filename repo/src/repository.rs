@@ -86,7 +86,7 @@ impl Default for RepositoryOptions {
 
 /// The `config` object: plain JSON, since it holds what is needed to derive the key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct RepoConfig {
+pub(crate) struct RepoConfig {
     version: u32,
     id: String,
     kdf: KdfParams,
@@ -155,6 +155,8 @@ pub struct Repository {
     pack_buffers: PackBuffers,
 }
 
+#[cfg(test)]
+mod fuzz_tests;
 mod maintenance;
 
 pub use maintenance::{

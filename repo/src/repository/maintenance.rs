@@ -75,7 +75,7 @@ pub(crate) struct CondemnedFile {
 
 /// `locks/maintenance` and `locks/sessions-<server>`: plain JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LockFile {
+pub(super) struct LockFile {
     owner: String,
     written_unix: u64,
     /// For session records: when the oldest running backup session began.

@@ -78,9 +78,13 @@ pub struct UploadRecord {
 }
 
 impl UploadRecord {
-    /// Bytes stored so far (every stored part is full).
+    /// Bytes stored so far (every stored part is full); 0 (start over) for a record
+    /// whose parts would hold more than the object, as a damaged one could.
     pub fn offset(&self) -> u64 {
-        self.parts.len() as u64 * self.part_size
+        (self.parts.len() as u64)
+            .checked_mul(self.part_size)
+            .filter(|o| *o <= self.size)
+            .unwrap_or(0)
     }
 }
 
