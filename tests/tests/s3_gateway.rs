@@ -864,3 +864,172 @@ fn s3_credentials_prints_a_profile_and_needs_the_gateway() {
     assert!(!r.success());
     assert!(r.stderr.contains("s3:<port>"), "{}", r.stderr);
 }
+
+/// Sends `head` and then `body` over TLS to the gateway (then closes the sending side when
+/// `hang_up`), and returns whatever the server answered (empty when it just closed).
+fn raw_https(g: &Gateway, head: &str, body: &[u8], hang_up: bool) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(g.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "127.0.0.1".try_into().unwrap())
+            .unwrap();
+    let sock = std::net::TcpStream::connect(("127.0.0.1", g.s3_port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(head.as_bytes()).unwrap();
+    // The server may answer early and close; what matters is what it keeps.
+    let _ = tls.write_all(body);
+    let _ = tls.flush();
+    if hang_up {
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+    }
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn path_and_query(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    rest.find('/')
+        .map_or("/".to_string(), |i| rest[i..].to_string())
+}
+
+#[test]
+fn presigned_urls_short_bodies_and_conditions() {
+    use aws_sdk_s3::presigning::PresigningConfig;
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let c = g.client("alice", "alice-token");
+    let etag = g.put(&c, "box", "k", b"value").unwrap();
+
+    // A presigned GET works until it expires, then it is an S3 error.
+    let url = |secs: u64| {
+        g.rt.block_on(async {
+            c.get_object()
+                .bucket("box")
+                .key("k")
+                .presigned(PresigningConfig::expires_in(Duration::from_secs(secs)).unwrap())
+                .await
+                .unwrap()
+                .uri()
+                .to_string()
+        })
+    };
+    let get = |uri: &str| {
+        raw_https(
+            &g,
+            &format!(
+                "GET {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+                path_and_query(uri),
+                g.s3_port
+            ),
+            b"",
+            false,
+        )
+    };
+    let fresh = get(&url(60));
+    assert!(
+        fresh.starts_with("HTTP/1.1 200") && fresh.ends_with("value"),
+        "{fresh}"
+    );
+    let short = url(1);
+    std::thread::sleep(Duration::from_millis(2100));
+    let expired = get(&short);
+    assert!(expired.starts_with("HTTP/1.1 403"), "{expired}");
+    assert!(expired.contains("<Code>AccessDenied</Code>"), "{expired}");
+    assert!(expired.contains("expired"), "{expired}");
+
+    // A PUT declaring 5 GiB that sends 9 MiB and stops: nothing is visible afterwards,
+    // and the store's multipart upload behind it is aborted.
+    let put_url = g.rt.block_on(async {
+        c.put_object()
+            .bucket("box")
+            .key("huge.bin")
+            .presigned(PresigningConfig::expires_in(Duration::from_secs(60)).unwrap())
+            .await
+            .unwrap()
+            .uri()
+            .to_string()
+    });
+    let answer = raw_https(
+        &g,
+        &format!(
+            "PUT {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\r\n",
+            path_and_query(&put_url),
+            g.s3_port,
+            5u64 << 30
+        ),
+        &random_bytes(9, 9 * 1024 * 1024),
+        true,
+    );
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let uploads = g.server.repo_dir().join("sync/.datamover/multipart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&uploads).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            Instant::now() < deadline,
+            "the unfinished upload was not aborted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(g.keys(&c, "box", "").unwrap(), ["k"]);
+    assert_eq!(g.get(&c, "box", "huge.bin", None), Err("NoSuchKey".into()));
+
+    // Conditional requests.
+    g.rt.block_on(async {
+        let not_modified = c
+            .get_object()
+            .bucket("box")
+            .key("k")
+            .if_none_match(&etag)
+            .send()
+            .await;
+        assert!(not_modified.is_err(), "If-None-Match with the current ETag");
+        let changed = c
+            .get_object()
+            .bucket("box")
+            .key("k")
+            .if_match("\"other\"")
+            .send()
+            .await;
+        assert_eq!(
+            changed.map(|_| ()).map_err(code),
+            Err("PreconditionFailed".into())
+        );
+        let create_only = c
+            .put_object()
+            .bucket("box")
+            .key("k")
+            .if_none_match("*")
+            .body(ByteStream::from_static(b"new"))
+            .send()
+            .await;
+        assert_eq!(
+            create_only.map(|_| ()).map_err(code),
+            Err("PreconditionFailed".into())
+        );
+        c.put_object()
+            .bucket("box")
+            .key("k2")
+            .if_none_match("*")
+            .body(ByteStream::from_static(b"new"))
+            .send()
+            .await
+            .unwrap();
+    });
+    assert_eq!(g.get(&c, "box", "k", None).unwrap(), b"value");
+}

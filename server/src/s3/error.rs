@@ -37,6 +37,10 @@ pub enum GatewayError {
     Body(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("the object has not changed (If-None-Match)")]
+    NotModified,
+    #[error("{0}")]
+    PreconditionFailed(String),
     #[error("bucket '{0}' is not empty: delete its objects first")]
     BucketNotEmpty(String),
     #[error(
@@ -62,6 +66,8 @@ impl From<GatewayError> for S3Error {
             }
             GatewayError::TooLarge(_) => S3ErrorCode::EntityTooLarge,
             GatewayError::BucketNotEmpty(_) => S3ErrorCode::BucketNotEmpty,
+            GatewayError::NotModified => S3ErrorCode::NotModified,
+            GatewayError::PreconditionFailed(_) => S3ErrorCode::PreconditionFailed,
             GatewayError::Store(StoreError::NotFound(_)) => S3ErrorCode::NoSuchKey,
             GatewayError::Store(_) => S3ErrorCode::InternalError,
             GatewayError::Unavailable => S3ErrorCode::ServiceUnavailable,

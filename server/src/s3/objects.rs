@@ -6,8 +6,8 @@ use datamover_repo::store::StoreError;
 use s3s::dto::{
     CopyObjectInput, CopyObjectOutput, CopyObjectResult, CopySource, DeleteObjectInput,
     DeleteObjectOutput, DeleteObjectsInput, DeleteObjectsOutput, DeletedObject, ETag,
-    GetObjectInput, GetObjectOutput, HeadObjectInput, HeadObjectOutput, PutObjectInput,
-    PutObjectOutput, Timestamp,
+    ETagCondition, GetObjectInput, GetObjectOutput, HeadObjectInput, HeadObjectOutput,
+    PutObjectInput, PutObjectOutput, Timestamp,
 };
 
 use super::body::{PART, read_stream, write_stream};
@@ -21,6 +21,26 @@ fn no_such_key(bucket: &str, key: &str) -> GatewayError {
     GatewayError::NoSuchKey {
         bucket: bucket.to_string(),
         key: key.chars().take(200).collect(),
+    }
+}
+
+/// If-Match and If-None-Match of a read, against the object's current etag.
+fn check_read(
+    etag: &str,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+) -> GatewayResult<()> {
+    if let Some(ETagCondition::ETag(e)) = if_match
+        && e.value() != etag
+    {
+        return Err(GatewayError::PreconditionFailed(format!(
+            "the object's ETag is \"{etag}\", not the one of If-Match: it was replaced; read it again"
+        )));
+    }
+    match if_none_match {
+        Some(ETagCondition::Any) => Err(GatewayError::NotModified),
+        Some(ETagCondition::ETag(e)) if e.value() == etag => Err(GatewayError::NotModified),
+        _ => Ok(()),
     }
 }
 
@@ -42,6 +62,11 @@ impl Gateway {
             .head(&key)
             .await?
             .ok_or_else(|| no_such_key(&input.bucket, &input.key))?;
+        check_read(
+            &head.etag,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+        )?;
         Ok(HeadObjectOutput {
             accept_ranges: Some("bytes".into()),
             content_length: Some(size_i64(head.size)),
@@ -64,6 +89,11 @@ impl Gateway {
         };
         let Some(range) = input.range else {
             let (head, body) = self.objects.get(&key, 0).await.map_err(missing)?;
+            check_read(
+                &head.etag,
+                input.if_match.as_ref(),
+                input.if_none_match.as_ref(),
+            )?;
             return Ok(GetObjectOutput {
                 accept_ranges: Some("bytes".into()),
                 content_length: Some(size_i64(head.size)),
@@ -78,6 +108,11 @@ impl Gateway {
             .head(&key)
             .await?
             .ok_or_else(|| no_such_key(&input.bucket, &input.key))?;
+        check_read(
+            &head.etag,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+        )?;
         let r = range
             .check(head.size)
             .map_err(|_| GatewayError::InvalidRange(head.size))?;
@@ -114,6 +149,23 @@ impl Gateway {
         self.require(id, Op::Backup)?;
         let key = object_key(&id.tenant, &input.bucket, &input.key)?;
         self.no_overwrite(id, &key).await?;
+        if input.if_match.is_some() || input.if_none_match.is_some() {
+            let current = self.objects.head(&key).await?.map(|h| h.etag);
+            match (&input.if_none_match, &input.if_match, &current) {
+                (Some(ETagCondition::Any), _, Some(_)) => {
+                    return Err(GatewayError::PreconditionFailed(
+                        "the object exists and If-None-Match: * asks to create it only: use another key".into(),
+                    ));
+                }
+                (_, Some(ETagCondition::ETag(e)), Some(c)) if e.value() != c => {
+                    return Err(GatewayError::PreconditionFailed(format!(
+                        "the object's ETag is \"{c}\", not the one of If-Match: it was replaced; read it again"
+                    )));
+                }
+                (_, Some(_), None) => return Err(no_such_key(&input.bucket, &input.key)),
+                _ => {}
+            }
+        }
         let declared = input.content_length.and_then(|l| u64::try_from(l).ok());
         let _budget = self.memory(PART as u64 + MIB).await?;
         let (etag, size) = match input.body {
