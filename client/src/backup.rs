@@ -23,6 +23,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 mod catalog_writer;
+mod prefetch;
 
 use crate::ClientError;
 use crate::connect::{Api, Conn};
@@ -489,6 +490,8 @@ struct Walker {
     /// Depth is bounded by the file system.
     stack: Vec<Level>,
     threads: usize,
+    /// Reads subdirectories ahead of the walk (see [`prefetch`]).
+    prefetch: Option<prefetch::Prefetch>,
 }
 
 impl Walker {
@@ -502,6 +505,7 @@ impl Walker {
                 ready: Default::default(),
             }],
             threads: stat_threads(),
+            prefetch: prefetch::Prefetch::start(),
         })
     }
 
@@ -516,6 +520,13 @@ impl Walker {
                 } else {
                     level.ready =
                         stat_batch(&level.dir, level.fd.as_ref(), batch, self.threads).into();
+                    if let Some(p) = &self.prefetch {
+                        for (_, abs, meta) in &level.ready {
+                            if meta.as_ref().is_ok_and(Meta::is_dir) {
+                                p.dir(abs);
+                            }
+                        }
+                    }
                 }
                 continue;
             };
