@@ -391,6 +391,11 @@ impl Bench {
                     " (server cpu {:.2}s rss {:.0} MiB, {} pack GETs)",
                     s.server_cpu, s.server_rss_mib, s.pack_reads
                 )
+            } else if tool.has_server() {
+                format!(
+                    " (server cpu {:.2}s rss {:.0} MiB)",
+                    s.server_cpu, s.server_rss_mib
+                )
             } else {
                 String::new()
             },
