@@ -1033,3 +1033,49 @@ fn presigned_urls_short_bodies_and_conditions() {
     });
     assert_eq!(g.get(&c, "box", "k", None).unwrap(), b"value");
 }
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn sixteen_parallel_uploads_stay_under_256_mib() {
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let c = g.client("alice", "alice-token");
+    let data = bytes::Bytes::from(random_bytes(21, 40 * 1024 * 1024));
+    let before = peak_rss(g.server.pid().unwrap());
+    g.rt.block_on(async {
+        let uploads = (0..16).map(|i| {
+            let c = c.clone();
+            let data = data.clone();
+            async move {
+                c.put_object()
+                    .bucket("load")
+                    .key(format!("f{i}"))
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await
+                    .map_err(code)
+            }
+        });
+        for r in futures::future::join_all(uploads).await {
+            r.unwrap();
+        }
+    });
+    let peak = peak_rss(g.server.pid().unwrap());
+    eprintln!(
+        "server peak RSS {} MiB (before the uploads {} MiB)",
+        peak >> 20,
+        before >> 20
+    );
+    assert!(peak < 256 << 20, "server peak RSS {} MiB", peak >> 20);
+    assert_eq!(g.keys(&c, "load", "").unwrap().len(), 16);
+    assert!(g.get(&c, "load", "f7", None).unwrap() == data);
+}

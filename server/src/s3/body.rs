@@ -46,13 +46,15 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Display,
 {
-    let mut buf = BytesMut::new();
+    // Exactly one part's capacity, filled to the brim before it is sent: no reallocation
+    // doubles it.
+    let mut buf = BytesMut::with_capacity(PART);
     let mut upload: Option<(String, Vec<Part>)> = None;
     let mut total = 0u64;
     let received: GatewayResult<()> = async {
         // Bounded by the body, which the client ends (or the connection breaks).
         while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| GatewayError::Body(e.to_string()))?;
+            let mut piece = piece.map_err(|e| GatewayError::Body(e.to_string()))?;
             total += piece.len() as u64;
             if declared.is_some_and(|d| total > d) {
                 return Err(GatewayError::Body(format!(
@@ -60,24 +62,27 @@ where
                     declared.unwrap_or(0)
                 )));
             }
-            buf.extend_from_slice(&piece);
-            // Keep the last part back until the end: it may be the only one.
-            while buf.len() > PART {
-                let id = match &mut upload {
-                    Some((id, _)) => id.clone(),
-                    None => {
-                        let id = objects.create_multipart(key, meta_for(None)).await?;
-                        upload = Some((id.clone(), Vec::new()));
-                        id
+            while !piece.is_empty() {
+                if buf.len() == PART {
+                    // Full, and more follows: not the last part, so it goes now.
+                    let id = match &upload {
+                        Some((id, _)) => id.clone(),
+                        None => {
+                            let id = objects.create_multipart(key, meta_for(None)).await?;
+                            upload = Some((id.clone(), Vec::new()));
+                            id
+                        }
+                    };
+                    let data = std::mem::replace(&mut buf, BytesMut::with_capacity(PART)).freeze();
+                    let parts = upload.as_mut().map(|(_, p)| p);
+                    let number = parts.as_ref().map_or(0, |p| p.len()) as i32 + 1;
+                    let etag = objects.upload_part(key, &id, number, data).await?;
+                    if let Some(parts) = parts {
+                        parts.push((number, etag));
                     }
-                };
-                let data = buf.split_to(PART).freeze();
-                let parts = upload.as_mut().map(|(_, p)| p);
-                let number = parts.as_ref().map_or(0, |p| p.len()) as i32 + 1;
-                let etag = objects.upload_part(key, &id, number, data).await?;
-                if let Some(parts) = parts {
-                    parts.push((number, etag));
                 }
+                let take = (PART - buf.len()).min(piece.len());
+                buf.extend_from_slice(&piece.split_to(take));
             }
         }
         if let Some(d) = declared
