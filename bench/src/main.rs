@@ -1,10 +1,15 @@
 //! # datamover-bench
 //!
-//! Runs datamover, restic, rustic (where installed) and rclone side by side against one
-//! Garage on loopback, on the same deterministic data, alternating the tools' order
-//! between repetitions, and prints medians and ratios (ours / theirs). Started by
-//! `scripts/bench.sh`, which builds the release binaries and installs the other tools
-//! and Garage when missing.
+//! Runs datamover, restic, rustic (where installed), rclone and kopia (where `KOPIA_BIN`
+//! names it: [`kopia`]) side by side against one Garage on loopback, on the same
+//! deterministic data, alternating the tools' order between repetitions, and prints
+//! medians and ratios (ours / theirs). Started by `scripts/bench.sh`, which builds the
+//! release binaries and installs the other tools and Garage when missing.
+//!
+//! Modules: [`cli`] (the command line), [`data`] (the data sets), [`measure`] (one run's
+//! wall, CPU and memory), [`report`] (the tables), [`verify`] (each restore against its
+//! source), [`sync`] (edge sync against rclone), [`browse`] (file-level access against
+//! restic), [`kopia`] (kopia's two rows).
 //!
 //! Measured per run: wall time; CPU time (user + system, from `wait4`) of the tool's
 //! process and, for datamover, of the server during the run; Garage's CPU time during
