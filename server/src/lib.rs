@@ -41,6 +41,7 @@ pub mod browse;
 pub mod credentials;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod maintenance;
 pub mod metered;
 pub mod metrics;

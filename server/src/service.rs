@@ -33,6 +33,8 @@ use crate::metrics::Metrics;
 const SESSION_IDLE: Duration = Duration::from_secs(6 * 3600);
 /// At most this many open sessions; the oldest idle one goes first.
 const MAX_SESSIONS: usize = 4096;
+/// A session used within this long counts against its client's session limit.
+const SESSION_ACTIVE: Duration = Duration::from_secs(15 * 60);
 /// Messages queued towards one streaming client.
 const STREAM_QUEUE: usize = 4;
 /// Catalog chunks read ahead of the one being sent.
@@ -129,7 +131,9 @@ impl DatamoverService {
         meta: &tonic::metadata::MetadataMap,
         peer: Option<std::net::IpAddr>,
     ) -> Result<Identity, Status> {
-        self.creds.authenticate(meta, peer).await
+        let id = self.creds.authenticate(meta, peer).await?;
+        crate::limits::global().admit(&id.client_id)?;
+        Ok(id)
     }
 
     fn sessions(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Session>>, Status> {
@@ -218,6 +222,15 @@ impl Datamover for DatamoverService {
         {
             let mut s = self.sessions()?;
             s.retain(|_, v| v.last_used.elapsed() < SESSION_IDLE);
+            // Sessions used lately count against the client's limit (abandoned ones stop
+            // counting after a while, long before they are dropped).
+            let open = s
+                .values()
+                .filter(|v| {
+                    v.identity.client_id == id.client_id && v.last_used.elapsed() < SESSION_ACTIVE
+                })
+                .count();
+            crate::limits::global().check_sessions(&id.client_id, open)?;
             if s.len() >= MAX_SESSIONS
                 && let Some(oldest) = s
                     .iter()
@@ -297,6 +310,7 @@ impl Datamover for DatamoverService {
                         continue;
                     };
                     let msg = msg?;
+                    crate::limits::global().check_put(msg.chunks.len())?;
                     self.touch(&id, &msg.session_id)?;
                     let mut chunks = Vec::with_capacity(msg.chunks.len());
                     for c in msg.chunks {
@@ -325,6 +339,7 @@ impl Datamover for DatamoverService {
         let id = self.auth(req.metadata(), peer(&req)).await?;
         id.require(Op::Backup)?;
         let r = req.into_inner();
+        crate::limits::global().check_catalog(r.catalog.len())?;
         self.touch(&id, &r.session_id)?;
         let session = {
             let mut s = self.sessions()?;
