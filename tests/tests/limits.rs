@@ -115,3 +115,91 @@ fn a_flooding_client_is_limited_and_another_backup_is_unaffected() {
     );
     eprintln!("alone {alone:?}, flooded {flooded:?}, flood calls served {ok}, refused {refused}");
 }
+
+#[test]
+fn sessions_chunks_per_put_and_catalog_size_are_capped() {
+    let server = Server::start_in_with_env(
+        tempfile::tempdir().unwrap(),
+        Storage::Filesystem,
+        &[("greedy", "g-token"), ("other", "o-token")],
+        &[
+            ("DATAMOVER_MAX_SESSIONS_PER_CLIENT", "2"),
+            ("DATAMOVER_MAX_CHUNKS_PER_PUT", "3"),
+            ("DATAMOVER_MAX_CATALOG_CHUNKS", "2"),
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut greedy = connect::connect(&server.client_settings("greedy", "g-token"))
+            .await
+            .unwrap();
+        let begin = || v1::BeginBackupRequest {
+            tag: "t".into(),
+            kind: v1::SnapshotKind::Files as i32,
+            source: "/s".into(),
+            hostname: "h".into(),
+        };
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let s = greedy.api.begin_backup(begin()).await.unwrap().into_inner();
+            sessions.push(s.session_id);
+        }
+        let e = greedy
+            .api
+            .begin_backup(begin())
+            .await
+            .expect_err("a third session");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("wait for one to finish"), "{e}");
+        // Another client is not affected.
+        let mut other = connect::connect(&server.client_settings("other", "o-token"))
+            .await
+            .unwrap();
+        other
+            .api
+            .begin_backup(begin())
+            .await
+            .expect("another client's session");
+
+        // Four chunks in one message: refused.
+        let chunks: Vec<v1::Chunk> = (0..4u8)
+            .map(|i| {
+                let data = bytes::Bytes::from(vec![i; 10]);
+                v1::Chunk {
+                    id: bytes::Bytes::copy_from_slice(&greedy.key.id(&data).0),
+                    data,
+                }
+            })
+            .collect();
+        let put = |chunks: Vec<v1::Chunk>| v1::PutChunksRequest {
+            session_id: sessions[0].clone(),
+            chunks,
+        };
+        let e = greedy
+            .api
+            .put_chunks(tokio_stream::iter(vec![put(chunks.clone())]))
+            .await
+            .expect_err("too many chunks");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("smaller messages"), "{e}");
+        greedy
+            .api
+            .put_chunks(tokio_stream::iter(vec![put(chunks[..3].to_vec())]))
+            .await
+            .expect("three chunks");
+
+        // A catalog of three chunks: refused.
+        let e = greedy
+            .api
+            .commit_backup(v1::CommitBackupRequest {
+                session_id: sessions[1].clone(),
+                catalog: chunks[..3].iter().map(|c| c.id.clone()).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("too large a catalog");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("catalog has 3 chunks"), "{e}");
+    });
+}
