@@ -25,6 +25,8 @@ pub struct Metrics {
     pub sync_files: IntCounterVec,
     pub sync_bytes: IntCounterVec,
     pub sync_seconds: HistogramVec,
+    /// S3 gateway: requests by operation and result (`ok` or the S3 error code).
+    pub s3_requests: IntCounterVec,
     /// ServiceAccount clients: TokenReview requests by result (`authenticated`,
     /// `unauthenticated`, `error`), their latency, answers taken from the cache, tokens
     /// refused by reason, and the entries of the allowed ServiceAccounts.
@@ -92,6 +94,13 @@ impl Metrics {
                 ]),
                 &["operation"],
             )?,
+            s3_requests: IntCounterVec::new(
+                Opts::new(
+                    "datamover_s3_requests_total",
+                    "Requests to the S3 gateway, by operation and result (ok or the S3 error code)",
+                ),
+                &["operation", "result"],
+            )?,
             sync_files: IntCounterVec::new(
                 Opts::new(
                     "datamover_sync_files_total",
@@ -154,6 +163,7 @@ impl Metrics {
             .register(Box::new(m.serviceaccount_refusals.clone()))?;
         m.registry
             .register(Box::new(m.serviceaccount_clients.clone()))?;
+        m.registry.register(Box::new(m.s3_requests.clone()))?;
         m.registry.register(Box::new(m.sync_files.clone()))?;
         m.registry.register(Box::new(m.sync_bytes.clone()))?;
         m.registry.register(Box::new(m.sync_seconds.clone()))?;

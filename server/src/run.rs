@@ -182,6 +182,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
                 &tls,
                 Arc::clone(&objects),
                 Arc::clone(&creds),
+                Arc::clone(&metrics),
             )
             .await?,
         ),
@@ -279,6 +280,7 @@ async fn start_s3_gateway(
     tls: &tls::ServerTls,
     objects: Arc<dyn ObjectStore>,
     creds: Arc<CredentialStore>,
+    metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, ServerError> {
     let addr = format!("{}:{port}", settings.listen_host);
     let listener = TcpListener::bind(&addr)
@@ -289,7 +291,7 @@ async fn start_s3_gateway(
         })?;
     let acceptor = s3::listener::acceptor(tls)?;
     let key = s3::auth::GatewayKey::from_repo_password(&settings.repo_password);
-    let gateway = s3::Gateway::new(objects, Arc::clone(&creds), key.clone());
+    let gateway = s3::Gateway::new(objects, Arc::clone(&creds), key.clone(), metrics);
     let mut builder = s3s::service::S3ServiceBuilder::new(gateway);
     builder.set_auth(s3::auth::GatewayAuth { creds, key });
     let service = builder.build();

@@ -39,6 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::{Op, Role};
 use crate::credentials::{CredentialStore, Identity};
+use crate::metrics::Metrics;
 
 pub mod auth;
 pub mod body;
@@ -63,6 +64,7 @@ const MAX_KEYS: usize = 1000;
 /// The S3 operations of the gateway.
 pub struct Gateway {
     objects: Arc<dyn ObjectStore>,
+    metrics: Arc<Metrics>,
     auth: GatewayAuth,
     uploads: multipart::Uploads,
     budget: Arc<Semaphore>,
@@ -73,9 +75,11 @@ impl Gateway {
         objects: Arc<dyn ObjectStore>,
         creds: Arc<CredentialStore>,
         key: GatewayKey,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Gateway {
             objects,
+            metrics,
             auth: GatewayAuth { creds, key },
             uploads: multipart::Uploads::default(),
             budget: Arc::new(Semaphore::new(MEMORY_BUDGET_MIB as usize)),
@@ -310,14 +314,32 @@ fn decode_token(token: &str) -> GatewayResult<String> {
         })
 }
 
-/// Runs one operation as its signer.
+/// Runs one operation as its signer, and counts it.
 macro_rules! op {
-    ($self:ident, $req:ident, |$id:ident, $input:ident| $body:expr) => {{
-        let $id = $self.caller(&$req)?;
-        let $input = $req.input;
-        let out = $body.await?;
-        Ok(S3Response::new(out))
+    ($self:ident, $req:ident, $name:literal, |$id:ident, $input:ident| $body:expr) => {{
+        let result: GatewayResult<_> = async {
+            let $id = $self.caller(&$req)?;
+            let $input = $req.input;
+            $body.await
+        }
+        .await;
+        let result = result.map(S3Response::new).map_err(s3s::S3Error::from);
+        $self.count($name, &result);
+        result
     }};
+}
+
+impl Gateway {
+    fn count<T>(&self, op: &'static str, result: &S3Result<T>) {
+        let code = match result {
+            Ok(_) => "ok",
+            Err(e) => e.code().as_str(),
+        };
+        self.metrics
+            .s3_requests
+            .with_label_values(&[op, code])
+            .inc();
+    }
 }
 
 #[async_trait::async_trait]
@@ -326,14 +348,15 @@ impl S3 for Gateway {
         &self,
         req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
-        op!(self, req, |id, _input| self.list_buckets(&id))
+        op!(self, req, "list_buckets", |id, _input| self
+            .list_buckets(&id))
     }
 
     async fn head_bucket(
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        op!(self, req, |id, input| async {
+        op!(self, req, "head_bucket", |id, input| async {
             self.require(&id, Op::List)?;
             bucket_prefix(&id.tenant, &input.bucket)?;
             Ok::<_, GatewayError>(HeadBucketOutput::default())
@@ -344,7 +367,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
-        op!(self, req, |id, input| async {
+        op!(self, req, "create_bucket", |id, input| async {
             self.create_bucket(&id, &input.bucket)
         })
     }
@@ -353,7 +376,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
-        op!(self, req, |id, input| self
+        op!(self, req, "delete_bucket", |id, input| self
             .delete_bucket(&id, &input.bucket))
     }
 
@@ -361,7 +384,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
-        op!(self, req, |id, input| async {
+        op!(self, req, "get_bucket_location", |id, input| async {
             self.require(&id, Op::List)?;
             bucket_prefix(&id.tenant, &input.bucket)?;
             Ok::<_, GatewayError>(GetBucketLocationOutput::default())
@@ -372,90 +395,103 @@ impl S3 for Gateway {
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
-        op!(self, req, |id, input| self.list_v2(&id, input))
+        op!(self, req, "list_objects_v2", |id, input| self
+            .list_v2(&id, input))
     }
 
     async fn list_objects(
         &self,
         req: S3Request<ListObjectsInput>,
     ) -> S3Result<S3Response<ListObjectsOutput>> {
-        op!(self, req, |id, input| self.list_v1(&id, input))
+        op!(self, req, "list_objects", |id, input| self
+            .list_v1(&id, input))
     }
 
     async fn head_object(
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        op!(self, req, |id, input| self.head_object(&id, input))
+        op!(self, req, "head_object", |id, input| self
+            .head_object(&id, input))
     }
 
     async fn get_object(
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
-        op!(self, req, |id, input| self.get_object(&id, input))
+        op!(self, req, "get_object", |id, input| self
+            .get_object(&id, input))
     }
 
     async fn put_object(
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        op!(self, req, |id, input| self.put_object(&id, input))
+        op!(self, req, "put_object", |id, input| self
+            .put_object(&id, input))
     }
 
     async fn copy_object(
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
-        op!(self, req, |id, input| self.copy_object(&id, input))
+        op!(self, req, "copy_object", |id, input| self
+            .copy_object(&id, input))
     }
 
     async fn delete_object(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        op!(self, req, |id, input| self.delete_object(&id, input))
+        op!(self, req, "delete_object", |id, input| self
+            .delete_object(&id, input))
     }
 
     async fn delete_objects(
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
-        op!(self, req, |id, input| self.delete_objects(&id, input))
+        op!(self, req, "delete_objects", |id, input| self
+            .delete_objects(&id, input))
     }
 
     async fn create_multipart_upload(
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
-        op!(self, req, |id, input| self.create_upload(&id, input))
+        op!(self, req, "create_multipart_upload", |id, input| self
+            .create_upload(&id, input))
     }
 
     async fn upload_part(
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        op!(self, req, |id, input| self.upload_part(&id, input))
+        op!(self, req, "upload_part", |id, input| self
+            .upload_part(&id, input))
     }
 
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        op!(self, req, |id, input| self.complete_upload(&id, input))
+        op!(self, req, "complete_multipart_upload", |id, input| self
+            .complete_upload(&id, input))
     }
 
     async fn abort_multipart_upload(
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        op!(self, req, |id, input| self.abort_upload(&id, input))
+        op!(self, req, "abort_multipart_upload", |id, input| self
+            .abort_upload(&id, input))
     }
 
     async fn list_parts(
         &self,
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
-        op!(self, req, |id, input| self.list_parts(&id, input))
+        op!(self, req, "list_parts", |id, input| self
+            .list_parts(&id, input))
     }
 }

@@ -450,6 +450,14 @@ fn aws_sdk_round_trip_on_the_filesystem_store() {
     let c = g.client("alice", "alice-token");
     round_trip(&g, &c);
     assert_no_storage_secret(&g, &[]);
+    let (_, metrics) = g.server.http_get("/metrics").unwrap();
+    for line in [
+        r#"datamover_s3_requests_total{operation="put_object",result="ok"}"#,
+        r#"datamover_s3_requests_total{operation="get_object",result="NoSuchKey"}"#,
+        r#"datamover_s3_requests_total{operation="complete_multipart_upload",result="ok"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
 }
 
 #[test]
