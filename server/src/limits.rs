@@ -1,5 +1,6 @@
 //! Limits against abuse, per client: calls per second (a token bucket), open backup
-//! sessions, chunks per `PutChunks` message and catalog chunks per commit. A client over
+//! sessions, chunks per `PutChunks` message, catalog chunks per commit, and the length of
+//! a restore's path and patterns ([`check_selection`]). A client over
 //! a limit gets RESOURCE_EXHAUSTED saying which limit and what to do; other clients are
 //! not affected (each has its own bucket).
 //!
@@ -155,6 +156,39 @@ impl Limits {
     }
 }
 
+/// The longest path a request may name (as Linux's PATH_MAX), and the most include and
+/// exclude patterns a restore may give.
+pub const MAX_PATH_BYTES: usize = 4096;
+pub const MAX_PATTERNS: usize = 1024;
+
+/// Checks a restore's selection: its path and patterns are bounded before any is
+/// compiled or matched.
+pub fn check_selection(path: &[u8], include: &[String], exclude: &[String]) -> Result<(), Status> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "a path of {} bytes, more than the {MAX_PATH_BYTES} allowed: name a shorter path",
+            path.len()
+        )));
+    }
+    if include.len() + exclude.len() > MAX_PATTERNS {
+        return Err(Status::resource_exhausted(format!(
+            "{} include and exclude patterns, more than the {MAX_PATTERNS} allowed: use fewer, broader globs",
+            include.len() + exclude.len()
+        )));
+    }
+    if let Some(p) = include
+        .iter()
+        .chain(exclude)
+        .find(|p| p.len() > MAX_PATH_BYTES)
+    {
+        return Err(Status::resource_exhausted(format!(
+            "a pattern of {} bytes, more than the {MAX_PATH_BYTES} allowed: use a shorter glob",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The server's limits, from the environment at the first call (a bad value is logged
 /// and the defaults are used).
 pub fn global() -> &'static Limits {
@@ -214,6 +248,17 @@ mod tests {
         );
         l.check_catalog(3).expect("at the limit");
         assert!(l.check_catalog(4).is_err());
+    }
+
+    #[test]
+    fn selections_are_bounded() {
+        check_selection(b"a/b", &["*.txt".into()], &[]).expect("small");
+        let long = vec![b'a'; MAX_PATH_BYTES + 1];
+        assert!(check_selection(&long, &[], &[]).is_err());
+        let many = vec!["x".to_string(); MAX_PATTERNS + 1];
+        assert!(check_selection(b"", &many, &[]).is_err());
+        let e = check_selection(b"", &[], &["*".repeat(MAX_PATH_BYTES + 1)]).expect_err("long");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]

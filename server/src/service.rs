@@ -618,6 +618,7 @@ impl Datamover for DatamoverService {
         id.require(Op::Restore)?;
         let req = req.into_inner();
         let packed = req.accept_packed;
+        crate::limits::check_selection(&req.path, &req.include, &req.exclude)?;
         let selection = Selection::new(&req.path, &req.include, &req.exclude)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let what = describe_selection(&req);
