@@ -768,6 +768,10 @@ mod tests {
 
     #[test]
     fn modes_and_aliases() {
+        assert_eq!(parse(&s(&["s3-credentials"])).unwrap(), Mode::S3Credentials);
+        assert_eq!(parse(&s(&["s3_credentials"])).unwrap(), Mode::S3Credentials);
+        assert!(parse(&s(&["s3-credentials", "extra"])).is_err());
+        assert!(Mode::S3Credentials.uses_stdout());
         assert_eq!(
             parse(&s(&["fs_backup", "/d", "t"])).unwrap(),
             Mode::BackupFiles {
