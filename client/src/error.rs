@@ -93,7 +93,10 @@ impl ClientError {
             Code::PermissionDenied => ClientError::Auth(format!("not allowed: {msg}")),
             Code::NotFound => ClientError::NotFound(msg),
             Code::InvalidArgument => ClientError::Usage(msg),
-            Code::ResourceExhausted => ClientError::NoSpace(msg),
+            // The server's storage is full; any other exhaustion is a per-client limit,
+            // whose message says what to do.
+            Code::ResourceExhausted if msg.contains("storage is full") => ClientError::NoSpace(msg),
+            Code::ResourceExhausted => ClientError::Server(format!("over a server limit: {msg}")),
             Code::DataLoss => ClientError::Corrupt(msg),
             Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
                 ClientError::Unreachable(format!(
@@ -121,6 +124,19 @@ mod tests {
         assert!(cut.is_connection_lost(), "{cut}");
         let refused = ClientError::from_status(Status::internal("the store is read-only"));
         assert!(!refused.is_connection_lost(), "{refused}");
+    }
+
+    #[test]
+    fn a_full_store_is_no_space_and_a_client_limit_is_not() {
+        let full = ClientError::from_status(Status::resource_exhausted(
+            "the server's storage is full: ask the operator to free space",
+        ));
+        assert_eq!(full.exit_code(), 7, "{full}");
+        let limited = ClientError::from_status(Status::resource_exhausted(
+            "client c is over its rate of 5 calls per second: slow down and retry",
+        ));
+        assert_eq!(limited.exit_code(), 1, "{limited}");
+        assert!(limited.to_string().contains("slow down"), "{limited}");
     }
 
     #[test]
