@@ -5,7 +5,7 @@
 # installs) and Garage when missing; kopia joins where KOPIA_BIN names a kopia binary (this
 # project does not build kopia). Options are passed to the bench binary (--help):
 #   --reps N (3)  --scale F (1.0: ~1 GiB mixed data)  --stream-mib N (1024)  --no-toolchain
-#   --datasets mixed,toolchain,stream,many,sync,browse  --tools datamover,restic,rustic,rclone,kopia-server,kopia
+#   --datasets mixed,toolchain,stream,many,sync,browse,gateway  --tools datamover,restic,rustic,rclone,kopia-server,kopia
 #   --many-files N (1000000)  --many-reps N (1)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,15 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-pub const DATASETS: [&str; 6] = ["mixed", "toolchain", "stream", "many", "sync", "browse"];
+pub const DATASETS: [&str; 7] = [
+    "mixed",
+    "toolchain",
+    "stream",
+    "many",
+    "sync",
+    "browse",
+    "gateway",
+];
 pub const TOOLS: [&str; 6] = [
     "datamover",
     "restic",
@@ -38,7 +46,7 @@ pub struct Cli {
     #[arg(long)]
     pub no_toolchain: bool,
     /// Data sets to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "mixed,toolchain,stream,many,sync,browse",
+    #[arg(long, value_delimiter = ',', default_value = "mixed,toolchain,stream,many,sync,browse,gateway",
           value_parser = clap::builder::PossibleValuesParser::new(DATASETS))]
     pub datasets: Vec<String>,
     /// Tools to run, comma-separated (default: all; rustic where it is installed, kopia and

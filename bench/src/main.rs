@@ -9,7 +9,7 @@
 //! Modules: [`cli`] (the command line), [`data`] (the data sets), [`measure`] (one run's
 //! wall, CPU and memory), [`report`] (the tables), [`verify`] (each restore against its
 //! source), [`sync`] (edge sync against rclone), [`browse`] (file-level access against
-//! restic), [`kopia`] (kopia's two rows).
+//! restic), [`kopia`] (kopia's two rows), [`gateway`] (rclone through our S3 gateway).
 //!
 //! Measured per run: wall time; CPU time (user + system, from `wait4`) of the tool's
 //! process and, for datamover, of the server during the run; Garage's CPU time during
@@ -32,6 +32,7 @@ use rand::SeedableRng;
 mod browse;
 mod cli;
 mod data;
+mod gateway;
 mod kopia;
 mod measure;
 mod report;
@@ -98,6 +99,8 @@ enum Scenario {
     SyncFirst,
     SyncUnchanged,
     SyncDownload,
+    GatewayUpload,
+    GatewayDownload,
 }
 
 impl Scenario {
@@ -112,6 +115,8 @@ impl Scenario {
             Scenario::SyncFirst => "first sync to the bucket",
             Scenario::SyncUnchanged => "unchanged sync pass",
             Scenario::SyncDownload => "download into an empty directory",
+            Scenario::GatewayUpload => "rclone copy into a bucket (16 transfers)",
+            Scenario::GatewayDownload => "rclone copy out of the bucket (16 transfers)",
         }
     }
 }
@@ -973,6 +978,18 @@ fn real_main() -> Res<()> {
         }
         b.discard(&dir);
     }
+    // (g) the S3 gateway: rclone through it against rclone straight to Garage.
+    if want("gateway") {
+        eprintln!("generating the mixed data set for the S3 gateway, scale {scale}");
+        let dir = work.path().join("gateway-src");
+        make_mixed(&dir, 44, scale)?;
+        for rep in 0..reps {
+            eprintln!("gateway: repetition {}", rep + 1);
+            gateway::gateway_scenarios(&mut b, &dir, rep)?;
+            checkpoint(&b);
+        }
+        b.discard(&dir);
+    }
     // (f) file-level access against restic, on a data set like (d).
     let mut browse_section = String::new();
     if want("browse") {
@@ -1047,7 +1064,7 @@ fn real_main() -> Res<()> {
          Medians of {reps} repetitions per cell, tool order alternating between repetitions.\n\
          Data sets: (a) mixed, {:.0} MiB in {} files (20,000 small text files, 300 medium and 3 large half-compressible files at scale 1); \
          (b) toolchain: {tree_desc}; (c) stream: {stream_mib} MiB half-compressible, through a named pipe fed by `cat`; \
-         (d) many: {many_desc}; (e) sync: edge sync (`sync_egress`/`sync_ingress --once`) against `rclone copy` on a mixed data set like (a).\n",
+         (d) many: {many_desc}; (e) sync: edge sync (`sync_egress`/`sync_ingress --once`) against `rclone copy` on a mixed data set like (a); (g) gateway: `rclone copy` (16 transfers) of a mixed data set like (a) through our S3 gateway and straight to Garage.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/meminfo")
             .unwrap_or_default()

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod crafted;
 pub mod faults;
 pub mod garage;
+pub mod gateway;
 pub mod hostile;
 
 use std::io::Read;

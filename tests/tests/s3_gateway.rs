@@ -9,35 +9,8 @@ use aws_sdk_s3::Client as S3Client;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
-use datamover_tests::{Garage, Server, Storage, free_port, random_bytes, write};
-
-/// A CA and a server certificate signed by it, as a cluster's cert-manager would make.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "datamover test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    // Another name than the CA's, or OpenSSL takes the certificate for self-signed.
-    leaf.distinguished_name
-        .push(DnType::CommonName, "datamover test server");
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
+use datamover_tests::gateway::{self, S3Gateway};
+use datamover_tests::{Garage, Server, Storage, random_bytes, write};
 
 /// A server with the S3 gateway on, and what a client needs to reach it.
 pub struct Gateway {
@@ -49,29 +22,15 @@ pub struct Gateway {
 
 impl Gateway {
     fn start(storage: Storage<'_>, clients: &[(&str, &str)], config: &[(&str, &str)]) -> Gateway {
-        let root = tempfile::tempdir().unwrap();
-        for (k, v) in config {
-            write(&root.path().join("etc/config").join(k), v.as_bytes());
-        }
-        let pki = pki();
-        write(
-            &root.path().join("etc/secrets/tls/tls.crt"),
-            pki.cert_pem.as_bytes(),
-        );
-        write(
-            &root.path().join("etc/secrets/tls/tls.key"),
-            pki.key_pem.as_bytes(),
-        );
-        let grpc = free_port();
-        let s3_port = free_port();
-        let protocols = format!("datamover-v1:{grpc};s3:{s3_port}");
-        let mut server =
-            Server::start_in_with_env(root, storage, clients, &[("PROTOCOLS", &protocols)]);
-        server.port = grpc;
+        let S3Gateway {
+            server,
+            s3_port,
+            ca_pem,
+        } = S3Gateway::start(storage, clients, config);
         Gateway {
             server,
             s3_port,
-            ca_pem: pki.ca_pem,
+            ca_pem,
             rt: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -86,19 +45,12 @@ impl Gateway {
 
     /// The S3 profile `datamover-client s3-credentials` prints for a client.
     fn profile(&self, id: &str, credential: &str) -> String {
-        let r = self.server.client(id, credential).run(&["s3-credentials"]);
-        assert!(r.success(), "s3-credentials failed: {}", r.stderr);
-        r.stdout
+        gateway::profile(&self.server, id, credential).unwrap()
     }
 
     /// The S3 secret of a client whose credential file holds `credential`.
     fn secret(&self, id: &str, credential: &str) -> String {
-        let profile = self.profile(id, credential);
-        profile
-            .lines()
-            .find_map(|l| l.strip_prefix("aws_secret_access_key = "))
-            .unwrap_or_else(|| panic!("no secret in the profile:\n{profile}"))
-            .to_string()
+        gateway::secret(&self.server, id, credential).unwrap()
     }
 
     /// An aws-sdk-s3 client signing as `id` with `secret`, trusting the test CA.
