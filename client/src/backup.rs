@@ -23,10 +23,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 mod catalog_writer;
-mod prefetch;
 
 use crate::ClientError;
 use crate::connect::{Api, Conn};
+use crate::prefetch::Prefetch;
 use crate::progress::{Counters, Reporter};
 use catalog_writer::CatalogWriter;
 
@@ -490,8 +490,8 @@ struct Walker {
     /// Depth is bounded by the file system.
     stack: Vec<Level>,
     threads: usize,
-    /// Reads subdirectories ahead of the walk (see [`prefetch`]).
-    prefetch: Option<prefetch::Prefetch>,
+    /// Reads subdirectories ahead of the walk (see [`crate::prefetch`]).
+    prefetch: Option<Prefetch>,
 }
 
 impl Walker {
@@ -505,7 +505,7 @@ impl Walker {
                 ready: Default::default(),
             }],
             threads: stat_threads(),
-            prefetch: prefetch::Prefetch::start(),
+            prefetch: Prefetch::start(),
         })
     }
 

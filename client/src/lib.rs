@@ -21,6 +21,8 @@
 //!   Flotta `EdgeWorkload`), once or continuously.
 //! - [`modes`]: the command line modes, `command_from_file`, and the result lines.
 //! - [`progress`]: progress on stderr.
+//! - `prefetch`: directories read ahead of a walk (backup, edge sync) by a few threads,
+//!   so a cold cache does not make the walk wait on the disk one directory at a time.
 
 pub mod backup;
 pub mod browse;
@@ -28,6 +30,7 @@ pub mod connect;
 pub mod error;
 pub mod modes;
 pub mod mount;
+mod prefetch;
 pub mod progress;
 pub mod restore;
 pub mod settings;

@@ -60,8 +60,11 @@ pub fn scan(root: &Path) -> Result<(Vec<LocalFile>, Skipped), ClientError> {
     let mut out = Vec::new();
     let mut skipped = Skipped::default();
     let mut dirs = vec![(root.to_path_buf(), String::new())];
+    // Subdirectories are read ahead of the scan, in the order it pops them.
+    let prefetch = crate::prefetch::Prefetch::start();
     // Bounded by the tree: each directory is pushed once.
     while let Some((dir, rel)) = dirs.pop() {
+        let pushed = dirs.len();
         let rd = std::fs::read_dir(&dir).map_err(|e| ClientError::io(dir.display(), e))?;
         for entry in rd {
             let entry = entry.map_err(|e| ClientError::io(dir.display(), e))?;
@@ -98,6 +101,11 @@ pub fn scan(root: &Path) -> Result<(Vec<LocalFile>, Skipped), ClientError> {
                 skipped.symlinks += 1;
             } else {
                 skipped.special += 1;
+            }
+        }
+        if let Some(p) = &prefetch {
+            for (d, _) in dirs[pushed..].iter().rev() {
+                p.dir(d);
             }
         }
     }

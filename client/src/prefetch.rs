@@ -1,10 +1,10 @@
-//! Warms the kernel's caches ahead of the walk. With a cold cache, a walk waits on the
-//! disk for every directory's blocks and inode tables, one directory after the other;
-//! other tools walk several directories at once. The walk stays sequential (the catalog
-//! is in walk order) but hands each subdirectory it meets to a few threads that list it
-//! and read its entries' metadata, results dropped, so that when the walk gets there
-//! the kernel answers from memory. Only a hint: a full queue drops directories, and
-//! nothing here can fail the backup.
+//! Warms the kernel's caches ahead of a directory walk (a backup's, an edge sync's scan).
+//! With a cold cache, a walk waits on the disk for every directory's blocks and inode
+//! tables, one directory after the other; other tools walk several directories at once.
+//! The walk stays sequential (the catalog is in walk order) but hands each subdirectory
+//! it meets to a few threads that list it and read its entries' metadata, results
+//! dropped, so that when the walk gets there the kernel answers from memory. Only a
+//! hint: a full queue drops directories, and nothing here can fail the walk.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -18,13 +18,13 @@ const QUEUE: usize = 4096;
 /// Entries read ahead in one directory at most.
 const MAX_ENTRIES: usize = 100_000;
 
-pub(super) struct Prefetch {
+pub(crate) struct Prefetch {
     tx: SyncSender<PathBuf>,
 }
 
 impl Prefetch {
     /// Starts the threads; they end when this is dropped and the queue is drained.
-    pub(super) fn start() -> Option<Prefetch> {
+    pub(crate) fn start() -> Option<Prefetch> {
         let (tx, rx) = sync_channel::<PathBuf>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..THREADS {
@@ -41,7 +41,7 @@ impl Prefetch {
     }
 
     /// Asks for `dir` to be read ahead (dropped when the queue is full).
-    pub(super) fn dir(&self, dir: &Path) {
+    pub(crate) fn dir(&self, dir: &Path) {
         // Full: the hint is dropped; disconnected cannot happen while `self` lives.
         let _ = self.tx.try_send(dir.to_path_buf());
     }
