@@ -324,11 +324,17 @@ pub async fn egress_pass(
         )));
     }
     let state_path = local::state_path(&root, o.state_dir.as_deref(), "egress", &target);
-    let mut state = State::load(&state_path);
+    // The local side (the state and the scan) and the target's listing at once: an
+    // unchanged pass is no more than the longer of the two.
     let scan_root = root.clone();
-    let (files, skipped) = tokio::task::spawn_blocking(move || local::scan(&scan_root))
-        .await
-        .map_err(|e| ClientError::Io(e.to_string()))??;
+    let load_path = state_path.clone();
+    let local_side =
+        tokio::task::spawn_blocking(move || (State::load(&load_path), local::scan(&scan_root)));
+    let mut api = api.clone();
+    let (local_side, remote) = tokio::join!(local_side, list_remote(&mut api, &target));
+    let (mut state, scanned) = local_side.map_err(|e| ClientError::Io(e.to_string()))?;
+    let (files, skipped) = scanned?;
+    let remote = remote?;
     if skipped.symlinks + skipped.special + skipped.non_utf8 > 0 {
         tracing::info!(
             symlinks = skipped.symlinks,
@@ -337,8 +343,6 @@ pub async fn egress_pass(
             "not synced: symlinks, special files and names that are not UTF-8"
         );
     }
-    let mut api = api.clone();
-    let remote = list_remote(&mut api, &target).await?;
     let remote_hash: std::collections::HashMap<&str, &[u8]> = remote
         .iter()
         .map(|r| (r.path.as_str(), r.hash.as_ref()))
