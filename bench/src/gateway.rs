@@ -50,7 +50,10 @@ pub(crate) fn gateway_scenarios(b: &mut Bench, src: &Path, rep: usize) -> Res<()
         }
         c
     };
-    let order = b.order(rep, &[Tool::Restic, Tool::Rustic, Tool::KopiaServer, Tool::Kopia]);
+    let order = b.order(
+        rep,
+        &[Tool::Restic, Tool::Rustic, Tool::KopiaServer, Tool::Kopia],
+    );
     for sc in [Scenario::GatewayUpload, Scenario::GatewayDownload] {
         for &tool in &order {
             let out = b.work.join(format!("gateway-out-{}", tool.name()));
