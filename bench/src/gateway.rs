@@ -9,9 +9,7 @@ use std::process::{Command, Stdio};
 use datamover_tests::Storage;
 use datamover_tests::gateway::{self, S3Gateway};
 
-use crate::{
-    Bench, Res, Sample, Scenario, Tool, measured, proc_cpu, proc_hwm_mib, reset_hwm, simple,
-};
+use crate::{Bench, Res, Scenario, Tool, simple, with_server};
 
 /// rclone's parallel transfers in both rows (the "16 parallel uploads").
 const TRANSFERS: &str = "16";
@@ -67,7 +65,8 @@ pub(crate) fn gateway_scenarios(b: &mut Bench, src: &Path, rep: usize) -> Res<()
             };
             let cmd = rclone(b, gw_side, &["copy", from, to]);
             let s = if gw_side {
-                through_server(b, &gw, &prefix, cmd)?
+                let what = "rclone copy through the S3 gateway";
+                with_server(b, &prefix, gw.server.pid(), cmd, what)?
             } else {
                 simple(b, &format!("gateway-rclone-{rep}"), cmd, "rclone copy")?
             };
@@ -76,25 +75,4 @@ pub(crate) fn gateway_scenarios(b: &mut Bench, src: &Path, rep: usize) -> Res<()
         }
     }
     Ok(())
-}
-
-/// One measured run through the gateway, with the server's CPU and peak memory.
-fn through_server(b: &Bench, gw: &S3Gateway, prefix: &str, cmd: Command) -> Res<Sample> {
-    let pid = gw.server.pid().unwrap_or(0);
-    let up0 = b.stored(prefix);
-    b.quiesce()?;
-    reset_hwm(pid);
-    let cpu0 = proc_cpu(pid);
-    let store0 = b.store_cpu();
-    let (wall, cpu, rss) = measured(cmd, "rclone copy through the S3 gateway")?;
-    Ok(Sample {
-        wall,
-        cpu,
-        rss_mib: rss,
-        server_cpu: proc_cpu(pid) - cpu0,
-        server_rss_mib: proc_hwm_mib(pid),
-        store_cpu: b.store_cpu() - store0,
-        uploaded_mib: (b.stored(prefix) - up0) / 1048576.0,
-        pack_reads: 0.0,
-    })
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Bench, Res, Sample, measured, proc_cpu, proc_hwm_mib, reset_hwm};
+use crate::{Bench, Res, Sample, measured, with_server};
 
 /// The environment variable naming the kopia binary.
 pub(crate) const KOPIA_BIN: &str = "KOPIA_BIN";
@@ -238,23 +238,6 @@ impl Kopia {
     /// during the run, as for ours.
     pub(crate) fn run(&self, b: &Bench, cmd: Command, what: &str) -> Res<Sample> {
         let pid = self.server.as_ref().map(Child::id);
-        let up0 = b.stored(&self.prefix);
-        b.quiesce()?;
-        if let Some(pid) = pid {
-            reset_hwm(pid);
-        }
-        let cpu0 = pid.map_or(0.0, proc_cpu);
-        let store0 = b.store_cpu();
-        let (wall, cpu, rss) = measured(cmd, what)?;
-        Ok(Sample {
-            wall,
-            cpu,
-            rss_mib: rss,
-            server_cpu: pid.map_or(0.0, proc_cpu) - cpu0,
-            server_rss_mib: pid.map_or(0.0, proc_hwm_mib),
-            store_cpu: b.store_cpu() - store0,
-            uploaded_mib: (b.stored(&self.prefix) - up0) / 1048576.0,
-            pack_reads: 0.0,
-        })
+        with_server(b, &self.prefix, pid, cmd, what)
     }
 }

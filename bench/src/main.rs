@@ -460,45 +460,50 @@ impl Ours {
     }
 
     fn run(&self, b: &Bench, args: &[&str], stdout: Stdio) -> Res<Sample> {
-        let pid = self.server.pid().unwrap_or(0);
-        let up0 = b.stored(&self.prefix);
-        b.quiesce()?;
-        reset_hwm(pid);
-        let cpu0 = proc_cpu(pid);
         let reads0 = self.pack_reads();
-        let store0 = b.store_cpu();
         let mut cmd = self.client.command(args);
         cmd.stdin(Stdio::null()).stdout(stdout);
-        let (wall, cpu, rss) = measured(cmd, &format!("datamover-client {args:?}"))?;
+        let what = format!("datamover-client {args:?}");
+        let mut s = with_server(b, &self.prefix, self.server.pid(), cmd, &what)?;
         if let Some(dir) = keep_logs_dir() {
             let _ = std::fs::write(dir.join("server.log"), self.server.log());
         }
-        Ok(Sample {
-            wall,
-            cpu,
-            rss_mib: rss,
-            server_cpu: proc_cpu(pid) - cpu0,
-            server_rss_mib: proc_hwm_mib(pid),
-            store_cpu: b.store_cpu() - store0,
-            uploaded_mib: (b.stored(&self.prefix) - up0) / 1048576.0,
-            pack_reads: self.pack_reads() - reads0,
-        })
+        s.pack_reads = self.pack_reads() - reads0;
+        Ok(s)
     }
 }
 
 fn simple(b: &Bench, prefix: &str, cmd: Command, what: &str) -> Res<Sample> {
+    with_server(b, prefix, None, cmd, what)
+}
+
+/// One measured run of `cmd` (bytes added under `prefix`, Garage's CPU); with `server`,
+/// also that process's CPU and peak memory during the run (its high-water mark reset
+/// before it).
+fn with_server(
+    b: &Bench,
+    prefix: &str,
+    server: Option<u32>,
+    cmd: Command,
+    what: &str,
+) -> Res<Sample> {
     let up0 = b.stored(prefix);
     b.quiesce()?;
+    if let Some(pid) = server {
+        reset_hwm(pid);
+    }
+    let cpu0 = server.map_or(0.0, proc_cpu);
     let store0 = b.store_cpu();
     let (wall, cpu, rss) = measured(cmd, what)?;
-    let store_cpu = b.store_cpu() - store0;
     Ok(Sample {
         wall,
         cpu,
         rss_mib: rss,
-        store_cpu,
+        server_cpu: server.map_or(0.0, proc_cpu) - cpu0,
+        server_rss_mib: server.map_or(0.0, proc_hwm_mib),
+        store_cpu: b.store_cpu() - store0,
         uploaded_mib: (b.stored(prefix) - up0) / 1048576.0,
-        ..Default::default()
+        pack_reads: 0.0,
     })
 }
 
