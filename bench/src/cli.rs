@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 pub const DATASETS: [&str; 7] = [
     "mixed",
@@ -40,7 +40,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 1024)]
     pub stream_mib: usize,
     /// Also write the report (Markdown) to this file, and a partial one as it goes.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub output: Option<PathBuf>,
     /// Leave out data set (b), the Rust toolchain.
     #[arg(long)]
@@ -61,8 +61,34 @@ pub struct Cli {
     #[arg(long, default_value_t = 1)]
     pub many_reps: usize,
     /// Directory for the data sets, restores and Garage's data (default: the temp dir).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub work: Option<PathBuf>,
+    /// A scenario run on its own instead of the data sets.
+    #[command(subcommand)]
+    pub command: Option<Scenario>,
+}
+
+/// Scenarios run on their own.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Scenario {
+    /// Issue 29: the chunk index at N chunks. Writes index objects for N synthetic chunks
+    /// into a filesystem repository, starts our server on it (cold, then warm) and
+    /// measures the time to Ready, its memory, and FindMissing throughput (1024-id
+    /// batches, half present). Needs no Garage and no other tool.
+    IndexScale {
+        /// The chunk counts N, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        chunks: Vec<u64>,
+        /// Seconds of FindMissing calls per N.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Concurrent FindMissing sessions.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+        sessions: u16,
+        /// What the report calls this run (e.g. the index it measures).
+        #[arg(long, default_value = "this build")]
+        label: String,
+    },
 }
 
 #[cfg(test)]
@@ -96,6 +122,23 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }
+        let c = Cli::try_parse_from([
+            "datamover-bench",
+            "index-scale",
+            "--chunks",
+            "1000,20000",
+            "--work",
+            "/tmp",
+        ])
+        .expect("index-scale");
+        match c.command {
+            Some(Scenario::IndexScale { chunks, .. }) => assert_eq!(chunks, [1000, 20000]),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.work.is_some());
+        assert!(
+            Cli::try_parse_from(["datamover-bench", "index-scale", "--chunks", "many"]).is_err()
+        );
         let help = Cli::try_parse_from(["datamover-bench", "--help"]).expect_err("help");
         assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
         assert!(help.to_string().contains("--many-files"));

@@ -9,7 +9,8 @@
 //! Modules: [`cli`] (the command line), [`data`] (the data sets), [`measure`] (one run's
 //! wall, CPU and memory), [`report`] (the tables), [`verify`] (each restore against its
 //! source), [`sync`] (edge sync against rclone), [`browse`] (file-level access against
-//! restic), [`kopia`] (kopia's two rows), [`gateway`] (rclone through our S3 gateway).
+//! restic), [`kopia`] (kopia's two rows), [`gateway`] (rclone through our S3 gateway),
+//! [`index_scale`] (the chunk index at millions of chunks, `datamover-bench index-scale`).
 //!
 //! Measured per run: wall time; CPU time (user + system, from `wait4`) of the tool's
 //! process and, for datamover, of the server during the run; Garage's CPU time during
@@ -33,6 +34,7 @@ mod browse;
 mod cli;
 mod data;
 mod gateway;
+mod index_scale;
 mod kopia;
 mod measure;
 mod report;
@@ -788,6 +790,35 @@ fn main() {
 
 fn real_main() -> Res<()> {
     let cli = <cli::Cli as clap::Parser>::parse();
+    if let Some(cli::Scenario::IndexScale {
+        chunks,
+        seconds,
+        sessions,
+        label,
+    }) = &cli.command
+    {
+        if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
+            && let Some(dir) = std::env::current_exe()
+                .ok()
+                .and_then(|e| Some(e.parent()?.to_path_buf()))
+        {
+            // SAFETY: still one thread: nothing else reads the environment yet.
+            unsafe { std::env::set_var("DATAMOVER_BIN_DIR", dir) };
+        }
+        let work = cli.work.clone().unwrap_or_else(std::env::temp_dir);
+        let opts = index_scale::IndexScaleOptions {
+            chunks: chunks.clone(),
+            seconds: *seconds,
+            sessions: usize::from(*sessions),
+        };
+        let figures = index_scale::run(&work, &opts)?;
+        let text = index_scale::report(&figures, label);
+        println!("{text}");
+        if let Some(o) = &cli.output {
+            std::fs::write(o, &text).map_err(|e| format!("writing {}: {e}", o.display()))?;
+        }
+        return Ok(());
+    }
     let reps = usize::from(cli.reps);
     let scale = cli.scale;
     let stream_mib = cli.stream_mib;

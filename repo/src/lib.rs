@@ -42,6 +42,6 @@ pub use error::RepoError;
 static ALLOC: datamover_core::fuzz::LargestAlloc = datamover_core::fuzz::LargestAlloc;
 pub use repository::{
     AddResult, ChunkData, ChunkPlace, MaintenanceOptions, MaintenanceReport, Problem, Repository,
-    RepositoryOptions, VerifyOptions, VerifyReport,
+    RepositoryOptions, VerifyOptions, VerifyReport, synthetic_chunk_id,
 };
 pub use snapshot::{CatalogMark, MAX_MARK_PATH, RootMeta, SnapshotFile, SnapshotKindName};

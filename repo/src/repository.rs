@@ -158,10 +158,12 @@ pub struct Repository {
 #[cfg(test)]
 mod fuzz_tests;
 mod maintenance;
+mod synthetic;
 
 pub use maintenance::{
     MaintenanceOptions, MaintenanceReport, Problem, VerifyOptions, VerifyReport,
 };
+pub use synthetic::synthetic_chunk_id;
 
 fn poisoned<T>(_: T) -> RepoError {
     RepoError::Task("a lock was poisoned by a panic".into())
