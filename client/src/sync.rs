@@ -402,8 +402,11 @@ pub async fn egress_pass(
             }
         }
     }
-    state.entries = fresh;
-    state.save(&state_path);
+    // An unchanged pass leaves the state as it was: nothing to write.
+    if state.entries != fresh {
+        state.entries = fresh;
+        state.save(&state_path);
+    }
 
     if o.delete {
         let local: std::collections::HashSet<&str> = files.iter().map(|f| f.rel.as_str()).collect();

@@ -89,6 +89,20 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn location(&self) -> String;
     /// Every object whose key starts with `prefix`, recursively.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// The same listing as [`list`](Self::list), sorted by key, with `bounds` (keys under
+    /// `prefix` the caller expects, e.g. every thousandth of the last listing) as hints:
+    /// a store whose listing comes in pages lists the ranges between them at once.
+    /// Wrong or stale hints cost time, never correctness.
+    async fn list_split(
+        &self,
+        prefix: &str,
+        bounds: &[String],
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let _ = bounds;
+        let mut out = self.list(prefix).await?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
     /// `None` if there is no such object.
     async fn head(&self, key: &str) -> Result<Option<ObjectHead>, StoreError>;
     /// The object's head and its bytes from `offset` on.

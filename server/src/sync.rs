@@ -73,6 +73,28 @@ fn check_rel(what: &str, s: &str) -> Result<String, Status> {
     Ok(s.trim_end_matches('/').to_string())
 }
 
+/// Objects a listing page holds; a split listing asks for one page a range.
+const LIST_PAGE: usize = 1000;
+/// The most ranges one listing is split into.
+const MAX_LIST_RANGES: usize = 256;
+
+/// Every [`LIST_PAGE`]th of the manifest's paths (in key order) as full keys: where a
+/// listing of the target can be split.
+fn split_points<'a>(paths: impl Iterator<Item = &'a String>, prefix: &str) -> Vec<String> {
+    let mut paths: Vec<&String> = paths.collect();
+    if paths.len() <= LIST_PAGE {
+        return Vec::new();
+    }
+    paths.sort_unstable();
+    let step = LIST_PAGE.max(paths.len().div_ceil(MAX_LIST_RANGES));
+    paths
+        .iter()
+        .skip(step - 1)
+        .step_by(step)
+        .map(|p| format!("{prefix}{p}"))
+        .collect()
+}
+
 fn store_status(e: StoreError) -> Status {
     status(RepoError::Store(e))
 }
@@ -538,11 +560,21 @@ impl Sync for SyncService {
         let id = self.auth(caller(&req), Op::List).await?;
         let target = check_rel("target", &req.get_ref().target)?;
         let prefix = format!("{}/{target}/", id.tenant);
+        let (mkey, slot) = self.manifest(&id.tenant, &target).await?;
+        // The manifest knows roughly what the listing holds: split it there into ranges
+        // the store lists at once (an unchanged pass is then one round trip, not one a
+        // thousand objects).
+        let bounds = {
+            let guard = slot.lock().await;
+            guard
+                .as_ref()
+                .map(|m| split_points(m.entries.keys(), &prefix))
+                .unwrap_or_default()
+        };
         let listed = self
-            .req("list", self.objects.list(&prefix))
+            .req("list", self.objects.list_split(&prefix, &bounds))
             .await
             .map_err(store_status)?;
-        let (mkey, slot) = self.manifest(&id.tenant, &target).await?;
         let mut objects = Vec::with_capacity(listed.len());
         let mut unknown = Vec::new();
         let mut changed = false;
@@ -852,6 +884,16 @@ impl SyncService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_points_every_page() {
+        let paths: Vec<String> = (0..2500).map(|i| format!("f{i:05}")).collect();
+        let b = split_points(paths.iter(), "t/x/");
+        assert_eq!(b, vec!["t/x/f00999".to_string(), "t/x/f01999".to_string()]);
+        assert!(split_points(paths[..1000].iter(), "t/x/").is_empty());
+        let many: Vec<String> = (0..1_000_000).map(|i| format!("{i:07}")).collect();
+        assert!(split_points(many.iter(), "").len() <= MAX_LIST_RANGES);
+    }
 
     #[test]
     fn part_sizes() {

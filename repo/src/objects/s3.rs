@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream as S3Body;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 
 use super::{ByteStream, FileMeta, ObjectHead, ObjectInfo, ObjectStore, Part};
 use crate::store::{S3Store, StoreError};
@@ -54,7 +55,59 @@ impl S3Objects {
             meta: meta.and_then(|m| FileMeta::from_lookup(|k| m.get(k).cloned())),
         }
     }
+
+    fn info(&self, obj: &aws_sdk_s3::types::Object) -> Option<ObjectInfo> {
+        let strip = if self.root.is_empty() {
+            0
+        } else {
+            self.root.len() + 1
+        };
+        let rel = obj.key()?.get(strip..)?;
+        Some(ObjectInfo {
+            key: rel.to_string(),
+            size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            etag: etag(obj.e_tag()),
+            modified: system_time(obj.last_modified()),
+        })
+    }
+
+    /// The keys under `full` (a bucket key prefix) after `after` and up to and including
+    /// `upto`, in order.
+    async fn list_range(
+        &self,
+        full: &str,
+        after: Option<String>,
+        upto: Option<String>,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .s3
+            .client
+            .list_objects_v2()
+            .bucket(&self.s3.bucket)
+            .prefix(full)
+            .set_start_after(after)
+            .into_paginator()
+            .send();
+        // Bounded: one page per 1000 objects; ends past `upto` or when S3 reports no
+        // continuation.
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.s3.map(e, full))?;
+            for obj in page.contents() {
+                if let (Some(upto), Some(k)) = (&upto, obj.key())
+                    && k > upto.as_str()
+                {
+                    return Ok(out);
+                }
+                out.extend(self.info(obj));
+            }
+        }
+        Ok(out)
+    }
 }
+
+/// Ranges of one split listing requested at once.
+const LIST_CONCURRENCY: usize = 8;
 
 #[async_trait]
 impl ObjectStore for S3Objects {
@@ -63,36 +116,35 @@ impl ObjectStore for S3Objects {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let full = self.key(prefix);
-        let strip = if self.root.is_empty() {
-            0
-        } else {
-            self.root.len() + 1
-        };
-        let mut out = Vec::new();
-        let mut pages = self
-            .s3
-            .client
-            .list_objects_v2()
-            .bucket(&self.s3.bucket)
-            .prefix(&full)
-            .into_paginator()
-            .send();
-        // Bounded: one page per 1000 objects, ends when S3 reports no continuation.
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.s3.map(e, &full))?;
-            for obj in page.contents() {
-                let Some(k) = obj.key() else { continue };
-                let Some(rel) = k.get(strip..) else { continue };
-                out.push(ObjectInfo {
-                    key: rel.to_string(),
-                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    etag: etag(obj.e_tag()),
-                    modified: system_time(obj.last_modified()),
-                });
-            }
+        self.list_range(&self.key(prefix), None, None).await
+    }
+
+    async fn list_split(
+        &self,
+        prefix: &str,
+        bounds: &[String],
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut bounds: Vec<&String> = bounds.iter().filter(|b| b.starts_with(prefix)).collect();
+        bounds.sort();
+        bounds.dedup();
+        if bounds.is_empty() {
+            return self.list(prefix).await;
         }
-        Ok(out)
+        let full = self.key(prefix);
+        let full_bounds: Vec<String> = bounds.iter().map(|b| self.key(b)).collect();
+        // Range i holds the keys after bound i-1 up to and including bound i; the last
+        // one runs to the end of the prefix. Together they are the whole listing, once.
+        let ranges = (0..=full_bounds.len()).map(|i| {
+            let after = i.checked_sub(1).and_then(|j| full_bounds.get(j)).cloned();
+            let upto = full_bounds.get(i).cloned();
+            let full = full.clone();
+            async move { self.list_range(&full, after, upto).await }
+        });
+        let parts: Vec<Vec<ObjectInfo>> = futures::stream::iter(ranges)
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectHead>, StoreError> {
