@@ -30,6 +30,9 @@ pub enum RepoError {
     ChunkMismatch(String),
     #[error("{0}")]
     Busy(String),
+    /// The local index cache failed (its message says what to do).
+    #[error("{0}")]
+    IndexCache(String),
     #[error("internal task failed: {0}")]
     Task(String),
 }

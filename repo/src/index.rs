@@ -1,8 +1,36 @@
-//! The in-memory chunk index and its on-storage form.
+//! The chunk index: where every stored chunk is, without holding every chunk in memory.
+//!
+//! The bucket's `index/` objects are the source of truth. A server keeps
+//!
+//! - in memory, a compact membership filter ([`filter`]: a binary fuse filter per
+//!   partition, about 1.1 bytes a chunk, plus a small delta of recent additions), the
+//!   chunks of its own packs not yet listed by an `index/` object, the chunks reserved by
+//!   running backups, and the condemned copies;
+//! - on local disk, every chunk's location ([`disk`]: a redb file in the index cache
+//!   directory, `DATAMOVER_INDEX_CACHE` for the server), built from the `index/` objects
+//!   and kept up to date incrementally: a refresh reads only the objects the file does
+//!   not hold yet. When an object it holds is gone (maintenance compacted `index/`), the
+//!   file is rebuilt beside the old one and swapped in, so readers never see a partial
+//!   index. A file that does not open or belongs to another repository is rebuilt.
+//!
+//! A lookup asks the filter first: an absent chunk (half of what FindMissing sees) costs
+//! no disk read; a present one costs one B-tree lookup, in the operating system's page
+//! cache once warm. Chunk ids are keyed per tenant and every entry records its tenant: a
+//! chunk of another tenant is absent.
+
+mod disk;
+mod filter;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
 
 use datamover_core::chunk::ChunkId;
+
+pub(crate) use disk::{DiskError, DiskIndex};
+pub(crate) use filter::MemFilter;
 
 /// One chunk inside a pack (also the pack trailer's and index files' entry).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -38,139 +66,24 @@ pub(crate) struct IndexFile {
     pub packs: Vec<PackEntries>,
 }
 
+/// A chunk's place in the on-disk index (pack and tenant by number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Location {
-    pack: u32,
+pub(crate) struct Loc {
+    pub pack: u32,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_length: u32,
+    pub tenant: u32,
+}
+
+/// A chunk of one of this server's packs that no `index/` object lists yet.
+#[derive(Clone, Debug)]
+struct OwnLoc {
+    pack: Arc<str>,
     offset: u32,
     length: u32,
     raw_length: u32,
-    tenant: u32,
-}
-
-/// One stored chunk in the sorted table: 52 bytes.
-#[derive(Clone, Copy)]
-struct Entry {
-    id: ChunkId,
-    loc: Location,
-}
-
-/// Recent additions are merged into the sorted table once they are this many, or an
-/// eighth of the table, whichever is more.
-const MERGE_MIN: usize = 8192;
-/// Ids are located in the sorted table by their first 16 bits, then a binary search.
-const PREFIX_BITS: u32 = 16;
-
-fn prefix(id: &ChunkId) -> usize {
-    usize::from(u16::from_be_bytes([id.0[0], id.0[1]]))
-}
-
-/// The stored chunks, compact: a sorted array of fixed-size entries with a prefix table
-/// (about 52 bytes per chunk, where a hash map needs two to three times that), and a
-/// small hash map of the chunks added since the last merge. An id is in one or the
-/// other, never both.
-#[derive(Default)]
-struct ChunkTable {
-    sorted: Vec<Entry>,
-    /// `starts[p]..starts[p + 1]` are the entries whose id begins with prefix `p`
-    /// (empty while `sorted` is).
-    starts: Vec<u32>,
-    recent: HashMap<ChunkId, Location>,
-}
-
-impl ChunkTable {
-    fn position(&self, id: &ChunkId) -> Option<usize> {
-        if self.sorted.is_empty() {
-            return None;
-        }
-        let p = prefix(id);
-        let (lo, hi) = match (self.starts.get(p), self.starts.get(p + 1)) {
-            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
-            _ => (0, self.sorted.len()),
-        };
-        let range = self.sorted.get(lo..hi)?;
-        range
-            .binary_search_by(|e| e.id.cmp(id))
-            .ok()
-            .map(|i| lo + i)
-    }
-
-    fn get(&self, id: &ChunkId) -> Option<&Location> {
-        match self.recent.get(id) {
-            Some(l) => Some(l),
-            None => self.position(id).map(|i| &self.sorted[i].loc),
-        }
-    }
-
-    /// Adds the chunk, or replaces where it is.
-    fn insert(&mut self, id: ChunkId, loc: Location) {
-        if let Some(i) = self.position(&id) {
-            self.sorted[i].loc = loc;
-            return;
-        }
-        self.recent.insert(id, loc);
-        if self.recent.len() >= MERGE_MIN.max(self.sorted.len() / 8) {
-            self.merge();
-        }
-    }
-
-    /// Moves the recent additions into the sorted table, merging in place from the end.
-    fn merge(&mut self) {
-        if self.recent.is_empty() {
-            return;
-        }
-        let mut new: Vec<Entry> = self
-            .recent
-            .drain()
-            .map(|(id, loc)| Entry { id, loc })
-            .collect();
-        new.sort_unstable_by_key(|e| e.id);
-        let old_len = self.sorted.len();
-        let Some(&filler) = new.first() else {
-            return;
-        };
-        // Exactly what is needed (merges come every eighth of the table, so this stays
-        // amortised): doubling would hold up to twice the table, 52 MiB more per million
-        // chunks, for nothing.
-        self.sorted.reserve_exact(new.len());
-        self.sorted.resize(old_len + new.len(), filler);
-        let (mut i, mut j, mut k) = (old_len, new.len(), old_len + new.len());
-        while j > 0 {
-            k -= 1;
-            if i > 0 && self.sorted[i - 1].id > new[j - 1].id {
-                self.sorted[k] = self.sorted[i - 1];
-                i -= 1;
-            } else {
-                self.sorted[k] = new[j - 1];
-                j -= 1;
-            }
-        }
-        if self.recent.capacity() > 4 * MERGE_MIN.max(self.sorted.len() / 8) {
-            self.recent.shrink_to_fit();
-        }
-        self.rebuild_starts();
-    }
-
-    fn rebuild_starts(&mut self) {
-        let buckets = 1usize << PREFIX_BITS;
-        self.starts.clear();
-        self.starts.reserve_exact(buckets + 1);
-        let mut at = 0usize;
-        for p in 0..buckets {
-            while at < self.sorted.len() && prefix(&self.sorted[at].id) < p {
-                at += 1;
-            }
-            self.starts.push(at as u32);
-        }
-        self.starts.push(self.sorted.len() as u32);
-    }
-
-    fn len(&self) -> usize {
-        self.sorted.len() + self.recent.len()
-    }
-
-    fn clear(&mut self) {
-        *self = ChunkTable::default();
-    }
+    tenant: Arc<str>,
 }
 
 /// Where a chunk is.
@@ -181,76 +94,180 @@ pub(crate) struct Found {
     pub raw_length: u32,
 }
 
+/// A chunk's stored copy, wherever it is known.
+struct Copy {
+    pack: String,
+    offset: u32,
+    length: u32,
+    raw_length: u32,
+    tenant: String,
+}
+
+impl Copy {
+    fn found(self) -> Found {
+        Found {
+            pack: self.pack,
+            offset: self.offset,
+            length: self.length,
+            raw_length: self.raw_length,
+        }
+    }
+}
+
 /// Chunks stored (in a pack on storage) or pending (accepted, not yet written).
-#[derive(Default)]
 pub(crate) struct Index {
-    packs: Vec<String>,
-    pack_ids: HashMap<String, u32>,
-    tenants: Vec<String>,
-    tenant_ids: HashMap<String, u32>,
-    chunks: ChunkTable,
-    pending: HashMap<ChunkId, u32>,
+    disk: Arc<DiskIndex>,
+    filter: MemFilter,
+    /// Chunks of this server's packs not yet in an `index/` object (bounded by the
+    /// repository's `chunks_per_index` and the uploads in flight).
+    own: HashMap<ChunkId, OwnLoc>,
+    own_packs: HashSet<Arc<str>>,
+    tenants: HashSet<Arc<str>>,
+    pending: HashMap<ChunkId, Arc<str>>,
     /// Chunks condemned by maintenance, with the pack holding the condemned copy: that
     /// copy counts as absent, so a backup that needs the chunk stores it again.
     condemned: HashMap<ChunkId, String>,
-    pub loaded_files: HashSet<String>,
+}
+
+impl From<DiskError> for crate::RepoError {
+    fn from(e: DiskError) -> Self {
+        crate::RepoError::IndexCache(e.to_string())
+    }
+}
+
+/// Logs a failed read of the local index; the chunk then counts as absent, which is
+/// safe (a client sends it again, a read refreshes and retries).
+fn logged<T>(r: Result<Option<T>, DiskError>) -> Option<T> {
+    r.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "reading the local index failed");
+        None
+    })
 }
 
 impl Index {
-    fn tenant_id(&mut self, tenant: &str) -> u32 {
-        if let Some(id) = self.tenant_ids.get(tenant) {
-            return *id;
-        }
-        let id = self.tenants.len() as u32;
-        self.tenants.push(tenant.to_string());
-        self.tenant_ids.insert(tenant.to_string(), id);
-        id
+    /// An index over `disk`, with the filter built from it.
+    pub fn new(disk: DiskIndex) -> Result<Index, DiskError> {
+        let filter = build_filter(&disk)?;
+        Ok(Index {
+            disk: Arc::new(disk),
+            filter,
+            own: HashMap::new(),
+            own_packs: HashSet::new(),
+            tenants: HashSet::new(),
+            pending: HashMap::new(),
+            condemned: HashMap::new(),
+        })
     }
 
-    fn same_tenant(&self, stored: u32, tenant: &str) -> bool {
-        self.tenants.get(stored as usize).map(String::as_str) == Some(tenant)
+    /// The on-disk index, for refreshes (which write it without holding this lock).
+    pub fn disk(&self) -> Arc<DiskIndex> {
+        Arc::clone(&self.disk)
     }
 
-    /// Adds a pack's chunks as stored.
-    pub fn add_pack(&mut self, pack: &PackEntries) {
-        // A pack listed by two index objects (after a crash, say) is one pack.
-        let pack_no = match self.pack_ids.get(&pack.name) {
-            Some(n) => *n,
-            None => {
-                let n = self.packs.len() as u32;
-                self.packs.push(pack.name.clone());
-                self.pack_ids.insert(pack.name.clone(), n);
-                n
+    /// Replaces the on-disk index and its filter by a complete rebuild.
+    pub fn replace(&mut self, disk: Arc<DiskIndex>, filter: MemFilter) {
+        self.disk = disk;
+        self.filter = filter;
+    }
+
+    /// Notes chunks added to the on-disk index; rebuilds the filter partitions due.
+    pub fn note_added(&mut self, ids: &[ChunkId]) -> Result<(), DiskError> {
+        let mut due = [false; filter::PARTITIONS];
+        for id in ids {
+            if self.filter.add(id) {
+                due[usize::from(filter::partition(id))] = true;
             }
-        };
+        }
+        for (p, _) in due.iter().enumerate().filter(|(_, d)| **d) {
+            let p = p as u8;
+            let keys = self.disk.partition_keys(p)?;
+            self.filter.set_partition(p, keys);
+        }
+        Ok(())
+    }
+
+    fn tenant(&mut self, tenant: &str) -> Arc<str> {
+        if let Some(t) = self.tenants.get(tenant) {
+            return Arc::clone(t);
+        }
+        let t: Arc<str> = Arc::from(tenant);
+        self.tenants.insert(Arc::clone(&t));
+        t
+    }
+
+    /// Adds a pack this server wrote, before an `index/` object lists it.
+    pub fn add_own_pack(&mut self, pack: &PackEntries) {
+        let name: Arc<str> = Arc::from(pack.name.as_str());
+        self.own_packs.insert(Arc::clone(&name));
         for b in &pack.blobs {
             let Ok(id) = ChunkId::from_slice(&b.id) else {
                 continue;
             };
-            let tenant = self.tenant_id(&b.tenant);
             self.pending.remove(&id);
-            let loc = Location {
-                pack: pack_no,
+            let tenant = self.tenant(&b.tenant);
+            self.own.entry(id).or_insert(OwnLoc {
+                pack: Arc::clone(&name),
                 offset: b.offset,
                 length: b.length,
                 raw_length: b.raw_length,
                 tenant,
-            };
-            // A live copy wins over a condemned one; otherwise the first copy stays.
-            let replace = match self.chunks.get(&id) {
-                Some(old) => self.is_condemned_at(&id, old.pack),
-                None => true,
-            };
-            if replace {
-                self.chunks.insert(id, loc);
-            }
+            });
         }
     }
 
-    fn is_condemned_at(&self, id: &ChunkId, pack: u32) -> bool {
-        self.condemned
-            .get(id)
-            .is_some_and(|p| self.packs.get(pack as usize) == Some(p))
+    /// After a rebuild: the own packs not yet indexed are exactly `unindexed`.
+    pub fn reset_own<'a>(&mut self, unindexed: impl Iterator<Item = &'a PackEntries>) {
+        self.own = HashMap::new();
+        self.own_packs = HashSet::new();
+        for p in unindexed {
+            self.add_own_pack(p);
+        }
+    }
+
+    /// Forgets own packs now listed by an `index/` object held on disk.
+    pub fn own_packs_indexed(&mut self, file: &IndexFile) {
+        for p in &file.packs {
+            for b in &p.blobs {
+                if let Ok(id) = ChunkId::from_slice(&b.id)
+                    && self.own.get(&id).is_some_and(|o| *o.pack == *p.name)
+                {
+                    self.own.remove(&id);
+                }
+            }
+            self.own_packs.remove(p.name.as_str());
+        }
+        if self.own.is_empty() {
+            self.own = HashMap::new();
+        }
+    }
+
+    /// The copy of a chunk reads use.
+    fn copy(&self, id: &ChunkId) -> Option<Copy> {
+        if let Some(o) = self.own.get(id) {
+            return Some(Copy {
+                pack: o.pack.to_string(),
+                offset: o.offset,
+                length: o.length,
+                raw_length: o.raw_length,
+                tenant: o.tenant.to_string(),
+            });
+        }
+        if !self.filter.may_contain(id) {
+            return None;
+        }
+        let r = logged(self.disk.reader().map(Some))?;
+        let l = logged(r.get(id))?;
+        Some(Copy {
+            pack: logged(r.pack_name(l.pack))?,
+            offset: l.offset,
+            length: l.length,
+            raw_length: l.raw_length,
+            tenant: self.disk.tenant_name(l.tenant)?,
+        })
+    }
+
+    fn condemned_at(&self, id: &ChunkId, pack: &str) -> bool {
+        self.condemned.get(id).is_some_and(|p| p == pack)
     }
 
     /// Marks a chunk's copy in `pack` as condemned.
@@ -262,61 +279,86 @@ impl Index {
         self.condemned.clear();
     }
 
+    pub fn condemned(&self) -> &HashMap<ChunkId, String> {
+        &self.condemned
+    }
+
     /// Is the chunk stored (and not condemned) for this tenant?
     pub fn is_stored(&self, tenant: &str, id: &ChunkId) -> bool {
-        self.chunks.get(id).is_some_and(|l| {
-            self.same_tenant(l.tenant, tenant) && !self.is_condemned_at(id, l.pack)
-        })
+        self.copy(id)
+            .is_some_and(|c| c.tenant == tenant && !self.condemned_at(id, &c.pack))
+    }
+
+    /// For each id, whether this tenant must send it: neither stored (and not
+    /// condemned) nor pending. One read view of the disk for the whole batch.
+    pub fn missing(&self, tenant: &str, ids: &[ChunkId]) -> Vec<u32> {
+        let reader = match self.disk.reader() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the local index failed");
+                None
+            }
+        };
+        let on_disk = |id: &ChunkId| -> bool {
+            let Some(r) = &reader else { return false };
+            let Some(l) = logged(r.get(id)) else {
+                return false;
+            };
+            if !self.disk.tenant_is(l.tenant, tenant) {
+                return false;
+            }
+            match self.condemned.get(id) {
+                None => true,
+                Some(cp) => logged(r.pack_name(l.pack)).is_none_or(|p| p != *cp),
+            }
+        };
+        ids.iter()
+            .enumerate()
+            .filter(|(_, id)| {
+                if self.is_pending(tenant, id) {
+                    return false;
+                }
+                if let Some(o) = self.own.get(id) {
+                    return !(*o.tenant == *tenant && !self.condemned_at(id, &o.pack));
+                }
+                !(self.filter.may_contain(id) && on_disk(id))
+            })
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 
     /// Does any chunk of this tenant count as absent because its copy is condemned?
     pub fn has_condemned(&self, tenant: &str) -> bool {
-        self.condemned.keys().any(|id| {
-            self.chunks.get(id).is_some_and(|l| {
-                self.same_tenant(l.tenant, tenant) && self.is_condemned_at(id, l.pack)
-            })
+        self.condemned.iter().any(|(id, pack)| {
+            self.copy(id)
+                .is_some_and(|c| c.tenant == tenant && c.pack == *pack)
         })
     }
 
     /// A condemned chunk of this tenant that is still readable (so it can be rescued).
     pub fn condemned_copy(&self, tenant: &str, id: &ChunkId) -> Option<Found> {
-        let l = *self.chunks.get(id)?;
-        if !self.same_tenant(l.tenant, tenant) || !self.is_condemned_at(id, l.pack) {
+        let c = self.copy(id)?;
+        if c.tenant != tenant || !self.condemned_at(id, &c.pack) {
             return None;
         }
-        self.found(&l)
+        Some(c.found())
     }
 
     /// The pack holding the copy of a chunk that reads use, with its tenant.
-    pub fn canonical(&self, id: &ChunkId) -> Option<(&str, &str)> {
-        let l = self.chunks.get(id)?;
-        Some((
-            self.packs.get(l.pack as usize)?.as_str(),
-            self.tenants.get(l.tenant as usize)?.as_str(),
-        ))
-    }
-
-    /// Forgets every stored chunk (keeping reservations and condemnations), before a
-    /// reload from the index objects.
-    pub fn clear_stored(&mut self) {
-        self.packs.clear();
-        self.pack_ids.clear();
-        self.chunks.clear();
-        self.loaded_files.clear();
+    pub fn canonical(&self, id: &ChunkId) -> Option<(String, String)> {
+        self.copy(id).map(|c| (c.pack, c.tenant))
     }
 
     pub fn is_pending(&self, tenant: &str, id: &ChunkId) -> bool {
-        self.pending
-            .get(id)
-            .is_some_and(|t| self.same_tenant(*t, tenant))
+        self.pending.get(id).is_some_and(|t| **t == *tenant)
     }
 
     /// Reserves a chunk for writing; false if it is stored or already reserved.
     pub fn reserve(&mut self, tenant: &str, id: ChunkId) -> bool {
-        if self.is_stored(tenant, &id) || self.pending.contains_key(&id) {
+        if self.pending.contains_key(&id) || self.is_stored(tenant, &id) {
             return false;
         }
-        let t = self.tenant_id(tenant);
+        let t = self.tenant(tenant);
         self.pending.insert(id, t);
         true
     }
@@ -326,180 +368,70 @@ impl Index {
     }
 
     pub fn find(&self, tenant: &str, id: &ChunkId) -> Option<Found> {
-        let l = self.chunks.get(id)?;
-        if !self.same_tenant(l.tenant, tenant) {
-            return None;
-        }
-        self.found(l)
-    }
-
-    fn found(&self, l: &Location) -> Option<Found> {
-        Some(Found {
-            pack: self.packs.get(l.pack as usize)?.clone(),
-            offset: l.offset,
-            length: l.length,
-            raw_length: l.raw_length,
-        })
+        let c = self.copy(id)?;
+        (c.tenant == tenant).then(|| c.found())
     }
 
     pub fn has_pack(&self, name: &str) -> bool {
-        self.pack_ids.contains_key(name)
+        self.own_packs.contains(name)
+            || logged(self.disk.reader().map(Some)).is_some_and(|r| {
+                r.has_pack(name).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading the local index failed");
+                    false
+                })
+            })
     }
 
+    /// Chunks stored (on disk and in own packs not indexed yet).
     pub fn len(&self) -> usize {
-        self.chunks.len()
+        let on_disk = self.disk.len().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the local index failed");
+            0
+        });
+        on_disk as usize + self.own.len()
+    }
+
+    /// Memory of the filter, in bytes.
+    pub fn filter_bytes(&self) -> usize {
+        self.filter.bytes()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The filter of everything `disk` holds, one partition at a time.
+pub(crate) fn build_filter(disk: &DiskIndex) -> Result<MemFilter, DiskError> {
+    let mut f = MemFilter::default();
+    for p in 0..filter::PARTITIONS {
+        let p = p as u8;
+        f.set_partition(p, disk.partition_keys(p)?);
+    }
+    Ok(f)
+}
 
-    #[test]
-    fn tenants_are_separate() {
-        let mut ix = Index::default();
-        let id = ChunkId([1; 32]);
-        assert!(ix.reserve("a", id));
-        assert!(!ix.reserve("a", id));
-        assert!(ix.is_pending("a", &id));
-        assert!(!ix.is_pending("b", &id));
-        ix.add_pack(&pack("p", id));
-        assert!(ix.is_stored("a", &id));
-        assert!(!ix.is_stored("b", &id));
-        assert!(ix.find("b", &id).is_none());
-        assert_eq!(ix.find("a", &id).unwrap().pack, "p");
+/// Where the index cache lives when the caller names none: a directory of this process
+/// under the temp dir, removed with the repository.
+pub(crate) struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    pub fn new() -> Result<PrivateDir, DiskError> {
+        let dir = std::env::temp_dir().join(format!(
+            "datamover-index-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| DiskError::Cache {
+            path: dir.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(PrivateDir(dir))
     }
 
-    fn pack(name: &str, id: ChunkId) -> PackEntries {
-        PackEntries {
-            name: name.into(),
-            blobs: vec![BlobEntry {
-                id: id.0.to_vec(),
-                offset: 0,
-                length: 10,
-                raw_length: 5,
-                tenant: "a".into(),
-            }],
-            created_unix: 0,
-        }
+    pub fn path(&self) -> &Path {
+        &self.0
     }
+}
 
-    #[test]
-    fn condemned_copy_counts_as_absent_until_stored_again() {
-        let mut ix = Index::default();
-        let id = ChunkId([2; 32]);
-        ix.add_pack(&pack("old", id));
-        ix.condemn(id, "old");
-        assert!(!ix.is_stored("a", &id));
-        assert!(ix.has_condemned("a"));
-        assert!(
-            !ix.has_condemned("b"),
-            "another tenant's condemnations are not ours"
-        );
-        assert_eq!(ix.condemned_copy("a", &id).unwrap().pack, "old");
-        // a backup may store it again: the new copy is the one reads use
-        assert!(ix.reserve("a", id));
-        ix.add_pack(&pack("new", id));
-        assert!(ix.is_stored("a", &id));
-        assert_eq!(ix.find("a", &id).unwrap().pack, "new");
-        assert!(ix.condemned_copy("a", &id).is_none());
-        assert!(
-            !ix.has_condemned("a"),
-            "the live copy is the one that counts"
-        );
-        // a condemnation of the old copy does not touch the new one
-        ix.add_pack(&pack("third", id));
-        assert_eq!(ix.find("a", &id).unwrap().pack, "new");
-    }
-
-    fn loc(n: u32) -> Location {
-        Location {
-            pack: n % 7,
-            offset: n,
-            length: n.wrapping_mul(3),
-            raw_length: n ^ 0x5555,
-            tenant: 0,
-        }
-    }
-
-    fn id_of(n: u32) -> ChunkId {
-        ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
-    }
-
-    #[test]
-    fn chunk_table_finds_every_chunk_across_merges() {
-        let mut t = ChunkTable::default();
-        let n = 5 * MERGE_MIN as u32 + 123;
-        for i in 0..n {
-            t.insert(id_of(i), loc(i));
-            // every few, check one inserted earlier (in the table or still recent)
-            if i % 997 == 0 {
-                let j = i / 2;
-                assert_eq!(t.get(&id_of(j)), Some(&loc(j)));
-            }
-        }
-        assert!(!t.sorted.is_empty(), "merged at least once");
-        assert_eq!(t.len(), n as usize);
-        assert!(t.sorted.windows(2).all(|w| w[0].id < w[1].id));
-        for i in 0..n {
-            assert_eq!(t.get(&id_of(i)), Some(&loc(i)), "chunk {i}");
-        }
-        for i in n..n + 1000 {
-            assert_eq!(t.get(&id_of(i)), None);
-        }
-        // extremes of the prefix table
-        for id in [ChunkId([0; 32]), ChunkId([0xff; 32])] {
-            assert_eq!(t.get(&id), None);
-            t.insert(id, loc(1));
-            assert_eq!(t.get(&id), Some(&loc(1)));
-        }
-        // replacing keeps one entry, wherever it is
-        t.merge();
-        t.insert(id_of(5), loc(99));
-        t.insert(ChunkId([0xff; 32]), loc(98));
-        assert_eq!(t.get(&id_of(5)), Some(&loc(99)));
-        assert_eq!(t.get(&ChunkId([0xff; 32])), Some(&loc(98)));
-        assert_eq!(t.len(), n as usize + 2);
-        t.clear();
-        assert_eq!(t.len(), 0);
-        assert_eq!(t.get(&id_of(5)), None);
-    }
-
-    #[test]
-    fn index_of_many_packs_keeps_first_live_copy() {
-        let mut ix = Index::default();
-        let per_pack = 3000u32;
-        for p in 0..10u32 {
-            let blobs = (0..per_pack)
-                .map(|i| BlobEntry {
-                    id: id_of(p * per_pack + i).0.to_vec(),
-                    offset: i,
-                    length: 1,
-                    raw_length: 1,
-                    tenant: "a".into(),
-                })
-                .collect();
-            ix.add_pack(&PackEntries {
-                name: format!("p{p}"),
-                blobs,
-                created_unix: 0,
-            });
-        }
-        assert_eq!(ix.len(), 10 * per_pack as usize);
-        let id = id_of(4 * per_pack + 17);
-        assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
-        assert_eq!(ix.find("a", &id).unwrap().offset, 17);
-        // a second copy elsewhere does not replace a live one
-        ix.add_pack(&pack("dup", id));
-        assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
-        // once the first copy is condemned, the new copy is the one reads use
-        ix.condemn(id, "p4");
-        assert!(!ix.is_stored("a", &id));
-        ix.add_pack(&pack("dup2", id));
-        assert_eq!(ix.find("a", &id).unwrap().pack, "dup2");
-        assert!(ix.is_stored("a", &id));
-        ix.clear_stored();
-        assert_eq!(ix.len(), 0);
-        assert!(!ix.is_stored("a", &id));
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use tokio::sync::{OnceCell, Semaphore, mpsc};
 
 use crate::RepoError;
 use crate::crypto::{self, KdfParams, Keys};
-use crate::index::{Index, IndexFile, PackEntries};
+use crate::index::{DiskIndex, Index, IndexFile, PackEntries, PrivateDir};
 use crate::memory::PackBuffers;
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
@@ -68,6 +69,10 @@ pub struct RepositoryOptions {
     pub chunks_per_index: usize,
     /// Packs uploaded at once in the background (each holds one pack in memory).
     pub upload_concurrency: usize,
+    /// Where the local on-disk index lives (one file per repository, rebuilt from the
+    /// bucket when missing or unusable). `None`: a directory of this process under the
+    /// temp dir, removed when the repository is dropped.
+    pub index_cache_dir: Option<PathBuf>,
 }
 
 impl Default for RepositoryOptions {
@@ -80,6 +85,7 @@ impl Default for RepositoryOptions {
             packs_per_index: 32,
             chunks_per_index: 50_000,
             upload_concurrency: 4,
+            index_cache_dir: None,
         }
     }
 }
@@ -139,6 +145,12 @@ pub struct Repository {
     opts: RepositoryOptions,
     chunker: ChunkerParams,
     index: RwLock<Index>,
+    /// The directory of the local index.
+    index_dir: IndexDir,
+    /// The repository's id (names its local index file).
+    repo_id: String,
+    /// One refresh of the index at a time.
+    refreshing: tokio::sync::Mutex<()>,
     writer: tokio::sync::Mutex<Writer>,
     /// One permit per pack upload in flight; holding them all means none is in flight.
     uploads: Arc<Semaphore>,
@@ -156,6 +168,8 @@ pub struct Repository {
 }
 
 #[cfg(test)]
+mod cache_tests;
+#[cfg(test)]
 mod fuzz_tests;
 mod maintenance;
 mod synthetic;
@@ -164,6 +178,21 @@ pub use maintenance::{
     MaintenanceOptions, MaintenanceReport, Problem, VerifyOptions, VerifyReport,
 };
 pub use synthetic::synthetic_chunk_id;
+
+/// Where the local index lives.
+enum IndexDir {
+    Given(PathBuf),
+    Private(PrivateDir),
+}
+
+impl IndexDir {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            IndexDir::Given(p) => p,
+            IndexDir::Private(d) => d.path(),
+        }
+    }
+}
 
 fn poisoned<T>(_: T) -> RepoError {
     RepoError::Task("a lock was poisoned by a panic".into())
@@ -205,12 +234,31 @@ impl Repository {
         let cache = NonZeroUsize::new(opts.pack_cache_packs.max(1)).unwrap_or(NonZeroUsize::MIN);
         let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
         let pack_buffers = PackBuffers::default();
+        let index_dir = match &opts.index_cache_dir {
+            Some(p) => IndexDir::Given(p.clone()),
+            None => IndexDir::Private(PrivateDir::new()?),
+        };
+        let (dir, id) = (index_dir.path().to_path_buf(), config.id.clone());
+        let started = std::time::Instant::now();
+        let index = tokio::task::spawn_blocking(move || Index::new(DiskIndex::open(&dir, &id)?))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))??;
+        tracing::info!(
+            dir = %index_dir.path().display(),
+            chunks = index.len(),
+            filter_bytes = index.filter_bytes(),
+            elapsed = ?started.elapsed(),
+            "local index opened"
+        );
         let repo = Arc::new(Repository {
             store,
             keys,
             opts,
             chunker,
-            index: RwLock::new(Index::default()),
+            index: RwLock::new(index),
+            index_dir,
+            repo_id: config.id.clone(),
+            refreshing: tokio::sync::Mutex::new(()),
             writer: tokio::sync::Mutex::new(Writer {
                 pack: PackBuilder::new(pack_buffers.clone()),
             }),
@@ -300,13 +348,7 @@ impl Repository {
 
     /// Indexes (into `ids`) of the chunks this tenant must send.
     pub fn find_missing(&self, tenant: &str, ids: &[ChunkId]) -> Result<Vec<u32>, RepoError> {
-        let ix = self.index.read().map_err(poisoned)?;
-        Ok(ids
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| !ix.is_stored(tenant, id) && !ix.is_pending(tenant, id))
-            .map(|(i, _)| i as u32)
-            .collect())
+        Ok(self.index.read().map_err(poisoned)?.missing(tenant, ids))
     }
 
     /// Verifies, compresses, encrypts and packs chunks. Idempotent: a chunk stored or being
@@ -410,7 +452,7 @@ impl Repository {
                 Ok(()) => {
                     tracing::debug!(pack = %name, bytes = len, chunks = ids.len(), "pack written");
                     if let Ok(mut ix) = me.index.write() {
-                        ix.add_pack(&entries);
+                        ix.add_own_pack(&entries);
                     }
                     if let Ok(mut u) = me.unindexed.lock() {
                         u.push(entries);
@@ -469,12 +511,8 @@ impl Repository {
             self.unindexed.lock().map_err(poisoned)?.extend(file.packs);
             return Err(e.into());
         }
-        self.index
-            .write()
-            .map_err(poisoned)?
-            .loaded_files
-            .insert(name);
-        Ok(())
+        // Into the local index now, so the entries leave memory.
+        self.ingest(Vec::from([(name, file)])).await
     }
 
     /// Writes the open pack, waits for every upload, and writes an index object for

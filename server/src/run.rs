@@ -48,7 +48,10 @@ async fn open_repository(
         match Repository::open(
             Arc::clone(&store),
             &settings.repo_password,
-            RepositoryOptions::default(),
+            RepositoryOptions {
+                index_cache_dir: Some(settings.index_cache.clone()),
+                ..RepositoryOptions::default()
+            },
         )
         .await
         {

@@ -103,6 +103,10 @@ pub struct Settings {
     pub config: BTreeMap<String, String>,
     /// The Kubernetes API, for ServiceAccount clients.
     pub kube: crate::token_review::KubeSettings,
+    /// The local on-disk chunk index (`DATAMOVER_INDEX_CACHE`, default
+    /// `/var/cache/datamover/index`): a cache, rebuilt from the bucket's `index/` objects
+    /// when missing; an emptyDir volume is enough.
+    pub index_cache: PathBuf,
 }
 
 impl std::fmt::Debug for Settings {
@@ -265,7 +269,12 @@ impl Settings {
         };
 
         let kube = crate::token_review::KubeSettings::from_env(&env, &paths);
+        let index_cache = env("DATAMOVER_INDEX_CACHE")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| paths.resolve("var/cache/datamover/index"));
         Ok(Settings {
+            index_cache,
             kube,
             sync_prefix,
             maintenance,

@@ -11,7 +11,7 @@ use super::RepoConfig;
 use super::maintenance::LockFile;
 use crate::SnapshotFile;
 use crate::crypto::{self, KdfParams, Keys};
-use crate::index::{BlobEntry, Index, IndexFile, PackEntries};
+use crate::index::{BlobEntry, DiskIndex, Index, IndexFile, PackEntries};
 use crate::pack::PackBuilder;
 
 fn keys() -> Keys {
@@ -108,8 +108,8 @@ fn fuzz_pack_trailers() {
         match PackBuilder::read_trailer(&k, "fuzz", input) {
             Ok(e) => {
                 // Authenticated: only an untouched trailer reads.
-                let mut index = Index::default();
-                index.add_pack(&e);
+                let mut index = Index::new(DiskIndex::in_memory()).expect("index");
+                index.add_own_pack(&e);
                 assert!(
                     seeds
                         .iter()
@@ -131,11 +131,17 @@ fn fuzz_index_objects() {
         }
         .encode_to_vec(),
     ];
+    let mut index = Index::new(DiskIndex::in_memory()).expect("index");
+    let mut n = 0u64;
     fuzz::run("index_objects", &seeds, |input| {
         if let Ok(file) = IndexFile::decode(input) {
-            let mut index = Index::default();
+            n += 1;
+            let added = index
+                .disk()
+                .ingest(&[(format!("i{n}"), file.clone())], &Default::default())
+                .expect("ingest");
+            index.note_added(&added).expect("filter");
             for p in &file.packs {
-                index.add_pack(p);
                 for b in &p.blobs {
                     if let Ok(id) = ChunkId::from_slice(&b.id) {
                         let _ = index.find(&b.tenant, &id);

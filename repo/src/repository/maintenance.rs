@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::{Repository, poisoned};
 use crate::RepoError;
 use crate::crypto;
-use crate::index::{IndexFile, PackEntries};
+use crate::index::{DiskIndex, IndexFile, PackEntries, build_filter};
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
 use crate::store::FileType;
@@ -46,6 +46,9 @@ use crate::store::FileType;
 const LOCK_STALE: Duration = Duration::from_secs(3600);
 /// A server's published session time older than this is ignored (the server is gone).
 const SESSIONS_STALE: Duration = Duration::from_secs(180);
+/// Entries of `index/` objects read before they are written into the local index at
+/// once (about 30 MiB of them in memory).
+const INGEST_BATCH_CHUNKS: usize = 500_000;
 /// Packs downloaded at once by verify.
 const VERIFY_PARALLEL_PACKS: usize = 4;
 
@@ -197,61 +200,102 @@ impl Repository {
         Ok(name)
     }
 
-    /// Loads what `index/` and `condemned/` hold now. If an object loaded before is
-    /// gone (maintenance replaced it), everything is reloaded.
+    /// Loads what `index/` and `condemned/` hold now into the local index, reading only
+    /// the objects it does not hold yet. If an object it holds is gone (maintenance
+    /// replaced it), the local index is rebuilt beside the current one and swapped in.
     pub async fn refresh_index(&self) -> Result<(), RepoError> {
+        let _one = self.refreshing.lock().await;
         let names = self.store.list(FileType::Index).await?;
         let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
-        let reload = self
-            .index
-            .read()
-            .map_err(poisoned)?
-            .loaded_files
-            .iter()
-            .any(|n| !listed.contains(n.as_str()));
+        let disk = self.index.read().map_err(poisoned)?.disk();
+        let loaded = disk.loaded_names()?;
+        let reload = loaded.iter().any(|n| !listed.contains(n.as_str()));
         // Condemnations first, so that a reload prefers live copies.
         self.refresh_condemned(reload).await?;
         if !reload {
-            // New objects only add chunks: each is indexed as soon as it is read, so
-            // one object's entries are held at a time.
-            for name in &names {
-                let known = self
-                    .index
-                    .read()
-                    .map_err(poisoned)?
-                    .loaded_files
-                    .contains(name);
-                if known {
-                    continue;
-                }
-                if let Some(file) = self.read_index_file(name).await? {
-                    let mut ix = self.index.write().map_err(poisoned)?;
-                    for p in &file.packs {
-                        ix.add_pack(p);
-                    }
-                    ix.loaded_files.insert(name.clone());
-                }
-            }
-            return Ok(());
+            let todo: Vec<&String> = names.iter().filter(|n| !loaded.contains(*n)).collect();
+            return self.read_into(&disk, &todo, true).await;
         }
-        // A reload replaces everything at once, so readers never see a partial index.
-        let mut files = Vec::new();
-        for name in &names {
-            if let Some(file) = self.read_index_file(name).await? {
-                files.push((name.clone(), file));
-            }
-        }
+        let started = std::time::Instant::now();
+        let (dir, id) = (self.index_dir.path().to_path_buf(), self.repo_id.clone());
+        let fresh = Arc::new(
+            tokio::task::spawn_blocking(move || DiskIndex::fresh(&dir, &id))
+                .await
+                .map_err(|e| RepoError::Task(e.to_string()))??,
+        );
+        let todo: Vec<&String> = names.iter().collect();
+        self.read_into(&fresh, &todo, false).await?;
+        let (built, old) = (Arc::clone(&fresh), Arc::clone(&disk));
+        drop(fresh);
+        let (disk, filter) = tokio::task::spawn_blocking(move || {
+            let filter = build_filter(&built)?;
+            let disk = match Arc::try_unwrap(built) {
+                Ok(d) => Arc::new(d.adopt(&old)),
+                Err(shared) => shared,
+            };
+            Ok::<_, RepoError>((disk, filter))
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))??;
         let mut ix = self.index.write().map_err(poisoned)?;
-        ix.clear_stored();
+        ix.replace(disk, filter);
         // Packs this server uploaded but has not indexed yet stay known.
-        for p in self.unindexed.lock().map_err(poisoned)?.iter() {
-            ix.add_pack(p);
-        }
-        for (name, file) in files {
-            for p in &file.packs {
-                ix.add_pack(p);
+        ix.reset_own(self.unindexed.lock().map_err(poisoned)?.iter());
+        tracing::info!(objects = names.len(), chunks = ix.len(), elapsed = ?started.elapsed(), "local index rebuilt from the bucket");
+        Ok(())
+    }
+
+    /// Reads the `index/` objects `names` into `disk`, a batch of about
+    /// [`INGEST_BATCH_CHUNKS`] entries at a time; `live`: `disk` is the one in use (its
+    /// filter learns the new chunks, own packs now listed leave memory).
+    async fn read_into(
+        &self,
+        disk: &Arc<DiskIndex>,
+        names: &[&String],
+        live: bool,
+    ) -> Result<(), RepoError> {
+        let mut batch = Vec::new();
+        let mut chunks = 0usize;
+        for (i, name) in names.iter().enumerate() {
+            if let Some(file) = self.read_index_file(name).await? {
+                chunks += file.packs.iter().map(|p| p.blobs.len()).sum::<usize>();
+                batch.push(((*name).clone(), file));
             }
-            ix.loaded_files.insert(name);
+            if chunks >= INGEST_BATCH_CHUNKS || (i + 1 == names.len() && !batch.is_empty()) {
+                self.ingest_into(disk, std::mem::take(&mut batch), live)
+                    .await?;
+                chunks = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes index objects (this server's, just written) into the local index in use.
+    pub(crate) async fn ingest(&self, files: Vec<(String, IndexFile)>) -> Result<(), RepoError> {
+        let disk = self.index.read().map_err(poisoned)?.disk();
+        self.ingest_into(&disk, files, true).await
+    }
+
+    async fn ingest_into(
+        &self,
+        disk: &Arc<DiskIndex>,
+        files: Vec<(String, IndexFile)>,
+        live: bool,
+    ) -> Result<(), RepoError> {
+        let condemned = self.index.read().map_err(poisoned)?.condemned().clone();
+        let d = Arc::clone(disk);
+        let (files, added) = tokio::task::spawn_blocking(move || {
+            let added = d.ingest(&files, &condemned)?;
+            Ok::<_, RepoError>((files, added))
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))??;
+        if live {
+            let mut ix = self.index.write().map_err(poisoned)?;
+            ix.note_added(&added)?;
+            for (_, f) in &files {
+                ix.own_packs_indexed(f);
+            }
         }
         Ok(())
     }
@@ -327,11 +371,7 @@ impl Repository {
         let n = adopted.len() as u64;
         let file = IndexFile { packs: adopted };
         let name = self.write_index_file(&file).await?;
-        let mut ix = self.index.write().map_err(poisoned)?;
-        for p in &file.packs {
-            ix.add_pack(p);
-        }
-        ix.loaded_files.insert(name);
+        self.ingest(Vec::from([(name, file)])).await?;
         tracing::info!(packs = n, "adopted packs that had no index");
         Ok(n)
     }
@@ -511,8 +551,7 @@ impl Repository {
                         fates.push(Fate::Keep);
                         continue;
                     };
-                    let canonical_here =
-                        ix.canonical(&id).map(|(pack, _)| pack) == Some(p.name.as_str());
+                    let canonical_here = ix.canonical(&id).is_some_and(|(pack, _)| pack == p.name);
                     let key = (id, p.name.clone());
                     let fate = if young {
                         Fate::Keep

@@ -1,0 +1,183 @@
+use super::*;
+
+/// An index over a fresh on-disk index in `dir`.
+fn index_in(dir: &Path) -> Index {
+    Index::new(DiskIndex::open(dir, "repo").unwrap()).unwrap()
+}
+
+/// What a refresh does with one `index/` object.
+fn ingest(ix: &mut Index, name: &str, packs: Vec<PackEntries>) {
+    let file = IndexFile { packs };
+    let disk = ix.disk();
+    let added = disk
+        .ingest(&[(name.to_string(), file.clone())], ix.condemned())
+        .unwrap();
+    ix.note_added(&added).unwrap();
+    ix.own_packs_indexed(&file);
+}
+
+fn pack(name: &str, id: ChunkId) -> PackEntries {
+    PackEntries {
+        name: name.into(),
+        blobs: vec![BlobEntry {
+            id: id.0.to_vec(),
+            offset: 0,
+            length: 10,
+            raw_length: 5,
+            tenant: "a".into(),
+        }],
+        created_unix: 0,
+    }
+}
+
+fn id_of(n: u32) -> ChunkId {
+    ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes())
+}
+
+#[test]
+fn tenants_are_separate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ix = index_in(dir.path());
+    let id = ChunkId([1; 32]);
+    assert!(ix.reserve("a", id));
+    assert!(!ix.reserve("a", id));
+    assert!(ix.is_pending("a", &id));
+    assert!(!ix.is_pending("b", &id));
+    // an own pack first (in memory), then listed by an index object (on disk)
+    ix.add_own_pack(&pack("p", id));
+    for _ in 0..2 {
+        assert!(ix.is_stored("a", &id));
+        assert!(!ix.is_stored("b", &id));
+        assert!(ix.find("b", &id).is_none());
+        assert_eq!(ix.find("a", &id).unwrap().pack, "p");
+        assert_eq!(ix.missing("a", &[id]), Vec::<u32>::new());
+        assert_eq!(ix.missing("b", &[id]), vec![0]);
+        ingest(&mut ix, "i1", vec![pack("p", id)]);
+    }
+    assert!(ix.own.is_empty(), "indexed own packs leave memory");
+    assert!(ix.has_pack("p"));
+    assert!(!ix.has_pack("q"));
+}
+
+#[test]
+fn condemned_copy_counts_as_absent_until_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ix = index_in(dir.path());
+    let id = ChunkId([2; 32]);
+    ingest(&mut ix, "i1", vec![pack("old", id)]);
+    ix.condemn(id, "old");
+    assert!(!ix.is_stored("a", &id));
+    assert_eq!(ix.missing("a", &[id]), vec![0]);
+    assert!(ix.has_condemned("a"));
+    assert!(
+        !ix.has_condemned("b"),
+        "another tenant's condemnations are not ours"
+    );
+    assert_eq!(ix.condemned_copy("a", &id).unwrap().pack, "old");
+    // a backup may store it again: the new copy is the one reads use
+    assert!(ix.reserve("a", id));
+    ingest(&mut ix, "i2", vec![pack("new", id)]);
+    assert!(ix.is_stored("a", &id));
+    assert_eq!(ix.find("a", &id).unwrap().pack, "new");
+    assert!(ix.condemned_copy("a", &id).is_none());
+    assert!(
+        !ix.has_condemned("a"),
+        "the live copy is the one that counts"
+    );
+    // a condemnation of the old copy does not touch the new one
+    ingest(&mut ix, "i3", vec![pack("third", id)]);
+    assert_eq!(ix.find("a", &id).unwrap().pack, "new");
+}
+
+#[test]
+fn many_chunks_a_byte_each_in_memory_first_live_copy_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ix = index_in(dir.path());
+    let per_pack = 32u32;
+    let n = 300_000u32;
+    let mut packs = Vec::new();
+    for p in 0..n / per_pack {
+        let blobs = (0..per_pack)
+            .map(|i| BlobEntry {
+                id: id_of(p * per_pack + i).0.to_vec(),
+                offset: i,
+                length: 1,
+                raw_length: 1,
+                tenant: "a".into(),
+            })
+            .collect();
+        packs.push(PackEntries {
+            name: format!("p{p}"),
+            blobs,
+            created_unix: 0,
+        });
+        // objects of 10,000 chunks, as a server writes them
+        if packs.len() * per_pack as usize >= 10_000 {
+            ingest(&mut ix, &format!("i{p}"), std::mem::take(&mut packs));
+        }
+    }
+    ingest(&mut ix, "last", packs);
+    assert_eq!(ix.len(), n as usize);
+    // The filter is all the memory the entries take: about a byte a chunk, where the
+    // in-memory table took 52, plus the deltas of recent additions (bounded).
+    let deltas = filter::PARTITIONS * filter::DELTA_MIN * 20;
+    let bytes = ix.filter_bytes();
+    assert!(
+        bytes < n as usize * 14 / 10 + deltas,
+        "{bytes} bytes for {n} chunks"
+    );
+    // Rebuilt from disk (as at a start), exactly the fingerprints.
+    let mut reopened = Index::new(DiskIndex::fresh(dir.path(), "repo").unwrap()).unwrap();
+    reopened.replace(ix.disk(), build_filter(&ix.disk()).unwrap());
+    let per_chunk = reopened.filter_bytes() as f64 / f64::from(n);
+    // (1.5 bytes at this size, 1.35 at a million, 1.15 from about 50 million: small
+    // partitions cost more a key)
+    assert!(per_chunk < 1.6, "{per_chunk:.2} bytes a chunk");
+    let ids: Vec<ChunkId> = (0..2000).map(|i| id_of(i * 150)).collect();
+    assert_eq!(reopened.missing("a", &ids), Vec::<u32>::new());
+    let absent: Vec<ChunkId> = (n..n + 2000).map(id_of).collect();
+    assert_eq!(reopened.missing("a", &absent).len(), 2000);
+    let id = id_of(4 * per_pack + 17);
+    assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
+    assert_eq!(ix.find("a", &id).unwrap().offset, 17);
+    // a second copy elsewhere does not replace a live one
+    ingest(&mut ix, "dup", vec![pack("dup", id)]);
+    assert_eq!(ix.find("a", &id).unwrap().pack, "p4");
+    // once the first copy is condemned, the new copy is the one reads use
+    ix.condemn(id, "p4");
+    assert!(!ix.is_stored("a", &id));
+    ingest(&mut ix, "dup2", vec![pack("dup2", id)]);
+    assert_eq!(ix.find("a", &id).unwrap().pack, "dup2");
+    assert!(ix.is_stored("a", &id));
+}
+
+#[test]
+fn an_unusable_or_foreign_cache_file_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = ChunkId([3; 32]);
+    let path = {
+        let mut ix = index_in(dir.path());
+        ingest(&mut ix, "i1", vec![pack("p", id)]);
+        ix.disk().path().to_path_buf()
+    };
+    {
+        let ix = index_in(dir.path());
+        assert!(ix.is_stored("a", &id), "kept across opens");
+        assert!(ix.disk().loaded_names().unwrap().contains("i1"));
+    }
+    // another repository's file is not used
+    {
+        let ix = Index::new(DiskIndex::open(dir.path(), "other").unwrap()).unwrap();
+        assert!(!ix.is_stored("a", &id));
+    }
+    std::fs::write(&path, b"not a database at all, just some garbage bytes").unwrap();
+    let ix = index_in(dir.path());
+    assert!(!ix.is_stored("a", &id));
+    assert!(
+        ix.disk().loaded_names().unwrap().is_empty(),
+        "to be rebuilt"
+    );
+    // while it is open, another opener gets a private file
+    let other = index_in(dir.path());
+    assert_ne!(other.disk().path(), ix.disk().path());
+}
