@@ -438,6 +438,17 @@ impl CredentialStore {
         })
     }
 
+    /// A credential refused outside gRPC (an S3 signature) from `peer`: how long to delay
+    /// the answer, as for gRPC failures.
+    pub fn auth_failed(&self, peer: IpAddr) -> Duration {
+        self.limiter.failed(peer)
+    }
+
+    /// A credential accepted outside gRPC from `peer`.
+    pub fn auth_succeeded(&self, peer: IpAddr) {
+        self.limiter.succeeded(peer)
+    }
+
     /// Reads the caller's id and credential from request metadata and checks them;
     /// failures from one peer are answered more and more slowly.
     pub async fn authenticate(

@@ -2,7 +2,8 @@
 //! sessions, chunks per `PutChunks` message, catalog chunks per commit, and the length of
 //! a restore's path and patterns ([`check_selection`]). A client over
 //! a limit gets RESOURCE_EXHAUSTED saying which limit and what to do; other clients are
-//! not affected (each has its own bucket).
+//! not affected (each has its own bucket). The S3 gateway's requests take from the same
+//! bucket as the client's gRPC calls; over the rate they are answered SlowDown (HTTP 503).
 //!
 //! Set by environment variables (read once, at the first call):
 //! `DATAMOVER_CLIENT_RATE` (calls per second, default 1000), `DATAMOVER_CLIENT_BURST`
@@ -101,6 +102,12 @@ impl Limits {
 
     /// Takes one call from `client`'s bucket.
     pub fn admit(&self, client: &str) -> Result<(), Status> {
+        self.take(client).map_err(Status::resource_exhausted)
+    }
+
+    /// Takes one call from `client`'s bucket; over the rate, the message to answer (the
+    /// S3 gateway answers it as SlowDown).
+    pub fn take(&self, client: &str) -> Result<(), String> {
         let Ok(mut buckets) = self.buckets.lock() else {
             return Ok(()); // a poisoned table limits nobody rather than everybody
         };
@@ -116,9 +123,9 @@ impl Limits {
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.at = now;
         if b.tokens < 1.0 {
-            return Err(Status::resource_exhausted(format!(
+            return Err(format!(
                 "client {client} is over its rate of {rate} calls per second: slow down and retry (the server's DATAMOVER_CLIENT_RATE sets the limit)"
-            )));
+            ));
         }
         b.tokens -= 1.0;
         Ok(())

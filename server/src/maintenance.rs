@@ -1,10 +1,12 @@
 //! Maintenance from the server's side: the `Maintain` call, the schedule from the
 //! config key `maintenanceInterval`, and the publication of this server's oldest running
-//! backup session (so that maintenance on any replica keeps what it relies on).
+//! backup session (so that maintenance on any replica keeps what it relies on). A run
+//! also aborts the S3 gateway's multipart uploads older than `s3UploadMaxAge`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use datamover_repo::objects::ObjectStore;
 use datamover_repo::{MaintenanceOptions, MaintenanceReport, RepoError, Repository};
 
 use crate::metrics::Metrics;
@@ -19,6 +21,9 @@ pub struct MaintenanceSettings {
     pub interval: Option<Duration>,
     /// See [`MaintenanceOptions::grace`].
     pub grace: Duration,
+    /// S3 gateway multipart uploads older than this are aborted (none: never), config
+    /// key `s3UploadMaxAge`.
+    pub s3_upload_max_age: Option<Duration>,
 }
 
 impl Default for MaintenanceSettings {
@@ -26,6 +31,7 @@ impl Default for MaintenanceSettings {
         MaintenanceSettings {
             interval: None,
             grace: Duration::from_secs(24 * 3600),
+            s3_upload_max_age: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -37,6 +43,8 @@ pub struct Maintainer {
     sessions: Sessions,
     settings: MaintenanceSettings,
     metrics: Arc<Metrics>,
+    /// The plain-object store, where the S3 gateway records its multipart uploads.
+    objects: Option<Arc<dyn ObjectStore>>,
     /// This server process, in locks and session records.
     instance: String,
 }
@@ -68,7 +76,35 @@ impl Maintainer {
             sessions,
             settings,
             metrics,
+            objects: None,
             instance,
+        }
+    }
+
+    /// Also aborts the S3 gateway's abandoned multipart uploads in `objects`.
+    pub fn with_gateway_uploads(mut self, objects: Arc<dyn ObjectStore>) -> Self {
+        self.objects = Some(objects);
+        self
+    }
+
+    /// Aborts the gateway's multipart uploads older than the set age; a failure is
+    /// logged and retried at the next run.
+    async fn expire_uploads(&self, dry_run: bool) {
+        let (Some(objects), Some(max_age)) = (&self.objects, self.settings.s3_upload_max_age)
+        else {
+            return;
+        };
+        match crate::s3::uploads::expire(objects.as_ref(), max_age, dry_run).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                dry_run,
+                uploads = n,
+                max_age = %humantime::format_duration(max_age),
+                "S3 multipart uploads older than s3UploadMaxAge aborted"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "aborting old S3 multipart uploads failed; retried at the next maintenance")
+            }
         }
     }
 
@@ -81,6 +117,7 @@ impl Maintainer {
             ..Default::default()
         };
         let started = std::time::Instant::now();
+        self.expire_uploads(dry_run).await;
         let result = self.repo.maintain(&opts).await;
         self.metrics.op("maintenance", result.is_ok());
         if let Ok(r) = &result {

@@ -159,12 +159,14 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         .set_serving::<DatamoverServer<DatamoverService>>()
         .await;
     let sessions = Sessions::default();
+    let objects = open_objects(&settings)?;
     let maintainer = Maintainer::new(
         Arc::clone(&repo),
         sessions.clone(),
         settings.maintenance.clone(),
         Arc::clone(&metrics),
-    );
+    )
+    .with_gateway_uploads(Arc::clone(&objects));
     maintainer.clone().spawn();
     let service = DatamoverServer::new(DatamoverService::new(
         Arc::clone(&repo),
@@ -175,7 +177,6 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     ))
     .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
-    let objects = open_objects(&settings)?;
     tracing::info!(location = %objects.location(), "edge sync objects");
     let s3_gateway = match settings.s3_port {
         Some(port) => Some(
@@ -296,11 +297,14 @@ async fn start_s3_gateway(
     let key = s3::auth::GatewayKey::from_repo_password(&settings.repo_password);
     let gateway = s3::Gateway::new(objects, Arc::clone(&creds), key.clone(), metrics);
     let mut builder = s3s::service::S3ServiceBuilder::new(gateway);
-    builder.set_auth(s3::auth::GatewayAuth { creds, key });
+    builder.set_auth(s3::auth::GatewayAuth {
+        creds: Arc::clone(&creds),
+        key,
+    });
     let service = builder.build();
     tracing::info!(address = %addr, "S3 gateway listening (TLS, the server's certificate)");
     Ok(tokio::spawn(s3::listener::serve(
-        listener, acceptor, service,
+        listener, acceptor, service, creds,
     )))
 }
 

@@ -11,14 +11,19 @@
 //!   `<sync prefix>/<tenant>/<bucket>/<key>`.
 //! - [`listing`]: ListObjects(V2) pages with prefix, delimiter and continuation.
 //! - [`objects`]: head, get (with a range), put (streamed), copy, delete.
-//! - [`multipart`]: create, upload part, complete, abort, list parts.
+//! - [`owners`]: bucket names are one namespace across tenants; a bucket is its creator's
+//!   (recorded in the store), every other tenant gets AccessDenied.
+//! - [`multipart`]: create, upload part, complete, abort, list parts, list uploads, on
+//!   [`uploads`] recorded in the store (they survive restarts; maintenance aborts old ones).
 //! - [`body`]: bodies in pieces between clients and the store.
 //! - [`listener`]: the TLS listener.
 //! - [`error`]: the gateway's errors and the S3 error each one answers.
 //!
 //! Roles: `append` may list and put but neither overwrite nor delete; `read` may list and
 //! get; `full` and `admin` may do everything within their tenant. Everything else of the
-//! S3 API answers NotImplemented.
+//! S3 API answers NotImplemented. Every request takes from the client's rate limit
+//! ([`crate::limits`]; over it: SlowDown), and refused signatures are answered more and
+//! more slowly ([`listener`]).
 
 use std::sync::Arc;
 
@@ -30,9 +35,10 @@ use s3s::dto::{
     DeleteBucketInput, DeleteBucketOutput, DeleteObjectInput, DeleteObjectOutput,
     DeleteObjectsInput, DeleteObjectsOutput, ETag, GetBucketLocationInput, GetBucketLocationOutput,
     GetObjectInput, GetObjectOutput, HeadBucketInput, HeadBucketOutput, HeadObjectInput,
-    HeadObjectOutput, ListBucketsInput, ListBucketsOutput, ListObjectsInput, ListObjectsOutput,
-    ListObjectsV2Input, ListObjectsV2Output, ListPartsInput, ListPartsOutput, Object,
-    PutObjectInput, PutObjectOutput, Timestamp, UploadPartInput, UploadPartOutput,
+    HeadObjectOutput, ListBucketsInput, ListBucketsOutput, ListMultipartUploadsInput,
+    ListMultipartUploadsOutput, ListObjectsInput, ListObjectsOutput, ListObjectsV2Input,
+    ListObjectsV2Output, ListPartsInput, ListPartsOutput, Object, PutObjectInput, PutObjectOutput,
+    Timestamp, UploadPartInput, UploadPartOutput,
 };
 use s3s::{S3, S3Request, S3Response, S3Result};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -49,11 +55,14 @@ pub mod listing;
 pub mod multipart;
 pub mod names;
 pub mod objects;
+pub mod owners;
+pub mod uploads;
 
 use auth::{GatewayAuth, GatewayKey};
 use error::{GatewayError, GatewayResult};
 use listing::{Listed, page};
 use names::{bucket_prefix, dir_of, tenant_prefix};
+use owners::{Intent, Owned};
 
 const MIB: u64 = 1024 * 1024;
 /// Memory for request bodies in flight (parts being stored), in MiB.
@@ -66,7 +75,7 @@ pub struct Gateway {
     objects: Arc<dyn ObjectStore>,
     metrics: Arc<Metrics>,
     auth: GatewayAuth,
-    uploads: multipart::Uploads,
+    owners: owners::Owners,
     budget: Arc<Semaphore>,
 }
 
@@ -81,7 +90,7 @@ impl Gateway {
             objects,
             metrics,
             auth: GatewayAuth { creds, key },
-            uploads: multipart::Uploads::default(),
+            owners: owners::Owners::default(),
             budget: Arc::new(Semaphore::new(MEMORY_BUDGET_MIB as usize)),
         }
     }
@@ -94,7 +103,31 @@ impl Gateway {
                 "anonymous requests are not served: sign requests with the client id as access key and its S3 secret".into(),
             ));
         };
-        self.auth.identity(&c.access_key)
+        let id = self.auth.identity(&c.access_key)?;
+        if let Some(r) = req.extensions.get::<listener::Reached>() {
+            r.set();
+        }
+        crate::limits::global()
+            .take(&id.client_id)
+            .map_err(GatewayError::SlowDown)?;
+        Ok(id)
+    }
+
+    /// Checks that `bucket` is the caller's tenant's (or nobody's): another tenant's is
+    /// AccessDenied. With [`Intent::Write`] a free name becomes the caller's.
+    async fn bucket(&self, id: &Identity, bucket: &str, intent: Intent) -> GatewayResult<Owned> {
+        let owned = self
+            .owners
+            .resolve(self.objects.as_ref(), &id.tenant, bucket, intent)
+            .await?;
+        if owned == Owned::Other {
+            tracing::info!(client = %id.client_id, tenant = %id.tenant, bucket, "S3 request on another tenant's bucket refused");
+            return Err(GatewayError::Denied(format!(
+                "bucket '{bucket}' belongs to another tenant: client '{}' may use only its own tenant's buckets; choose another bucket name",
+                id.client_id
+            )));
+        }
+        Ok(owned)
     }
 
     fn require(&self, id: &Identity, op: Op) -> GatewayResult<()> {
@@ -163,26 +196,46 @@ impl Gateway {
             .collect())
     }
 
+    /// The caller's tenant's buckets: the names holding objects in its namespace (sync
+    /// targets included) and those it created, less any another tenant owns.
     async fn list_buckets(&self, id: &Identity) -> GatewayResult<ListBucketsOutput> {
         self.require(id, Op::List)?;
         let base = tenant_prefix(&id.tenant)?;
         let infos = self.objects.list(&base).await?;
-        let found = listing::buckets(
+        let mut found = listing::buckets(
             infos
                 .iter()
                 .filter_map(|o| Some((o.key.strip_prefix(&base)?, o.modified))),
         );
+        for name in self
+            .owners
+            .entries(self.objects.as_ref(), &id.tenant)
+            .await?
+        {
+            if !found.iter().any(|(n, _)| *n == name) {
+                found.push((name, None));
+            }
+        }
+        found.sort();
+        let mut buckets = Vec::with_capacity(found.len());
+        for (name, created) in found {
+            if !owners::valid_bucket_name(&name) {
+                continue;
+            }
+            let owned = self
+                .owners
+                .resolve(self.objects.as_ref(), &id.tenant, &name, Intent::Read)
+                .await?;
+            if owned == Owned::Mine {
+                buckets.push(Bucket {
+                    name: Some(name),
+                    creation_date: created.map(Timestamp::from),
+                    ..Default::default()
+                });
+            }
+        }
         Ok(ListBucketsOutput {
-            buckets: Some(
-                found
-                    .into_iter()
-                    .map(|(name, created)| Bucket {
-                        name: Some(name),
-                        creation_date: created.map(Timestamp::from),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
+            buckets: Some(buckets),
             ..Default::default()
         })
     }
@@ -254,14 +307,26 @@ impl Gateway {
         })
     }
 
-    /// Buckets are sync targets: one exists as soon as it holds an object, so creating one
-    /// only checks the name and the right to write.
-    fn create_bucket(&self, id: &Identity, bucket: &str) -> GatewayResult<CreateBucketOutput> {
+    /// A bucket becomes the caller's tenant's, unless another tenant owns the name
+    /// (BucketAlreadyExists); creating one's own bucket again succeeds.
+    async fn create_bucket(
+        &self,
+        id: &Identity,
+        bucket: &str,
+    ) -> GatewayResult<CreateBucketOutput> {
         self.require(id, Op::Backup)?;
         bucket_prefix(&id.tenant, bucket)?;
+        let owned = self
+            .owners
+            .resolve(self.objects.as_ref(), &id.tenant, bucket, Intent::Write)
+            .await?;
+        if owned != Owned::Mine {
+            return Err(GatewayError::BucketAlreadyExists(bucket.to_string()));
+        }
         Ok(CreateBucketOutput::default())
     }
 
+    /// An empty bucket's name is free again once its owner deletes it.
     async fn delete_bucket(
         &self,
         id: &Identity,
@@ -271,7 +336,26 @@ impl Gateway {
         if !self.listed(id, bucket, "").await?.is_empty() {
             return Err(GatewayError::BucketNotEmpty(bucket.to_string()));
         }
+        if !uploads::in_bucket(self.objects.as_ref(), bucket)
+            .await?
+            .is_empty()
+        {
+            return Err(GatewayError::BucketNotEmpty(bucket.to_string()));
+        }
+        self.owners
+            .release(self.objects.as_ref(), &id.tenant, bucket)
+            .await?;
         Ok(DeleteBucketOutput::default())
+    }
+
+    /// HeadBucket and GetBucketLocation: the bucket must be the caller's.
+    async fn existing(&self, id: &Identity, bucket: &str) -> GatewayResult<()> {
+        self.require(id, Op::List)?;
+        bucket_prefix(&id.tenant, bucket)?;
+        match self.bucket(id, bucket, Intent::Read).await? {
+            Owned::Mine => Ok(()),
+            _ => Err(GatewayError::NoSuchBucket(bucket.to_string())),
+        }
     }
 }
 
@@ -314,8 +398,15 @@ fn decode_token(token: &str) -> GatewayResult<String> {
         })
 }
 
-/// Runs one operation as its signer, and counts it.
+/// Runs one operation as its signer, and counts it; with `bucket: <intent>`, first checks
+/// that the input's bucket is the caller's tenant's (see [`Gateway::bucket`]).
 macro_rules! op {
+    ($self:ident, $req:ident, $name:literal, bucket: $intent:expr, |$id:ident, $input:ident| $body:expr) => {{
+        op!($self, $req, $name, |$id, $input| async {
+            $self.bucket(&$id, &$input.bucket, $intent).await?;
+            $body.await
+        })
+    }};
     ($self:ident, $req:ident, $name:literal, |$id:ident, $input:ident| $body:expr) => {{
         let result: GatewayResult<_> = async {
             let $id = $self.caller(&$req)?;
@@ -357,8 +448,7 @@ impl S3 for Gateway {
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
         op!(self, req, "head_bucket", |id, input| async {
-            self.require(&id, Op::List)?;
-            bucket_prefix(&id.tenant, &input.bucket)?;
+            self.existing(&id, &input.bucket).await?;
             Ok::<_, GatewayError>(HeadBucketOutput::default())
         })
     }
@@ -367,16 +457,15 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
-        op!(self, req, "create_bucket", |id, input| async {
-            self.create_bucket(&id, &input.bucket)
-        })
+        op!(self, req, "create_bucket", |id, input| self
+            .create_bucket(&id, &input.bucket))
     }
 
     async fn delete_bucket(
         &self,
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
-        op!(self, req, "delete_bucket", |id, input| self
+        op!(self, req, "delete_bucket", bucket: Intent::Read, |id, input| self
             .delete_bucket(&id, &input.bucket))
     }
 
@@ -385,8 +474,7 @@ impl S3 for Gateway {
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         op!(self, req, "get_bucket_location", |id, input| async {
-            self.require(&id, Op::List)?;
-            bucket_prefix(&id.tenant, &input.bucket)?;
+            self.existing(&id, &input.bucket).await?;
             Ok::<_, GatewayError>(GetBucketLocationOutput::default())
         })
     }
@@ -395,7 +483,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
-        op!(self, req, "list_objects_v2", |id, input| self
+        op!(self, req, "list_objects_v2", bucket: Intent::Read, |id, input| self
             .list_v2(&id, input))
     }
 
@@ -403,7 +491,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<ListObjectsInput>,
     ) -> S3Result<S3Response<ListObjectsOutput>> {
-        op!(self, req, "list_objects", |id, input| self
+        op!(self, req, "list_objects", bucket: Intent::Read, |id, input| self
             .list_v1(&id, input))
     }
 
@@ -411,7 +499,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        op!(self, req, "head_object", |id, input| self
+        op!(self, req, "head_object", bucket: Intent::Read, |id, input| self
             .head_object(&id, input))
     }
 
@@ -419,7 +507,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
-        op!(self, req, "get_object", |id, input| self
+        op!(self, req, "get_object", bucket: Intent::Read, |id, input| self
             .get_object(&id, input))
     }
 
@@ -427,7 +515,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        op!(self, req, "put_object", |id, input| self
+        op!(self, req, "put_object", bucket: Intent::Write, |id, input| self
             .put_object(&id, input))
     }
 
@@ -435,7 +523,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
-        op!(self, req, "copy_object", |id, input| self
+        op!(self, req, "copy_object", bucket: Intent::Write, |id, input| self
             .copy_object(&id, input))
     }
 
@@ -443,7 +531,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        op!(self, req, "delete_object", |id, input| self
+        op!(self, req, "delete_object", bucket: Intent::Read, |id, input| self
             .delete_object(&id, input))
     }
 
@@ -451,7 +539,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
-        op!(self, req, "delete_objects", |id, input| self
+        op!(self, req, "delete_objects", bucket: Intent::Read, |id, input| self
             .delete_objects(&id, input))
     }
 
@@ -459,7 +547,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
-        op!(self, req, "create_multipart_upload", |id, input| self
+        op!(self, req, "create_multipart_upload", bucket: Intent::Write, |id, input| self
             .create_upload(&id, input))
     }
 
@@ -467,7 +555,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        op!(self, req, "upload_part", |id, input| self
+        op!(self, req, "upload_part", bucket: Intent::Write, |id, input| self
             .upload_part(&id, input))
     }
 
@@ -475,7 +563,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        op!(self, req, "complete_multipart_upload", |id, input| self
+        op!(self, req, "complete_multipart_upload", bucket: Intent::Write, |id, input| self
             .complete_upload(&id, input))
     }
 
@@ -483,7 +571,7 @@ impl S3 for Gateway {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        op!(self, req, "abort_multipart_upload", |id, input| self
+        op!(self, req, "abort_multipart_upload", bucket: Intent::Read, |id, input| self
             .abort_upload(&id, input))
     }
 
@@ -491,7 +579,15 @@ impl S3 for Gateway {
         &self,
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
-        op!(self, req, "list_parts", |id, input| self
+        op!(self, req, "list_parts", bucket: Intent::Read, |id, input| self
             .list_parts(&id, input))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        op!(self, req, "list_multipart_uploads", bucket: Intent::Read, |id, input| self
+            .list_uploads(&id, input))
     }
 }

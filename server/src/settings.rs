@@ -250,6 +250,9 @@ impl Settings {
         if let Some(g) = duration("maintenanceGrace")? {
             maintenance.grace = g;
         }
+        if config.contains_key("s3UploadMaxAge") {
+            maintenance.s3_upload_max_age = duration("s3UploadMaxAge")?;
+        }
 
         let sync_prefix = match config.get("syncPrefix").map(|s| s.trim().trim_matches('/')) {
             Some(p) if !p.is_empty() => {

@@ -235,6 +235,11 @@ impl SyncService {
         {
             let mut m = slot.lock().await;
             if m.is_none() {
+                if self.s3.is_some() {
+                    // The target's name as an S3 bucket stays this tenant's.
+                    crate::s3::owners::note_sync_target(self.objects.as_ref(), tenant, target)
+                        .await;
+                }
                 *m = Some(self.load_manifest(&key).await?);
             }
         }

@@ -41,7 +41,9 @@ pub enum GatewayError {
     NotModified,
     #[error("{0}")]
     PreconditionFailed(String),
-    #[error("bucket '{0}' is not empty: delete its objects first")]
+    #[error(
+        "bucket '{0}' is not empty: delete its objects and abort its multipart uploads (ListMultipartUploads names them) first"
+    )]
     BucketNotEmpty(String),
     #[error(
         "the storage behind the gateway failed: retry; if it persists, the server log says why"
@@ -49,6 +51,14 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     #[error("the gateway is shutting down: retry")]
     Unavailable,
+    #[error("{0}")]
+    SlowDown(String),
+    #[error(
+        "bucket '{0}' belongs to another tenant: bucket names are shared by all tenants of this server; choose another name"
+    )]
+    BucketAlreadyExists(String),
+    #[error("bucket '{0}' does not exist: create it (CreateBucket) or write an object into it")]
+    NoSuchBucket(String),
 }
 
 impl From<GatewayError> for S3Error {
@@ -71,6 +81,9 @@ impl From<GatewayError> for S3Error {
             GatewayError::Store(StoreError::NotFound(_)) => S3ErrorCode::NoSuchKey,
             GatewayError::Store(_) => S3ErrorCode::InternalError,
             GatewayError::Unavailable => S3ErrorCode::ServiceUnavailable,
+            GatewayError::SlowDown(_) => S3ErrorCode::SlowDown,
+            GatewayError::BucketAlreadyExists(_) => S3ErrorCode::BucketAlreadyExists,
+            GatewayError::NoSuchBucket(_) => S3ErrorCode::NoSuchBucket,
         };
         if let GatewayError::Store(err) = &e {
             // The detail stays in the log (it names the backing store, never its keys).

@@ -1,84 +1,126 @@
 //! Multipart uploads of S3 clients, on top of the store's multipart uploads.
 //!
-//! The store's upload id is handed to the client. The gateway remembers, in memory, which
-//! tenant and key each upload belongs to and the parts received (for ListParts and to
-//! check CompleteMultipartUpload); an upload started before a restart of the server is
-//! unknown afterwards and has to be started again.
-
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::SystemTime;
+//! The store's upload id is handed to the client. Which tenant and key each upload belongs
+//! to, and the parts received (for ListParts, ListMultipartUploads and to check
+//! CompleteMultipartUpload), are recorded in the store ([`super::uploads`]), so an upload
+//! goes on across replicas and restarts; maintenance aborts the abandoned ones.
 
 use s3s::dto::{
-    AbortMultipartUploadInput, AbortMultipartUploadOutput, CompleteMultipartUploadInput,
-    CompleteMultipartUploadOutput, CreateMultipartUploadInput, CreateMultipartUploadOutput, ETag,
-    ListPartsInput, ListPartsOutput, Part, Timestamp, UploadPartInput, UploadPartOutput,
+    AbortMultipartUploadInput, AbortMultipartUploadOutput, CommonPrefix,
+    CompleteMultipartUploadInput, CompleteMultipartUploadOutput, CreateMultipartUploadInput,
+    CreateMultipartUploadOutput, ETag, ListMultipartUploadsInput, ListMultipartUploadsOutput,
+    ListPartsInput, ListPartsOutput, MultipartUpload, Part, Timestamp, UploadPartInput,
+    UploadPartOutput,
 };
 
 use super::body::{collect, meta_for};
 use super::error::{GatewayError, GatewayResult};
 use super::names::object_key;
+use super::owners::now_unix;
+use super::uploads::{self, PartInfo, UploadRecord};
 use super::{Gateway, MIB};
 use crate::access::Op;
 use crate::credentials::Identity;
 
 /// The largest part the gateway accepts (it holds one part in memory while storing it).
 pub const MAX_PART: u64 = 64 * MIB;
-/// Parts per ListParts page at most.
+/// Parts per ListParts page at most, uploads per ListMultipartUploads page at most.
 const MAX_LIST_PARTS: usize = 1000;
 
-#[derive(Debug, Clone)]
-struct PartInfo {
-    etag: String,
-    size: u64,
-    at: SystemTime,
-}
-
-#[derive(Debug)]
-struct Upload {
-    tenant: String,
-    key: String,
-    parts: BTreeMap<i32, PartInfo>,
-}
-
-/// Uploads in progress, by upload id.
-#[derive(Default)]
-pub struct Uploads(Mutex<HashMap<String, Upload>>);
-
-impl Uploads {
-    fn with<T>(
-        &self,
-        id: &str,
-        tenant: &str,
-        key: &str,
-        f: impl FnOnce(&mut Upload) -> T,
-    ) -> GatewayResult<T> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(id) {
-            Some(u) if u.tenant == tenant && u.key == key => Ok(f(u)),
-            _ => Err(GatewayError::NoSuchUpload(id.chars().take(200).collect())),
-        }
-    }
-
-    fn start(&self, id: String, tenant: &str, key: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(
-            id,
-            Upload {
-                tenant: tenant.to_string(),
-                key: key.to_string(),
-                parts: BTreeMap::new(),
-            },
-        );
-    }
-
-    fn remove(&self, id: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(id);
-    }
-}
-
 impl Gateway {
+    /// The caller's upload `upload_id` of `key` in `bucket`.
+    async fn upload(
+        &self,
+        id: &Identity,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> GatewayResult<UploadRecord> {
+        object_key(&id.tenant, bucket, key)?;
+        uploads::find(self.objects.as_ref(), &id.tenant, bucket, key, upload_id).await
+    }
+
+    /// ListMultipartUploads: the uploads in progress in a bucket, by key then upload id,
+    /// after the markers, folded by the delimiter.
+    pub(super) async fn list_uploads(
+        &self,
+        id: &Identity,
+        input: ListMultipartUploadsInput,
+    ) -> GatewayResult<ListMultipartUploadsOutput> {
+        self.require(id, Op::List)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let mut all: Vec<UploadRecord> = uploads::in_bucket(self.objects.as_ref(), &input.bucket)
+            .await?
+            .into_iter()
+            .filter(|u| u.tenant == id.tenant && u.key.starts_with(&prefix))
+            .collect();
+        all.sort_by(|a, b| (&a.key, &a.upload_id).cmp(&(&b.key, &b.upload_id)));
+        let key_marker = input.key_marker.clone().unwrap_or_default();
+        let id_marker = input.upload_id_marker.clone();
+        let after = all.into_iter().filter(|u| match &id_marker {
+            Some(m) if u.key == key_marker => u.upload_id > *m,
+            _ => u.key > key_marker,
+        });
+        let max = input
+            .max_uploads
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(MAX_LIST_PARTS)
+            .clamp(1, MAX_LIST_PARTS);
+        let mut listed = Vec::new();
+        let mut common: Vec<String> = Vec::new();
+        let mut truncated = false;
+        let mut last: Option<(String, String)> = None;
+        for u in after {
+            if listed.len() + common.len() >= max {
+                truncated = true;
+                break;
+            }
+            if let Some(d) = &delimiter
+                && let Some(i) = u.key[prefix.len()..].find(d.as_str())
+            {
+                let p = u.key[..prefix.len() + i + d.len()].to_string();
+                if common.last() != Some(&p) {
+                    common.push(p);
+                }
+                last = Some((u.key.clone(), u.upload_id.clone()));
+                continue;
+            }
+            last = Some((u.key.clone(), u.upload_id.clone()));
+            listed.push(MultipartUpload {
+                key: Some(u.key),
+                upload_id: Some(u.upload_id),
+                initiated: Some(Timestamp::from(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(u.created_unix),
+                )),
+                ..Default::default()
+            });
+        }
+        let (next_key, next_id) = match (truncated, last) {
+            (true, Some((k, i))) => (Some(k), Some(i)),
+            _ => (None, None),
+        };
+        Ok(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            delimiter: input.delimiter,
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
+            max_uploads: Some(i32::try_from(max).unwrap_or(i32::MAX)),
+            is_truncated: Some(truncated),
+            next_key_marker: next_key,
+            next_upload_id_marker: next_id,
+            uploads: Some(listed),
+            common_prefixes: Some(
+                common
+                    .into_iter()
+                    .map(|p| CommonPrefix { prefix: Some(p) })
+                    .collect(),
+            ),
+            ..Default::default()
+        })
+    }
+
     pub(super) async fn create_upload(
         &self,
         id: &Identity,
@@ -88,7 +130,21 @@ impl Gateway {
         let key = object_key(&id.tenant, &input.bucket, &input.key)?;
         self.no_overwrite(id, &key).await?;
         let upload_id = self.objects.create_multipart(&key, meta_for(None)).await?;
-        self.uploads.start(upload_id.clone(), &id.tenant, &key);
+        let record = UploadRecord {
+            upload_id: upload_id.clone(),
+            tenant: id.tenant.clone(),
+            bucket: input.bucket.clone(),
+            key: input.key.clone(),
+            store_key: key,
+            created_unix: now_unix(),
+        };
+        if let Err(e) = uploads::start(self.objects.as_ref(), &record).await {
+            let _ = self
+                .objects
+                .abort_multipart(&record.store_key, &upload_id)
+                .await;
+            return Err(e);
+        }
         tracing::debug!(client = %id.client_id, bucket = %input.bucket, "S3 multipart upload started");
         Ok(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -104,9 +160,10 @@ impl Gateway {
         input: UploadPartInput,
     ) -> GatewayResult<UploadPartOutput> {
         self.require(id, Op::Backup)?;
-        let key = object_key(&id.tenant, &input.bucket, &input.key)?;
-        self.uploads
-            .with(&input.upload_id, &id.tenant, &key, |_| ())?;
+        let record = self
+            .upload(id, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let key = record.store_key.clone();
         if !(1..=10_000).contains(&input.part_number) {
             return Err(GatewayError::InvalidPart(format!(
                 "part number {} is outside 1 to 10000",
@@ -132,16 +189,14 @@ impl Gateway {
             .objects
             .upload_part(&key, &input.upload_id, input.part_number, data)
             .await?;
-        self.uploads.with(&input.upload_id, &id.tenant, &key, |u| {
-            u.parts.insert(
-                input.part_number,
-                PartInfo {
-                    etag: etag.clone(),
-                    size,
-                    at: SystemTime::now(),
-                },
-            );
-        })?;
+        uploads::add_part(
+            self.objects.as_ref(),
+            &record,
+            input.part_number,
+            &etag,
+            size,
+        )
+        .await?;
         Ok(UploadPartOutput {
             e_tag: Some(ETag::Strong(etag)),
             ..Default::default()
@@ -154,10 +209,11 @@ impl Gateway {
         input: CompleteMultipartUploadInput,
     ) -> GatewayResult<CompleteMultipartUploadOutput> {
         self.require(id, Op::Backup)?;
-        let key = object_key(&id.tenant, &input.bucket, &input.key)?;
-        let known = self
-            .uploads
-            .with(&input.upload_id, &id.tenant, &key, |u| u.parts.clone())?;
+        let record = self
+            .upload(id, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let key = record.store_key.clone();
+        let known = uploads::parts(self.objects.as_ref(), &record).await?;
         let asked = input
             .multipart_upload
             .and_then(|m| m.parts)
@@ -197,7 +253,7 @@ impl Gateway {
             .objects
             .complete_multipart(&key, &input.upload_id, &parts)
             .await?;
-        self.uploads.remove(&input.upload_id);
+        uploads::remove(self.objects.as_ref(), &input.bucket, &input.upload_id).await?;
         tracing::debug!(client = %id.client_id, bucket = %input.bucket, parts = parts.len(), "S3 multipart upload completed");
         Ok(CompleteMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -213,11 +269,18 @@ impl Gateway {
         input: AbortMultipartUploadInput,
     ) -> GatewayResult<AbortMultipartUploadOutput> {
         self.require(id, Op::Backup)?;
-        let key = object_key(&id.tenant, &input.bucket, &input.key)?;
-        self.uploads
-            .with(&input.upload_id, &id.tenant, &key, |_| ())?;
-        self.objects.abort_multipart(&key, &input.upload_id).await?;
-        self.uploads.remove(&input.upload_id);
+        let record = self
+            .upload(id, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        match self
+            .objects
+            .abort_multipart(&record.store_key, &input.upload_id)
+            .await
+        {
+            Ok(()) | Err(datamover_repo::store::StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        uploads::remove(self.objects.as_ref(), &input.bucket, &input.upload_id).await?;
         Ok(AbortMultipartUploadOutput::default())
     }
 
@@ -227,10 +290,10 @@ impl Gateway {
         input: ListPartsInput,
     ) -> GatewayResult<ListPartsOutput> {
         self.require(id, Op::List)?;
-        let key = object_key(&id.tenant, &input.bucket, &input.key)?;
-        let known = self
-            .uploads
-            .with(&input.upload_id, &id.tenant, &key, |u| u.parts.clone())?;
+        let record = self
+            .upload(id, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let known = uploads::parts(self.objects.as_ref(), &record).await?;
         let marker = input.part_number_marker.unwrap_or(0);
         let max = input
             .max_parts
@@ -244,7 +307,7 @@ impl Gateway {
             .take(max)
             .map(|(n, p)| Part {
                 e_tag: Some(ETag::Strong(p.etag)),
-                last_modified: Some(Timestamp::from(p.at)),
+                last_modified: p.at.map(Timestamp::from),
                 part_number: Some(n),
                 size: Some(i64::try_from(p.size).unwrap_or(i64::MAX)),
                 ..Default::default()

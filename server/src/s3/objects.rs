@@ -201,6 +201,10 @@ impl Gateway {
                     .into(),
             ));
         };
+        if src_bucket.as_ref() != input.bucket.as_str() {
+            self.bucket(id, src_bucket, super::owners::Intent::Read)
+                .await?;
+        }
         let src = object_key(&id.tenant, src_bucket, src_key)?;
         let dst = object_key(&id.tenant, &input.bucket, &input.key)?;
         self.no_overwrite(id, &dst).await?;

@@ -1,0 +1,578 @@
+//! The S3 gateway's boundaries: bucket names owned across tenants (aws-sdk-s3 and the AWS
+//! CLI), multipart uploads that survive a restart and expire in maintenance, the
+//! per-client rate limit (SlowDown) and refused signatures slowed down.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client as S3Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use datamover_tests::gateway::{Gateway, code, tool};
+use datamover_tests::{Garage, Storage, random_bytes, write};
+
+/// Every object of a bucket with its bytes, as `c` reads it.
+fn contents(g: &Gateway, c: &S3Client, bucket: &str) -> Vec<(String, Vec<u8>)> {
+    g.keys(c, bucket, "")
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let data = g.get(c, bucket, &k, None).unwrap();
+            (k, data)
+        })
+        .collect()
+}
+
+fn buckets(g: &Gateway, c: &S3Client) -> Vec<String> {
+    g.rt.block_on(async {
+        c.list_buckets()
+            .send()
+            .await
+            .unwrap()
+            .buckets()
+            .iter()
+            .filter_map(|b| b.name().map(str::to_string))
+            .collect()
+    })
+}
+
+fn create_bucket(g: &Gateway, c: &S3Client, bucket: &str) -> Result<(), String> {
+    g.rt.block_on(async {
+        c.create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(code)
+    })
+}
+
+#[test]
+fn another_tenant_gets_access_denied_on_a_bucket_and_changes_nothing() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[
+            ("alice", "alice-token"),
+            ("alice2", "alice2-token"),
+            ("bob", "bob-token"),
+        ],
+        &[("tenants", "alice=team-a\nalice2=team-a\nbob=team-b")],
+    );
+    let alice = g.client("alice", "alice-token");
+    let alice2 = g.client("alice2", "alice2-token");
+    let bob = g.client("bob", "bob-token");
+    create_bucket(&g, &alice, "reports").unwrap();
+    g.put(&alice, "reports", "q1.txt", b"first quarter")
+        .unwrap();
+    g.put(&alice, "reports", "dir/q2.txt", b"second quarter")
+        .unwrap();
+    create_bucket(&g, &alice, "empty-one").unwrap();
+    let before = contents(&g, &alice, "reports");
+
+    // Every operation of another tenant on the bucket: AccessDenied.
+    let denied = "AccessDenied".to_string();
+    assert_eq!(g.get(&bob, "reports", "q1.txt", None), Err(denied.clone()));
+    assert_eq!(g.keys(&bob, "reports", ""), Err(denied.clone()));
+    assert_eq!(
+        g.put(&bob, "reports", "q1.txt", b"bob's"),
+        Err(denied.clone())
+    );
+    assert_eq!(
+        g.put(&bob, "reports", "new.txt", b"bob's"),
+        Err(denied.clone())
+    );
+    assert_eq!(g.delete(&bob, "reports", "q1.txt"), Err(denied));
+    g.rt.block_on(async {
+        let head = bob
+            .head_object()
+            .bucket("reports")
+            .key("q1.txt")
+            .send()
+            .await;
+        assert!(head.is_err(), "HeadObject of another tenant's object");
+        let up = bob
+            .create_multipart_upload()
+            .bucket("reports")
+            .key("big")
+            .send()
+            .await
+            .map_err(code);
+        assert_eq!(up.err().as_deref(), Some("AccessDenied"));
+        let copy = bob
+            .copy_object()
+            .bucket("bobs")
+            .key("stolen")
+            .copy_source("reports/q1.txt")
+            .send()
+            .await
+            .map_err(code);
+        assert_eq!(copy.err().as_deref(), Some("AccessDenied"));
+        let del = bob
+            .delete_bucket()
+            .bucket("empty-one")
+            .send()
+            .await
+            .map_err(code);
+        assert_eq!(del.err().as_deref(), Some("AccessDenied"));
+    });
+    assert_eq!(
+        create_bucket(&g, &bob, "reports"),
+        Err("BucketAlreadyExists".to_string())
+    );
+    assert_eq!(
+        create_bucket(&g, &bob, "empty-one"),
+        Err("BucketAlreadyExists".to_string())
+    );
+
+    // ListBuckets shows each tenant its own only.
+    g.put(&bob, "bobs", "mine.txt", b"bob's own").unwrap();
+    assert_eq!(buckets(&g, &alice), ["empty-one", "reports"]);
+    assert_eq!(buckets(&g, &bob), ["bobs"]);
+    assert_eq!(
+        g.get(&alice, "bobs", "mine.txt", None),
+        Err("AccessDenied".to_string())
+    );
+
+    // Nothing of the owner's changed; its tenant's other client has the same bucket.
+    assert_eq!(contents(&g, &alice, "reports"), before);
+    assert_eq!(contents(&g, &alice2, "reports"), before);
+    assert!(!g.server.log().contains("bob's"), "no content in the log");
+
+    // The owner is recorded in the store: a restarted server agrees.
+    let grpc = g.server.port;
+    let mut g = g;
+    g.server.stop(nix::sys::signal::Signal::SIGTERM);
+    g.server.spawn();
+    g.server.port = grpc;
+    assert_eq!(
+        g.get(&bob, "reports", "q1.txt", None),
+        Err("AccessDenied".to_string())
+    );
+    assert_eq!(contents(&g, &alice, "reports"), before);
+
+    // A deleted bucket's name is free again.
+    g.rt.block_on(async {
+        alice
+            .delete_bucket()
+            .bucket("empty-one")
+            .send()
+            .await
+            .unwrap();
+    });
+    create_bucket(&g, &bob, "empty-one").unwrap();
+    assert_eq!(buckets(&g, &bob), ["bobs", "empty-one"]);
+}
+
+#[test]
+fn another_tenant_gets_access_denied_through_the_aws_cli() {
+    let Some(aws) = tool("aws") else {
+        return;
+    };
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[("alice", "alice-token"), ("bob", "bob-token")],
+        &[],
+    );
+    let alice = g.client("alice", "alice-token");
+    g.put(&alice, "shared-name", "secret.txt", b"alice only")
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let ca = work.path().join("ca.pem");
+    write(&ca, g.ca_pem.as_bytes());
+    write(&work.path().join("upload.txt"), b"from bob");
+    let aws_as_bob = |args: &[&str]| {
+        let out = std::process::Command::new(&aws)
+            .env("AWS_ACCESS_KEY_ID", "bob")
+            .env("AWS_SECRET_ACCESS_KEY", g.secret("bob", "bob-token"))
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_CA_BUNDLE", &ca)
+            .env("AWS_CONFIG_FILE", work.path().join("aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                work.path().join("aws-credentials"),
+            )
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .env_remove("AWS_PROFILE")
+            .args(["--endpoint-url", &g.endpoint()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        vec!["s3", "ls", "s3://shared-name/"],
+        vec!["s3", "cp", "s3://shared-name/secret.txt", "-"],
+        vec![
+            "s3",
+            "cp",
+            work.path().join("upload.txt").to_str().unwrap(),
+            "s3://shared-name/secret.txt",
+        ],
+        vec!["s3", "rm", "s3://shared-name/secret.txt"],
+    ] {
+        let (ok, stdout, stderr) = aws_as_bob(&args);
+        assert!(!ok, "{args:?} succeeded for another tenant: {stdout}");
+        // (A download starts with HeadObject, whose answer has no body: 403 only.)
+        assert!(
+            stderr.contains("AccessDenied") || (args[1] == "cp" && stderr.contains("(403)")),
+            "{args:?}: no AccessDenied in {stderr}"
+        );
+        assert!(!stdout.contains("alice only"), "{args:?} leaked the object");
+    }
+    let (ok, _, stderr) = aws_as_bob(&["s3", "mb", "s3://shared-name"]);
+    assert!(!ok && stderr.contains("BucketAlreadyExists"), "{stderr}");
+    let (ok, stdout, _) = aws_as_bob(&["s3", "ls"]);
+    assert!(ok && !stdout.contains("shared-name"), "{stdout}");
+    assert_eq!(g.keys(&alice, "shared-name", "").unwrap(), ["secret.txt"]);
+    assert_eq!(
+        g.get(&alice, "shared-name", "secret.txt", None).unwrap(),
+        b"alice only"
+    );
+}
+
+#[test]
+fn edge_sync_targets_are_their_tenants_buckets() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[("dev", "dev-token"), ("other", "other-token")],
+        &[],
+    );
+    let dev = g.client("dev", "dev-token");
+    let other = g.client("other", "other-token");
+    // Written as edge sync wrote before buckets had owners: objects only, no record. The
+    // tenant whose namespace holds them owns the name at its first S3 request.
+    let legacy = g.server.repo_dir().join("sync/dev/site-b");
+    write(&legacy.join("a.txt"), b"from before");
+    assert_eq!(
+        g.get(&dev, "site-b", "a.txt", None).unwrap(),
+        b"from before"
+    );
+    assert_eq!(
+        g.put(&other, "site-b", "x", b"x"),
+        Err("AccessDenied".to_string())
+    );
+    assert_eq!(
+        create_bucket(&g, &other, "site-b"),
+        Err("BucketAlreadyExists".to_string())
+    );
+
+    // A target edge sync writes now is recorded as its tenant's at once.
+    let src = tempfile::tempdir().unwrap();
+    write(&src.path().join("b.txt"), b"synced");
+    g.server.client("dev", "dev-token").ok(&[
+        "sync_egress",
+        src.path().to_str().unwrap(),
+        "site-c",
+        "--once",
+    ]);
+    assert_eq!(
+        g.keys(&other, "site-c", ""),
+        Err("AccessDenied".to_string())
+    );
+    assert_eq!(buckets(&g, &dev), ["site-b", "site-c"]);
+    assert_eq!(g.get(&dev, "site-c", "b.txt", None).unwrap(), b"synced");
+    assert!(buckets(&g, &other).is_empty());
+}
+
+fn start_upload(
+    g: &Gateway,
+    c: &S3Client,
+    bucket: &str,
+    key: &str,
+    part: &[u8],
+) -> (String, String) {
+    g.rt.block_on(async {
+        let up = c
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let id = up.upload_id().unwrap().to_string();
+        let out = c
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .part_number(1)
+            .body(ByteStream::from(part.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        (id, out.e_tag().unwrap().to_string())
+    })
+}
+
+fn uploads(g: &Gateway, c: &S3Client, bucket: &str) -> Vec<(String, String)> {
+    g.rt.block_on(async {
+        let out = c
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(code)
+            .unwrap();
+        out.uploads()
+            .iter()
+            .map(|u| {
+                (
+                    u.key().unwrap_or_default().to_string(),
+                    u.upload_id().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    })
+}
+
+fn upload_survives_a_restart(storage: Storage<'_>) {
+    let mut g = Gateway::start(
+        storage,
+        &[("alice", "alice-token"), ("bob", "bob-token")],
+        &[],
+    );
+    let c = g.client("alice", "alice-token");
+    let part1 = random_bytes(21, 5 * 1024 * 1024);
+    let part2 = random_bytes(22, 1234);
+    let (id, etag1) = start_upload(&g, &c, "uploads", "big.bin", &part1);
+    let (other_id, _) = start_upload(&g, &c, "uploads", "dropped.bin", b"x");
+    let mut listed = uploads(&g, &c, "uploads");
+    listed.sort();
+    let mut expected = vec![
+        ("big.bin".to_string(), id.clone()),
+        ("dropped.bin".to_string(), other_id.clone()),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let grpc = g.server.port;
+    g.server.stop(nix::sys::signal::Signal::SIGTERM);
+    g.server.spawn();
+    g.server.port = grpc;
+
+    assert_eq!(
+        uploads(&g, &c, "uploads").len(),
+        2,
+        "known after the restart"
+    );
+    let bob = g.client("bob", "bob-token");
+    g.rt.block_on(async {
+        let e = bob
+            .list_multipart_uploads()
+            .bucket("uploads")
+            .send()
+            .await
+            .map_err(code);
+        assert_eq!(e.err().as_deref(), Some("AccessDenied"));
+        let out = c
+            .upload_part()
+            .bucket("uploads")
+            .key("big.bin")
+            .upload_id(&id)
+            .part_number(2)
+            .body(ByteStream::from(part2.clone()))
+            .send()
+            .await
+            .unwrap();
+        let parts = c
+            .list_parts()
+            .bucket("uploads")
+            .key("big.bin")
+            .upload_id(&id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(parts.parts().len(), 2);
+        c.complete_multipart_upload()
+            .bucket("uploads")
+            .key("big.bin")
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .parts(
+                        CompletedPart::builder()
+                            .part_number(1)
+                            .e_tag(&etag1)
+                            .build(),
+                    )
+                    .parts(
+                        CompletedPart::builder()
+                            .part_number(2)
+                            .e_tag(out.e_tag().unwrap())
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        c.abort_multipart_upload()
+            .bucket("uploads")
+            .key("dropped.bin")
+            .upload_id(&other_id)
+            .send()
+            .await
+            .unwrap();
+    });
+    let mut whole = part1;
+    whole.extend_from_slice(&part2);
+    assert!(g.get(&c, "uploads", "big.bin", None).unwrap() == whole);
+    assert_eq!(g.keys(&c, "uploads", "").unwrap(), ["big.bin"]);
+    assert!(uploads(&g, &c, "uploads").is_empty());
+}
+
+#[test]
+fn a_multipart_upload_survives_a_restart_on_the_filesystem_store() {
+    upload_survives_a_restart(Storage::Filesystem);
+}
+
+#[test]
+fn a_multipart_upload_survives_a_restart_on_garage() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    upload_survives_a_restart(Storage::S3 {
+        garage: &garage,
+        bucket: &garage.bucket,
+        prefix: "gw",
+    });
+}
+
+#[test]
+fn maintenance_aborts_uploads_older_than_the_set_age() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[("alice", "alice-token"), ("admin", "admin-token")],
+        &[("s3UploadMaxAge", "3s"), ("roles", "admin=admin")],
+    );
+    let c = g.client("alice", "alice-token");
+    let (old, _) = start_upload(&g, &c, "bucket-one", "old.bin", &random_bytes(3, 100_000));
+    let parts_dir = g.server.repo_dir().join("sync/.datamover/multipart");
+    assert_eq!(std::fs::read_dir(&parts_dir).unwrap().count(), 1);
+    std::thread::sleep(Duration::from_secs(5));
+    let (young, _) = start_upload(&g, &c, "bucket-one", "young.bin", b"y");
+    let admin = g.server.client("admin", "admin-token");
+    let r = admin.run(&["maintenance"]);
+    assert!(r.success(), "maintenance failed: {}", r.stderr);
+    assert_eq!(
+        uploads(&g, &c, "bucket-one"),
+        [("young.bin".to_string(), young.clone())],
+        "{}",
+        g.server.log()
+    );
+    // The old upload's parts are gone from the store, and it can no longer complete.
+    assert_eq!(std::fs::read_dir(&parts_dir).unwrap().count(), 1);
+    g.rt.block_on(async {
+        let e = c
+            .complete_multipart_upload()
+            .bucket("bucket-one")
+            .key("old.bin")
+            .upload_id(&old)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .parts(CompletedPart::builder().part_number(1).e_tag("x").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(code);
+        assert_eq!(e.err().as_deref(), Some("NoSuchUpload"));
+    });
+    assert!(
+        g.server.log().contains("older than s3UploadMaxAge aborted"),
+        "maintenance logs what it aborted"
+    );
+}
+
+#[test]
+fn a_flooding_client_gets_slow_down_and_another_is_served() {
+    let g = Gateway::start_with_env(
+        Storage::Filesystem,
+        &[("flood", "flood-token"), ("quiet", "quiet-token")],
+        &[],
+        &[
+            ("DATAMOVER_CLIENT_RATE", "5"),
+            ("DATAMOVER_CLIENT_BURST", "10"),
+        ],
+    );
+    let flood = g.client("flood", "flood-token");
+    let quiet = g.client("quiet", "quiet-token");
+    g.put(&quiet, "calm", "k", b"v").unwrap();
+    let mut slowed = None;
+    for i in 0..60 {
+        match g.rt.block_on(async {
+            flood
+                .put_object()
+                .bucket("noisy")
+                .key(format!("k{i}"))
+                .body(ByteStream::from_static(b"x"))
+                .send()
+                .await
+        }) {
+            Ok(_) => {}
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let message = aws_sdk_s3::error::ProvideErrorMetadata::message(&e)
+                    .unwrap_or_default()
+                    .to_string();
+                slowed = Some((code(e), status, message));
+                break;
+            }
+        }
+    }
+    let (code_, status, message) = slowed.expect("60 requests at once were never slowed down");
+    assert_eq!(code_, "SlowDown");
+    assert_eq!(status, Some(503));
+    assert!(
+        message.contains("DATAMOVER_CLIENT_RATE") && message.contains("slow down"),
+        "{message}"
+    );
+    // The other client still works at once.
+    for i in 0..5 {
+        assert_eq!(
+            g.get(&quiet, "calm", "k", None).unwrap(),
+            b"v",
+            "request {i}"
+        );
+    }
+}
+
+#[test]
+fn refused_signatures_are_slowed_down_and_a_good_client_is_not() {
+    let g = Gateway::start(
+        Storage::Filesystem,
+        &[("alice", "alice-token"), ("bob", "bob-token")],
+        &[],
+    );
+    let good = g.client("bob", "bob-token");
+    g.put(&good, "box", "k", b"v").unwrap();
+    let wrong = g.client_with_secret("alice", "not-the-secret");
+    let mut times = Vec::new();
+    for _ in 0..8 {
+        let t = Instant::now();
+        assert_eq!(
+            g.put(&wrong, "box", "k", b"x"),
+            Err("SignatureDoesNotMatch".to_string())
+        );
+        times.push(t.elapsed());
+    }
+    // Three free failures, then 100, 200, 400, 800 and 1600 ms.
+    assert!(
+        times[..3].iter().all(|t| *t < Duration::from_millis(100)),
+        "{times:?}"
+    );
+    assert!(times[4] >= Duration::from_millis(200), "{times:?}");
+    assert!(times[7] >= Duration::from_millis(1600), "{times:?}");
+    assert!(g.server.log().contains("repeated refused signatures"));
+    // A correct client is answered at once, and nothing was written by the wrong one.
+    let t = Instant::now();
+    assert_eq!(g.get(&good, "box", "k", None).unwrap(), b"v");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+}
