@@ -94,12 +94,16 @@ impl S3Objects {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| self.s3.map(e, full))?;
             for obj in page.contents() {
-                if let (Some(upto), Some(k)) = (&upto, obj.key())
-                    && k > upto.as_str()
-                {
+                let end = match (&upto, obj.key()) {
+                    (Some(upto), Some(k)) if k > upto.as_str() => return Ok(out),
+                    (Some(upto), Some(k)) => k == upto.as_str(),
+                    _ => false,
+                };
+                out.extend(self.info(obj));
+                // The range's last key: no need to ask for another page.
+                if end {
                     return Ok(out);
                 }
-                out.extend(self.info(obj));
             }
         }
         Ok(out)
