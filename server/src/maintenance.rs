@@ -96,8 +96,12 @@ impl Maintainer {
         };
         match crate::s3::uploads::expire(objects.as_ref(), max_age, dry_run).await {
             Ok(0) => {}
+            Ok(n) if dry_run => tracing::info!(
+                uploads = n,
+                max_age = %humantime::format_duration(max_age),
+                "S3 multipart uploads older than s3UploadMaxAge found (dry run: none aborted)"
+            ),
             Ok(n) => tracing::info!(
-                dry_run,
                 uploads = n,
                 max_age = %humantime::format_duration(max_age),
                 "S3 multipart uploads older than s3UploadMaxAge aborted"
