@@ -113,12 +113,29 @@ impl Gateway {
         Ok(id)
     }
 
+    /// The tenants of the clients with a credential file, but `tenant`.
+    fn other_tenants(&self, tenant: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .auth
+            .creds
+            .client_ids()
+            .into_iter()
+            .filter_map(|c| self.auth.creds.lookup_derived(&c).map(|(id, _)| id.tenant))
+            .filter(|t| t != tenant)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Checks that `bucket` is the caller's tenant's (or nobody's): another tenant's is
     /// AccessDenied. With [`Intent::Write`] a free name becomes the caller's.
     async fn bucket(&self, id: &Identity, bucket: &str, intent: Intent) -> GatewayResult<Owned> {
         let owned = self
             .owners
-            .resolve(self.objects.as_ref(), &id.tenant, bucket, intent)
+            .resolve(self.objects.as_ref(), &id.tenant, bucket, intent, || {
+                self.other_tenants(&id.tenant)
+            })
             .await?;
         if owned == Owned::Other {
             tracing::info!(client = %id.client_id, tenant = %id.tenant, bucket, "S3 request on another tenant's bucket refused");
@@ -224,7 +241,13 @@ impl Gateway {
             }
             let owned = self
                 .owners
-                .resolve(self.objects.as_ref(), &id.tenant, &name, Intent::Read)
+                .resolve(
+                    self.objects.as_ref(),
+                    &id.tenant,
+                    &name,
+                    Intent::Read,
+                    || self.other_tenants(&id.tenant),
+                )
                 .await?;
             if owned == Owned::Mine {
                 buckets.push(Bucket {
@@ -318,7 +341,13 @@ impl Gateway {
         bucket_prefix(&id.tenant, bucket)?;
         let owned = self
             .owners
-            .resolve(self.objects.as_ref(), &id.tenant, bucket, Intent::Write)
+            .resolve(
+                self.objects.as_ref(),
+                &id.tenant,
+                bucket,
+                Intent::Write,
+                || self.other_tenants(&id.tenant),
+            )
             .await?;
         if owned != Owned::Mine {
             return Err(GatewayError::BucketAlreadyExists(bucket.to_string()));

@@ -259,6 +259,22 @@ fn edge_sync_targets_are_their_tenants_buckets() {
         Err("BucketAlreadyExists".to_string())
     );
 
+    // Another tenant writing first to a legacy target's name finds it taken: the
+    // namespaces of the known tenants are looked at before a free name is given.
+    write(
+        &g.server.repo_dir().join("sync/dev/site-d/old.txt"),
+        b"older still",
+    );
+    assert_eq!(
+        g.put(&other, "site-d", "x", b"x"),
+        Err("AccessDenied".to_string())
+    );
+    assert_eq!(
+        g.get(&dev, "site-d", "old.txt", None).unwrap(),
+        b"older still"
+    );
+    assert_eq!(g.keys(&dev, "site-d", "").unwrap(), ["old.txt"]);
+
     // A target edge sync writes now is recorded as its tenant's at once.
     let src = tempfile::tempdir().unwrap();
     write(&src.path().join("b.txt"), b"synced");
@@ -272,7 +288,7 @@ fn edge_sync_targets_are_their_tenants_buckets() {
         g.keys(&other, "site-c", ""),
         Err("AccessDenied".to_string())
     );
-    assert_eq!(buckets(&g, &dev), ["site-b", "site-c"]);
+    assert_eq!(buckets(&g, &dev), ["site-b", "site-c", "site-d"]);
     assert_eq!(g.get(&dev, "site-c", "b.txt", None).unwrap(), b"synced");
     assert!(buckets(&g, &other).is_empty());
 }

@@ -7,11 +7,13 @@
 //! entry `.datamover/s3/tenants/<tenant>/<bucket>` that lets ListBuckets find a tenant's
 //! empty buckets. The objects stay where edge sync keeps them, `<tenant>/<bucket>/<key>`.
 //!
-//! A bucket without an owner record (a sync target written before buckets had owners, or
-//! by edge sync since) belongs to the tenant whose namespace holds objects under that name:
-//! its first S3 request records it. A name nobody holds is claimed by the first tenant that
-//! writes to it (CreateBucket, PutObject, a multipart upload or a copy); reading one
-//! just finds it empty.
+//! A bucket without an owner record (a sync target written before buckets had owners)
+//! belongs to the tenant whose namespace holds objects under that name: its first S3
+//! request records it, and so does a write of another tenant, which looks in the
+//! namespaces of the tenants the server knows (from the credential files) before it takes
+//! a free name. A name nobody holds is claimed by the first tenant that writes to it
+//! (CreateBucket, PutObject, a multipart upload or a copy); reading one just finds it
+//! empty. With the gateway on, edge sync records the targets it writes.
 //!
 //! Records are written and read back: two tenants claiming one new name at the same
 //! instant on two replicas both read the last writer's record, so one of them is refused.
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use datamover_repo::objects::ObjectStore;
 use datamover_repo::store::StoreError;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use super::error::{GatewayError, GatewayResult};
@@ -34,6 +36,10 @@ use super::names::{bucket_prefix, tenant_prefix};
 const OWNER_TTL: Duration = Duration::from_secs(5);
 /// Owners cached at most (the cache is emptied when full).
 const MAX_CACHED: usize = 10_000;
+/// Other tenants' namespaces looked at, at most, before a free name is claimed.
+const MAX_TENANTS_LOOKED_AT: usize = 10_000;
+/// Namespaces looked at at once.
+const LOOKUPS_AT_ONCE: usize = 16;
 /// The largest record the gateway reads (they are a few dozen bytes).
 pub const MAX_RECORD: usize = 64 * 1024;
 
@@ -193,22 +199,33 @@ impl Owners {
 
     /// Who owns `bucket` for `tenant`; records the owner of a sync target found in the
     /// caller's namespace, and of a free name the caller writes to.
+    ///
+    /// `others` names the other tenants the server knows; before a free name is given to
+    /// the caller, their namespaces are looked at for objects under it (a sync target
+    /// written before buckets had owners).
     pub async fn resolve(
         &self,
         objects: &dyn ObjectStore,
         tenant: &str,
         bucket: &str,
         intent: Intent,
+        others: impl FnOnce() -> Vec<String>,
     ) -> GatewayResult<Owned> {
         let prefix = bucket_prefix(tenant, bucket)?;
         let owner = match self.recorded(objects, bucket).await? {
             Some(owner) => owner,
             None => {
                 let holds = !objects.list(&prefix).await?.is_empty();
-                if !holds && intent == Intent::Read {
+                if holds {
+                    self.claim(objects, tenant, bucket).await?
+                } else if intent == Intent::Read {
                     return Ok(Owned::Nobody);
+                } else {
+                    // A free name, unless another tenant's namespace holds it already.
+                    let holder = holder(objects, others(), bucket).await?;
+                    let first = holder.as_deref().unwrap_or(tenant);
+                    self.claim(objects, first, bucket).await?
                 }
-                self.claim(objects, tenant, bucket).await?
             }
         };
         Ok(if owner == tenant {
@@ -246,6 +263,35 @@ impl Owners {
         self.forget(bucket);
         Ok(())
     }
+}
+
+/// The first of `tenants` whose namespace holds objects under `bucket` (at most
+/// [`MAX_TENANTS_LOOKED_AT`] are looked at).
+async fn holder(
+    objects: &dyn ObjectStore,
+    tenants: Vec<String>,
+    bucket: &str,
+) -> GatewayResult<Option<String>> {
+    if tenants.len() > MAX_TENANTS_LOOKED_AT {
+        tracing::warn!(
+            tenants = tenants.len(),
+            bucket,
+            "too many tenants to look for an unrecorded sync target of this name in each: only the first are"
+        );
+    }
+    let found: Vec<Option<String>> =
+        futures::stream::iter(tenants.into_iter().take(MAX_TENANTS_LOOKED_AT))
+            .map(|t| async move {
+                let Ok(prefix) = bucket_prefix(&t, bucket) else {
+                    return Ok(None);
+                };
+                let holds = !objects.list(&prefix).await?.is_empty();
+                Ok::<_, GatewayError>(holds.then_some(t))
+            })
+            .buffered(LOOKUPS_AT_ONCE)
+            .try_collect()
+            .await?;
+    Ok(found.into_iter().flatten().next())
 }
 
 /// For edge sync: records `tenant` as the owner of the bucket named like its sync target's
