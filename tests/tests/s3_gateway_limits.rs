@@ -592,3 +592,58 @@ fn refused_signatures_are_slowed_down_and_a_good_client_is_not() {
         t.elapsed()
     );
 }
+
+#[test]
+fn list_multipart_uploads_pages_and_folds() {
+    let g = Gateway::start(Storage::Filesystem, &[("alice", "alice-token")], &[]);
+    let c = g.client("alice", "alice-token");
+    for key in ["a.bin", "b.bin", "dir/c.bin", "dir/d.bin"] {
+        start_upload(&g, &c, "paged", key, b"p");
+    }
+    g.rt.block_on(async {
+        let first = c
+            .list_multipart_uploads()
+            .bucket("paged")
+            .max_uploads(2)
+            .send()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = first.uploads().iter().filter_map(|u| u.key()).collect();
+        assert_eq!(keys, ["a.bin", "b.bin"]);
+        assert_eq!(first.is_truncated(), Some(true));
+        let rest = c
+            .list_multipart_uploads()
+            .bucket("paged")
+            .key_marker(first.next_key_marker().unwrap())
+            .upload_id_marker(first.next_upload_id_marker().unwrap())
+            .send()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = rest.uploads().iter().filter_map(|u| u.key()).collect();
+        assert_eq!(keys, ["dir/c.bin", "dir/d.bin"]);
+        assert_eq!(rest.is_truncated(), Some(false));
+        let folded = c
+            .list_multipart_uploads()
+            .bucket("paged")
+            .delimiter("/")
+            .send()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = folded.uploads().iter().filter_map(|u| u.key()).collect();
+        assert_eq!(keys, ["a.bin", "b.bin"]);
+        let prefixes: Vec<&str> = folded
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix())
+            .collect();
+        assert_eq!(prefixes, ["dir/"]);
+        let inside = c
+            .list_multipart_uploads()
+            .bucket("paged")
+            .prefix("dir/")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(inside.uploads().len(), 2);
+    });
+}
