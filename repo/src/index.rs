@@ -20,6 +20,7 @@
 
 mod disk;
 mod filter;
+mod runs;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ use datamover_core::chunk::ChunkId;
 
 pub(crate) use disk::{DiskError, DiskIndex};
 pub(crate) use filter::MemFilter;
+pub(crate) use runs::Runs;
 
 /// One chunk inside a pack (also the pack trailer's and index files' entry).
 #[derive(Clone, PartialEq, prost::Message)]

@@ -21,6 +21,7 @@ use datamover_core::chunk::ChunkId;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{ReadOnlyTable, TableDefinition};
 
+use super::runs::Runs;
 use super::{IndexFile, Loc};
 
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
@@ -299,10 +300,22 @@ impl DiskIndex {
     /// is condemned (`condemned`: chunk → pack of the condemned copy). Returns the ids
     /// added (not those only moved to another copy). The commit is on disk when this
     /// returns.
+    #[cfg(test)]
     pub fn ingest(
         &self,
         files: &[(String, IndexFile)],
         condemned: &HashMap<ChunkId, String>,
+    ) -> Result<Vec<ChunkId>, DiskError> {
+        self.ingest_to(files, condemned, None)
+    }
+
+    /// [`DiskIndex::ingest`], or with `runs`, the entries go to sorted runs instead of
+    /// the tree (a rebuild; [`DiskIndex::merge_runs`] then writes them).
+    pub fn ingest_to(
+        &self,
+        files: &[(String, IndexFile)],
+        condemned: &HashMap<ChunkId, String>,
+        mut runs: Option<&mut Runs>,
     ) -> Result<Vec<ChunkId>, DiskError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::Immediate)
@@ -389,6 +402,12 @@ impl DiskIndex {
             }
             // Sorted, the inserts walk the tree once, in order (stable: within one id,
             // the order of the objects stays, so the first copy is the one kept).
+            if let Some(runs) = runs.as_deref_mut() {
+                for e in &entries {
+                    runs.push(&e.id, encode(&e.loc))?;
+                }
+                entries = Vec::new();
+            }
             entries.sort_by(|a, b| a.id.cmp(&b.id));
             for e in &entries {
                 let old = chunks
@@ -422,6 +441,67 @@ impl DiskIndex {
         }
         txn.commit().map_err(|e| self.err(e))?;
         Ok(added)
+    }
+
+    /// Writes the entries of a rebuild's runs into the tree, in id order: of several
+    /// copies of a chunk the first stays, unless it is condemned and another is not.
+    pub fn merge_runs(
+        &self,
+        runs: Runs,
+        condemned: &HashMap<ChunkId, String>,
+    ) -> Result<(), DiskError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.err(e))?;
+        {
+            let mut chunks = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+            let pack_names = txn.open_table(PACK_NAMES).map_err(|e| self.err(e))?;
+            let condemned_at = |id: &[u8; 32], loc: &[u8; 20]| -> Result<bool, DiskError> {
+                let Some(cp) = condemned.get(&ChunkId(*id)) else {
+                    return Ok(false);
+                };
+                let Some(l) = decode(loc) else {
+                    return Ok(true);
+                };
+                Ok(pack_names
+                    .get(l.pack)
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|n| n.value() == cp.as_str()))
+            };
+            // The copy chosen so far for the id being merged.
+            let mut current: Option<([u8; 32], [u8; 20])> = None;
+            let mut put = |c: &([u8; 32], [u8; 20])| -> Result<(), DiskError> {
+                chunks.insert(&c.0[..], &c.1[..]).map_err(|e| self.err(e))?;
+                Ok(())
+            };
+            runs.merge(|e| {
+                match &current {
+                    Some((id, loc)) if *id == e.id => {
+                        if condemned_at(id, loc)? && !condemned_at(&e.id, &e.loc)? {
+                            current = Some((e.id, e.loc));
+                        }
+                    }
+                    _ => {
+                        if let Some(c) = current.take() {
+                            put(&c)?;
+                        }
+                        current = Some((e.id, e.loc));
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(c) = current.take() {
+                put(&c)?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Where a rebuild's runs go (beside the file).
+    pub fn runs_dir(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".runs");
+        self.path.with_file_name(name)
     }
 
     /// An index in memory (for the fuzz harnesses).

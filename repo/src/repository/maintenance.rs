@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::{Repository, poisoned};
 use crate::RepoError;
 use crate::crypto;
-use crate::index::{DiskIndex, IndexFile, PackEntries, build_filter};
+use crate::index::{DiskIndex, IndexFile, PackEntries, Runs, build_filter};
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
 use crate::store::FileType;
@@ -47,8 +47,8 @@ const LOCK_STALE: Duration = Duration::from_secs(3600);
 /// A server's published session time older than this is ignored (the server is gone).
 const SESSIONS_STALE: Duration = Duration::from_secs(180);
 /// Entries of `index/` objects read before they are written into the local index at
-/// once (about 30 MiB of them in memory).
-const INGEST_BATCH_CHUNKS: usize = 500_000;
+/// once (about 13 MiB of them decoded in memory).
+const INGEST_BATCH_CHUNKS: usize = 100_000;
 /// Packs downloaded at once by verify.
 const VERIFY_PARALLEL_PACKS: usize = 4;
 
@@ -209,12 +209,15 @@ impl Repository {
         let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
         let disk = self.index.read().map_err(poisoned)?.disk();
         let loaded = disk.loaded_names()?;
-        let reload = loaded.iter().any(|n| !listed.contains(n.as_str()));
+        // A first load (an empty cache) is a rebuild too: its bulk load is faster.
+        let reload = loaded.iter().any(|n| !listed.contains(n.as_str()))
+            || (loaded.is_empty() && names.len() > 1);
         // Condemnations first, so that a reload prefers live copies.
         self.refresh_condemned(reload).await?;
         if !reload {
             let todo: Vec<&String> = names.iter().filter(|n| !loaded.contains(*n)).collect();
-            return self.read_into(&disk, &todo, true).await;
+            self.read_into(&disk, &todo, None).await?;
+            return Ok(());
         }
         let started = std::time::Instant::now();
         let (dir, id) = (self.index_dir.path().to_path_buf(), self.repo_id.clone());
@@ -224,7 +227,17 @@ impl Repository {
                 .map_err(|e| RepoError::Task(e.to_string()))??,
         );
         let todo: Vec<&String> = names.iter().collect();
-        self.read_into(&fresh, &todo, false).await?;
+        // Entries go to sorted runs, then into the tree in order.
+        let runs = Runs::new(fresh.runs_dir())?;
+        let runs = self.read_into(&fresh, &todo, Some(runs)).await?;
+        let condemned = self.index.read().map_err(poisoned)?.condemned().clone();
+        let d = Arc::clone(&fresh);
+        tokio::task::spawn_blocking(move || match runs {
+            Some(r) => d.merge_runs(r, &condemned),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))??;
         let (built, old) = (Arc::clone(&fresh), Arc::clone(&disk));
         drop(fresh);
         let (disk, filter) = tokio::task::spawn_blocking(move || {
@@ -246,14 +259,15 @@ impl Repository {
     }
 
     /// Reads the `index/` objects `names` into `disk`, a batch of about
-    /// [`INGEST_BATCH_CHUNKS`] entries at a time; `live`: `disk` is the one in use (its
-    /// filter learns the new chunks, own packs now listed leave memory).
+    /// [`INGEST_BATCH_CHUNKS`] entries at a time. Without `runs`, `disk` is the one in
+    /// use (its filter learns the new chunks, own packs now listed leave memory); with
+    /// them (a rebuild), the entries go there, returned for the merge.
     async fn read_into(
         &self,
         disk: &Arc<DiskIndex>,
         names: &[&String],
-        live: bool,
-    ) -> Result<(), RepoError> {
+        mut runs: Option<Runs>,
+    ) -> Result<Option<Runs>, RepoError> {
         let mut batch = Vec::new();
         let mut chunks = 0usize;
         for (i, name) in names.iter().enumerate() {
@@ -262,42 +276,44 @@ impl Repository {
                 batch.push(((*name).clone(), file));
             }
             if chunks >= INGEST_BATCH_CHUNKS || (i + 1 == names.len() && !batch.is_empty()) {
-                self.ingest_into(disk, std::mem::take(&mut batch), live)
+                runs = self
+                    .ingest_into(disk, std::mem::take(&mut batch), runs)
                     .await?;
                 chunks = 0;
             }
         }
-        Ok(())
+        Ok(runs)
     }
 
     /// Writes index objects (this server's, just written) into the local index in use.
     pub(crate) async fn ingest(&self, files: Vec<(String, IndexFile)>) -> Result<(), RepoError> {
         let disk = self.index.read().map_err(poisoned)?.disk();
-        self.ingest_into(&disk, files, true).await
+        self.ingest_into(&disk, files, None).await?;
+        Ok(())
     }
 
     async fn ingest_into(
         &self,
         disk: &Arc<DiskIndex>,
         files: Vec<(String, IndexFile)>,
-        live: bool,
-    ) -> Result<(), RepoError> {
+        mut runs: Option<Runs>,
+    ) -> Result<Option<Runs>, RepoError> {
         let condemned = self.index.read().map_err(poisoned)?.condemned().clone();
         let d = Arc::clone(disk);
-        let (files, added) = tokio::task::spawn_blocking(move || {
-            let added = d.ingest(&files, &condemned)?;
-            Ok::<_, RepoError>((files, added))
+        let (files, added, runs) = tokio::task::spawn_blocking(move || {
+            let added = d.ingest_to(&files, &condemned, runs.as_mut())?;
+            Ok::<_, RepoError>((files, added, runs))
         })
         .await
         .map_err(|e| RepoError::Task(e.to_string()))??;
-        if live {
+        if runs.is_none() {
             let mut ix = self.index.write().map_err(poisoned)?;
             ix.note_added(&added)?;
             for (_, f) in &files {
                 ix.own_packs_indexed(f);
             }
         }
-        Ok(())
+        Ok(runs)
     }
 
     async fn read_condemned(&self) -> Result<Vec<(String, CondemnedFile)>, RepoError> {
