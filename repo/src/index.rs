@@ -321,7 +321,7 @@ impl Index {
                     return false;
                 }
                 if let Some(o) = self.own.get(id) {
-                    return !(*o.tenant == *tenant && !self.condemned_at(id, &o.pack));
+                    return *o.tenant != *tenant || self.condemned_at(id, &o.pack);
                 }
                 !(self.filter.may_contain(id) && on_disk(id))
             })

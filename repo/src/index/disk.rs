@@ -204,9 +204,7 @@ impl DiskIndex {
                     ));
                 }
             }
-            for t in [CHUNKS] {
-                txn.open_table(t).map_err(|e| e.to_string())?;
-            }
+            txn.open_table(CHUNKS).map_err(|e| e.to_string())?;
             txn.open_table(PACK_NAMES).map_err(|e| e.to_string())?;
             txn.open_table(PACK_NOS).map_err(|e| e.to_string())?;
             txn.open_table(FILES).map_err(|e| e.to_string())?;
@@ -315,7 +313,7 @@ impl DiskIndex {
         &self,
         files: &[(String, IndexFile)],
         condemned: &HashMap<ChunkId, String>,
-        mut runs: Option<&mut Runs>,
+        runs: Option<&mut Runs>,
     ) -> Result<Vec<ChunkId>, DiskError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::Immediate)
@@ -402,13 +400,13 @@ impl DiskIndex {
             }
             // Sorted, the inserts walk the tree once, in order (stable: within one id,
             // the order of the objects stays, so the first copy is the one kept).
-            if let Some(runs) = runs.as_deref_mut() {
+            if let Some(runs) = runs {
                 for e in &entries {
                     runs.push(&e.id, encode(&e.loc))?;
                 }
                 entries = Vec::new();
             }
-            entries.sort_by(|a, b| a.id.cmp(&b.id));
+            entries.sort_by_key(|e| e.id);
             for e in &entries {
                 let old = chunks
                     .insert(&e.id.0[..], &encode(&e.loc)[..])
