@@ -355,9 +355,11 @@ impl SyncService {
     ) -> Result<String, Status> {
         let existing = self.load_upload(key).await?;
         let mut rec = match existing {
-            Some(r)
+            Some(mut r)
                 if offset > 0 && r.hash == meta.hash && r.size == size && r.offset() == offset =>
             {
+                // (A record of an older server names no object; maintenance needs it.)
+                r.key = key.to_string();
                 r
             }
             other if offset == 0 => {
@@ -370,6 +372,7 @@ impl SyncService {
                     .map_err(store_status)?;
                 let rec = UploadRecord {
                     upload_id,
+                    key: key.to_string(),
                     size,
                     hash: meta.hash,
                     part_size: part_size(size),

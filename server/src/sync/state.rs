@@ -9,7 +9,8 @@
 //!   wrong answer, because an entry only counts while the etag matches.
 //! - an **upload record** per unfinished multipart upload: its id, the declared size and
 //!   hash, and the parts stored so far, so an interrupted upload goes on where it stopped,
-//!   also after a restart of the server.
+//!   also after a restart of the server. Maintenance aborts the ones a device abandoned
+//!   (`crate::maintenance`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,10 @@ pub struct Manifest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UploadRecord {
     pub upload_id: String,
+    /// The object key the upload completes into, which maintenance needs to abort it
+    /// (empty in records written before it was recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
     pub size: u64,
     #[serde(with = "hex_hash")]
     pub hash: [u8; 32],
@@ -97,10 +102,13 @@ pub fn manifest_key(tenant: &str, target: &str) -> String {
     format!(".datamover/manifests/{}.json", h.finalize().to_hex())
 }
 
+/// Where the upload records are, one object each (listed by maintenance).
+pub const UPLOADS_ROOT: &str = ".datamover/uploads/";
+
 /// The internal key of the upload record of an object key.
 pub fn upload_key(object_key: &str) -> String {
     format!(
-        ".datamover/uploads/{}.json",
+        "{UPLOADS_ROOT}{}.json",
         blake3::hash(object_key.as_bytes()).to_hex()
     )
 }
