@@ -282,32 +282,29 @@ pub async fn expire_sync_uploads(
     dry_run: bool,
     now: SystemTime,
 ) -> Result<usize, SyncUploadsError> {
-    let listed = objects
-        .list(UPLOADS_ROOT)
-        .await
-        .map_err(SyncUploadsError::List)?;
-    if listed.len() > MAX_SYNC_UPLOADS_PER_RUN {
-        tracing::warn!(
-            records = listed.len(),
-            cap = MAX_SYNC_UPLOADS_PER_RUN,
-            "more edge-sync upload records than one maintenance run looks at: the rest wait for the next runs"
-        );
-    }
     // Unknown or future times count as young: never abort what might be in use.
     let old = |modified: Option<SystemTime>| {
         modified
             .and_then(|m| now.duration_since(m).ok())
             .is_some_and(|age| age > max_age)
     };
-    let mut expired = 0;
-    for o in listed
+    let mut candidates: Vec<_> = objects
+        .list(UPLOADS_ROOT)
+        .await
+        .map_err(SyncUploadsError::List)?
         .into_iter()
-        .filter(|o| o.key.ends_with(".json"))
-        .take(MAX_SYNC_UPLOADS_PER_RUN)
-    {
-        if !old(o.modified) {
-            continue;
-        }
+        .filter(|o| o.key.ends_with(".json") && old(o.modified))
+        .collect();
+    if candidates.len() > MAX_SYNC_UPLOADS_PER_RUN {
+        tracing::warn!(
+            records = candidates.len(),
+            cap = MAX_SYNC_UPLOADS_PER_RUN,
+            "more abandoned edge-sync uploads than one maintenance run looks at: the rest wait for the next runs"
+        );
+        candidates.truncate(MAX_SYNC_UPLOADS_PER_RUN);
+    }
+    let mut expired = 0;
+    for o in candidates {
         let (modified, bytes) = match read_sync_record(objects, &o.key).await {
             Ok(Some(got)) => got,
             Ok(None) => continue,
