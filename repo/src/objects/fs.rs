@@ -52,8 +52,15 @@ impl FsObjects {
         self.root.join(key)
     }
 
-    fn upload_dir(&self, upload_id: &str) -> PathBuf {
-        self.root.join(".datamover/multipart").join(upload_id)
+    /// The directory of an upload this store made (24 hex digits); any other id, e.g.
+    /// one read from a tampered record, is no upload (and never a path).
+    fn upload_dir(&self, upload_id: &str) -> Result<PathBuf, StoreError> {
+        if upload_id.len() != 24 || !upload_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound(format!(
+                "upload {upload_id:?}: not an upload id of this store (start the upload again)"
+            )));
+        }
+        Ok(self.root.join(".datamover/multipart").join(upload_id))
     }
 
     /// Writes `data` under a temporary name next to `path`, then renames it into place.
@@ -194,7 +201,7 @@ impl ObjectStore for FsObjects {
 
     async fn create_multipart(&self, _key: &str, _meta: FileMeta) -> Result<String, StoreError> {
         let id = random_hex();
-        let dir = self.upload_dir(&id);
+        let dir = self.upload_dir(&id)?;
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| io_error(e, &dir))?;
@@ -208,7 +215,7 @@ impl ObjectStore for FsObjects {
         number: i32,
         data: Bytes,
     ) -> Result<String, StoreError> {
-        let dir = self.upload_dir(upload_id);
+        let dir = self.upload_dir(upload_id)?;
         if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
             return Err(StoreError::NotFound(format!("upload {upload_id}")));
         }
@@ -223,7 +230,7 @@ impl ObjectStore for FsObjects {
         upload_id: &str,
         parts: &[Part],
     ) -> Result<String, StoreError> {
-        let dir = self.upload_dir(upload_id);
+        let dir = self.upload_dir(upload_id)?;
         let target = self.path(key);
         if let Some(parent) = target.parent() {
             tokio::fs::create_dir_all(parent)
@@ -264,7 +271,10 @@ impl ObjectStore for FsObjects {
     }
 
     async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
-        let dir = self.upload_dir(upload_id);
+        // An id this store never made has nothing to abort.
+        let Ok(dir) = self.upload_dir(upload_id) else {
+            return Ok(());
+        };
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -279,5 +289,62 @@ impl ObjectStore for FsObjects {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error(e, &path)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upload_ids_from_records_never_reach_outside_the_uploads() {
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("store");
+        let victim = top.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("keep"), b"x").unwrap();
+        let store = FsObjects::new(&root);
+        let meta = FileMeta {
+            hash: [0; 32],
+            mtime_ns: 0,
+            mode: 0o644,
+        };
+        for bad in [
+            "../../../victim",
+            "../../victim",
+            "/tmp",
+            "",
+            "0123456789abcdef0123456/",
+        ] {
+            store.abort_multipart("k", bad).await.unwrap();
+            assert!(matches!(
+                store
+                    .upload_part("k", bad, 1, Bytes::from_static(b"p"))
+                    .await,
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(matches!(
+                store
+                    .complete_multipart("k", bad, &[(1, String::new())])
+                    .await,
+                Err(StoreError::NotFound(_))
+            ));
+        }
+        assert!(
+            victim.join("keep").exists(),
+            "abort reached outside the store"
+        );
+        assert!(!root.join("k").exists());
+        // Its own uploads still work.
+        let id = store.create_multipart("k", meta).await.unwrap();
+        let etag = store
+            .upload_part("k", &id, 1, Bytes::from_static(b"part"))
+            .await
+            .unwrap();
+        store
+            .complete_multipart("k", &id, &[(1, etag)])
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("k")).unwrap(), b"part");
     }
 }
