@@ -124,7 +124,8 @@ assemble() {
             mkdir -p "$rootfs/etc/client_credentials"
             # Written by the server: owned by the non-root user (still needs a writable
             # mount when the root filesystem is read-only).
-            mkdir -p "$owned/etc/server" "$owned/var/lib/datamover" "$owned/home/datamover"
+            mkdir -p "$owned/etc/server" "$owned/var/lib/datamover" "$owned/var/cache/datamover" \
+                "$owned/home/datamover"
             ;;
         client)
             mkdir -p "$rootfs/etc/client-secret" "$owned/home/datamover"

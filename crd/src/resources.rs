@@ -58,6 +58,9 @@ pub const CONFIG_MOUNT: &str = "/etc/config";
 pub const SECRETS_MOUNT: &str = "/etc/secrets";
 pub const CLIENT_CREDENTIALS_MOUNT: &str = "/etc/client_credentials";
 pub const SERVER_DATA_DIR: &str = "/etc/server";
+/// The server's local chunk index (a cache rebuilt from the bucket): an emptyDir, as the
+/// root filesystem is read-only.
+pub const INDEX_CACHE_DIR: &str = "/var/cache/datamover";
 
 /// What the controller read from the cluster for one DatamoverServer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -201,6 +204,11 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
             ..Volume::default()
         },
         Volume {
+            name: "index-cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
             // Whole, like the credentials: the server reloads it live. Its content is
             // not in the inputs hash, so a change of spec.serviceAccountClients rolls
             // nothing.
@@ -228,6 +236,11 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
         VolumeMount {
             name: "server-data".into(),
             mount_path: SERVER_DATA_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "index-cache".into(),
+            mount_path: INDEX_CACHE_DIR.into(),
             ..VolumeMount::default()
         },
         VolumeMount {

@@ -42,6 +42,7 @@ async fn open_repository(
         ),
     };
     let store: Arc<dyn Store> = Arc::new(MeteredStore::new(store, Arc::clone(metrics)));
+    let index_cache_dir = index_cache_dir(settings);
     let attempts = settings.startup_attempts.max(1);
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=attempts {
@@ -49,7 +50,7 @@ async fn open_repository(
             Arc::clone(&store),
             &settings.repo_password,
             RepositoryOptions {
-                index_cache_dir: Some(settings.index_cache.clone()),
+                index_cache_dir: index_cache_dir.clone(),
                 ..RepositoryOptions::default()
             },
         )
@@ -67,6 +68,26 @@ async fn open_repository(
         }
     }
     Err(ServerError::Config("storage retries exhausted".into()))
+}
+
+/// The local index's directory: the one set, or the default when it can be created
+/// (`None` otherwise: a private one under the temp directory, gone with the process).
+fn index_cache_dir(settings: &Settings) -> Option<std::path::PathBuf> {
+    let dir = &settings.index_cache;
+    match std::fs::create_dir_all(dir) {
+        Ok(()) => Some(dir.clone()),
+        Err(_) if settings.index_cache_set => Some(dir.clone()),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "the default local index directory cannot be created: using a private one \
+                 under the temp directory (a cold start each time); mount a writable volume \
+                 there or set DATAMOVER_INDEX_CACHE"
+            );
+            None
+        }
+    }
 }
 
 /// The plain-object store of edge sync, beside the repository.

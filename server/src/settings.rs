@@ -107,6 +107,8 @@ pub struct Settings {
     /// `/var/cache/datamover/index`): a cache, rebuilt from the bucket's `index/` objects
     /// when missing; an emptyDir volume is enough.
     pub index_cache: PathBuf,
+    /// `DATAMOVER_INDEX_CACHE` was set: no fallback when it cannot be used.
+    pub index_cache_set: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -272,12 +274,14 @@ impl Settings {
         };
 
         let kube = crate::token_review::KubeSettings::from_env(&env, &paths);
-        let index_cache = env("DATAMOVER_INDEX_CACHE")
-            .filter(|s| !s.is_empty())
+        let index_cache_env = env("DATAMOVER_INDEX_CACHE").filter(|s| !s.is_empty());
+        let index_cache_set = index_cache_env.is_some();
+        let index_cache = index_cache_env
             .map(PathBuf::from)
             .unwrap_or_else(|| paths.resolve("var/cache/datamover/index"));
         Ok(Settings {
             index_cache,
+            index_cache_set,
             kube,
             sync_prefix,
             maintenance,

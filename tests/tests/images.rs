@@ -369,6 +369,11 @@ fn images_build_and_round_trip_read_only_non_root() {
     args.push(format!(
         "type=volume,source={volume},target=/var/lib/datamover"
     ));
+    // The local chunk index: an emptyDir in a pod, a tmpfs here.
+    args.extend([
+        "--tmpfs".into(),
+        "/var/cache/datamover:uid=65532,gid=65532".into(),
+    ]);
     args.extend(["-e".into(), format!("DATAMOVER_TLS_NAMES={server}")]);
     args.push(server_image.clone());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
