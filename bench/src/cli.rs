@@ -89,6 +89,48 @@ pub enum Scenario {
         #[arg(long, default_value = "this build")]
         label: String,
     },
+    /// Issue 30: a long fault run. Garage behind a proxy that cuts some connections and
+    /// delays others, two server replicas on one bucket, clients backing up, restoring
+    /// (every restore compared byte for byte), forgetting, and an admin running
+    /// maintenance and verify; optionally a replica killed with SIGKILL now and then.
+    /// Counts operations, retries and failures. A correctness run, not in CI.
+    Faults {
+        /// How long the loop runs, in minutes.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Kill a random replica with SIGKILL this often (`60s`, `90`; `0`: never).
+        #[arg(long, default_value = "0", value_parser = parse_seconds)]
+        kill_every: u64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+        clients: u16,
+        /// Percent of the storage connections the proxy cuts.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+        drop_percent: u32,
+        /// Percent of the other storage connections the proxy delays.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100))]
+        delay_percent: u32,
+        /// Seconds between the admin's runs (maintenance and verify in turn).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        admin_every: u64,
+        /// Seed of the proxy's and the clients' random choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Insert the report into this Markdown file (bench/RESULTS.md), after its title.
+        #[arg(long)]
+        results: Option<PathBuf>,
+        /// A note on the machine for the report (e.g. that it was shared).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+/// `60s`, `60` or `0`: whole seconds.
+fn parse_seconds(s: &str) -> Result<u64, String> {
+    s.strip_suffix('s')
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds such as 60s"))
 }
 
 #[cfg(test)]
@@ -138,6 +180,21 @@ mod tests {
         assert!(c.work.is_some());
         assert!(
             Cli::try_parse_from(["datamover-bench", "index-scale", "--chunks", "many"]).is_err()
+        );
+        let c = Cli::try_parse_from(["datamover-bench", "faults", "--kill-every", "60s"])
+            .expect("faults");
+        match c.command {
+            Some(Scenario::Faults {
+                kill_every,
+                minutes,
+                clients,
+                ..
+            }) => assert_eq!((kill_every, minutes, clients), (60, 30.0, 4)),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["datamover-bench", "faults", "--kill-every", "1m"]).is_err());
+        assert!(
+            Cli::try_parse_from(["datamover-bench", "faults", "--drop-percent", "101"]).is_err()
         );
         let help = Cli::try_parse_from(["datamover-bench", "--help"]).expect_err("help");
         assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);

@@ -33,6 +33,7 @@ use rand::SeedableRng;
 mod browse;
 mod cli;
 mod data;
+mod faults;
 mod gateway;
 mod index_scale;
 mod kopia;
@@ -790,6 +791,9 @@ fn main() {
 
 fn real_main() -> Res<()> {
     let cli = <cli::Cli as clap::Parser>::parse();
+    if let Some(cli::Scenario::Faults { .. }) = &cli.command {
+        return faults::from_cli(&cli);
+    }
     if let Some(cli::Scenario::IndexScale {
         chunks,
         seconds,
