@@ -998,7 +998,18 @@ async fn run(conn: &mut Conn, tag: &str, input: Input) -> Result<BackupResult, C
             root,
             catalog_marks: marks,
         })
-        .await?
+        .await
+        .map_err(|s| {
+            let e = ClientError::from(s);
+            if e.is_connection_lost() {
+                // The server may have committed it before the connection went.
+                ClientError::Unreachable(format!(
+                    "{COMMIT_LOST} the snapshot of tag {tag} ({e}): it may be committed; run `datamover-client list {tag}` to see, and back up again if it is not there"
+                ))
+            } else {
+                e
+            }
+        })?
         .into_inner()
         .snapshot
         .ok_or_else(|| ClientError::Server("the server committed no snapshot".into()))?;
@@ -1048,7 +1059,30 @@ pub async fn backup_stream(
         .as_ref()
         .and_then(|f| f.file_name())
         .map_or("stdin".to_string(), |n| n.to_string_lossy().into_owned());
-    run(conn, tag, Input::Stream { file, name }).await
+    run(conn, tag, Input::Stream { file, name })
+        .await
+        .map_err(|e| stream_interrupted(e, input, tag))
+}
+
+/// How a lost connection while committing begins (the snapshot may exist then).
+const COMMIT_LOST: &str = "lost the connection to the server while it committed";
+
+/// A stream cannot be read again, so a stream backup whose connection was lost (the
+/// network, or the server restarting) is not resumed: it fails saying that nothing was
+/// committed and what to run again (the dump feeding it too). What the server stored
+/// already is found by the rerun and not sent again.
+fn stream_interrupted(e: ClientError, input: &str, tag: &str) -> ClientError {
+    if !e.is_connection_lost() || e.to_string().starts_with(COMMIT_LOST) {
+        return e;
+    }
+    let source = if input == "-" {
+        "stdin".to_string()
+    } else {
+        input.to_string()
+    };
+    ClientError::Unreachable(format!(
+        "backup_stream of {source} (tag {tag}) was interrupted by the server side ({e}); the snapshot was not committed and a stream cannot be read again: run the dump into {source} again together with `datamover-client backup_stream {input} {tag}` (chunks the server already stored are not sent again)"
+    ))
 }
 
 #[cfg(test)]

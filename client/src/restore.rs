@@ -24,7 +24,6 @@ use datamover_core::chunk::ChunkIdKey;
 use datamover_core::paths::{components, safe_relative};
 use datamover_proto::v1::{self, Node, NodeType, restore_item::Item};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 
 use crate::ClientError;
 use crate::connect::Conn;
@@ -57,6 +56,7 @@ fn is_root() -> bool {
 
 mod files;
 pub(crate) mod piece;
+mod resume;
 
 use files::{FileJob, FilePool, SMALL_FILE, Stopped};
 use piece::{Piece, Unpacker};
@@ -547,15 +547,7 @@ async fn open(
     ),
     ClientError,
 > {
-    let mut stream = conn
-        .api
-        .restore(v1::RestoreRequest {
-            snapshot: spec.to_string(),
-            accept_packed,
-            path: part.path.clone().into(),
-            include: part.include.clone(),
-            exclude: part.exclude.clone(),
-        })
+    resume::open_at(conn, spec, accept_packed, part, resume::Position::default())
         .await
         .map_err(|s| match s.code() {
             tonic::Code::NotFound => ClientError::NotFound(format!(
@@ -563,34 +555,18 @@ async fn open(
                 conn.settings.client_id
             )),
             _ => ClientError::from_status(s),
-        })?
-        .into_inner();
-    let first = stream
-        .next()
-        .await
-        .ok_or_else(|| ClientError::Server("the server sent an empty restore".into()))??;
-    let snapshot = first.snapshot.ok_or_else(|| {
-        ClientError::Server("the server's restore did not start with the snapshot".into())
-    })?;
-    Ok((snapshot, first.items, stream))
+        })
 }
 
-/// Feeds the stream's messages to a blocking consumer through a bounded queue.
-async fn pump(
-    first: Vec<v1::RestoreItem>,
-    mut stream: tonic::Streaming<v1::RestoreResponse>,
-    tx: mpsc::Sender<Vec<v1::RestoreItem>>,
-) -> Result<(), ClientError> {
-    let mut pending = first;
-    loop {
-        if !pending.is_empty() && tx.send(pending).await.is_err() {
-            return Ok(()); // the writer stopped; its error is reported
-        }
-        match stream.next().await {
-            Some(Ok(m)) => pending = m.items,
-            Some(Err(s)) => return Err(s.into()),
-            None => return Ok(()),
-        }
+/// A command line argument as it would be typed (quoted when it needs to be).
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@%+=,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
 
@@ -627,7 +603,31 @@ pub async fn restore_files(
         }
         Ok::<_, ClientError>(writer)
     });
-    let pumped = pump(first, stream, tx).await;
+    let mut rerun = format!(
+        "datamover-client restore_files {} {}",
+        shell_word(&target.display().to_string()),
+        shell_word(spec)
+    );
+    if !part.path.is_empty() {
+        rerun += &format!(
+            " --path {}",
+            shell_word(&String::from_utf8_lossy(&part.path))
+        );
+    }
+    for g in &part.include {
+        rerun += &format!(" --include {}", shell_word(g));
+    }
+    for g in &part.exclude {
+        rerun += &format!(" --exclude {}", shell_word(g));
+    }
+    let what = resume::Resumable {
+        snapshot: &snapshot,
+        accept_packed: true,
+        part,
+        rerun,
+    };
+    let pumped = resume::pump(conn, &what, first, stream, tx).await;
+    drop(what);
     let worked = worker
         .await
         .map_err(|e| ClientError::Io(format!("restore worker failed: {e}")))?;
@@ -763,7 +763,19 @@ pub async fn restore_stream(
             .map_err(|e| ClientError::io(&output_name, e))?;
         Ok(written)
     });
-    let pumped = pump(first, stream, tx).await;
+    let whole = PartialRestore::default();
+    let what = resume::Resumable {
+        snapshot: &snapshot,
+        accept_packed: true,
+        part: &whole,
+        rerun: format!(
+            "datamover-client restore_stream {} {}",
+            shell_word(output),
+            shell_word(spec)
+        ),
+    };
+    let pumped = resume::pump(conn, &what, first, stream, tx).await;
+    drop(what);
     let worked = worker
         .await
         .map_err(|e| ClientError::Io(format!("restore worker failed: {e}")))?;

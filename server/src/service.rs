@@ -292,6 +292,11 @@ impl Datamover for DatamoverService {
         let mut sealing: FuturesUnordered<BoxFuture<'_, Result<AddResult, RepoError>>> =
             FuturesUnordered::new();
         let mut ended = false;
+        // A stream that breaks (the client gone, the connection cut) still has its
+        // batches already received stored before the error is returned: they were
+        // checked against their ids, and a client that reconnects then finds them
+        // present instead of sending them again. At most PUT_BATCHES_IN_FLIGHT of them.
+        let mut broken: Option<Status> = None;
         while !ended || !sealing.is_empty() {
             // A revoked or rotated credential ends the upload at once.
             tokio::select! {
@@ -305,11 +310,19 @@ impl Datamover for DatamoverService {
                     out.chunks_already_present += added.already_present;
                 }
                 next = stream.next(), if !ended && sealing.len() < PUT_BATCHES_IN_FLIGHT => {
-                    let Some(msg) = next else {
-                        ended = true;
-                        continue;
+                    let msg = match next {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => {
+                            tracing::debug!(client = %id.client_id, error = %e, "upload stream broken: storing the batches already received");
+                            broken = Some(e);
+                            ended = true;
+                            continue;
+                        }
+                        None => {
+                            ended = true;
+                            continue;
+                        }
                     };
-                    let msg = msg?;
                     crate::limits::global().check_put(msg.chunks.len())?;
                     self.touch(&id, &msg.session_id)?;
                     let mut chunks = Vec::with_capacity(msg.chunks.len());
@@ -328,6 +341,9 @@ impl Datamover for DatamoverService {
                     ));
                 }
             }
+        }
+        if let Some(e) = broken {
+            return Err(e);
         }
         Ok(Response::new(out))
     }
@@ -623,11 +639,20 @@ impl Datamover for DatamoverService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let what = describe_selection(&req);
         let snap = self.find_snapshot(&id, &req.snapshot).await?;
-        tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, selection = %what, "restore started");
+        let resume = Resume {
+            nodes: req.resume_nodes,
+            chunks: req.resume_chunks,
+        };
+        if resume.is_start() {
+            tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, selection = %what, "restore started");
+        } else {
+            tracing::info!(client = %id.client_id, snapshot = %snap.id, tag = %snap.tag, packed, selection = %what, resume_nodes = resume.nodes, resume_chunks = resume.chunks, "restore resumed");
+        }
         let plan = RestorePlan {
             snapshot: snap.to_proto(),
             nodes: browse::selected_nodes(&self.repo, &id.tenant, &snap, selection, what)?,
             packed,
+            resume,
         };
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let repo = Arc::clone(&self.repo);
@@ -762,9 +787,26 @@ async fn send_catalog_nodes(
     Ok(())
 }
 
+/// Where a restore starts: after the first `nodes` nodes, of the last of them after its
+/// first `chunks` chunks (a resumed restore; both 0 from the start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Resume {
+    nodes: u64,
+    chunks: u64,
+}
+
+impl Resume {
+    fn is_start(&self) -> bool {
+        self.nodes == 0 && self.chunks == 0
+    }
+}
+
 /// What the restore planner hands to the reader, in snapshot order.
 enum Planned {
     Node(v1::Node),
+    /// The node a resumed restore continues inside of: not sent again (its path names
+    /// it in messages).
+    Continue(Bytes),
     /// A chunk, its share of the read-ahead budget (its size as it will be held), and
     /// (for the first chunk of a pack being prefetched) the pack's place in the
     /// prefetch window, given back when the chunk is read.
@@ -774,6 +816,7 @@ enum Planned {
 /// What the restore reader hands to the sender, in snapshot order.
 enum Work {
     Node(v1::Node),
+    Continue(Bytes),
     /// A chunk (its id) being read (concurrently), and its share of the read-ahead
     /// budget.
     Data(
@@ -820,6 +863,7 @@ fn plan_restore(
     tenant: String,
     mut nodes: browse::Nodes,
     packed: bool,
+    resume: Resume,
 ) -> (
     mpsc::Receiver<Planned>,
     tokio::task::JoinHandle<Result<(), Status>>,
@@ -829,13 +873,28 @@ fn plan_restore(
     let planner = tokio::spawn(async move {
         let window = Arc::new(Semaphore::new(RESTORE_PACKS_AHEAD));
         let mut recent = RecentPacks::new(repo.pack_cache_packs());
+        // Nodes of the selection seen so far (a resumed restore skips what the client has).
+        let mut seen = 0u64;
         while let Some(node) = nodes.recv().await {
             let mut node = node?;
+            seen += 1;
             let chunks = std::mem::take(&mut node.chunks);
-            if tx.send(Planned::Node(node)).await.is_err() {
-                return Ok(());
-            }
-            for c in chunks {
+            let skip_chunks = match seen.cmp(&resume.nodes) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => {
+                    if tx.send(Planned::Continue(node.path)).await.is_err() {
+                        return Ok(());
+                    }
+                    usize::try_from(resume.chunks).unwrap_or(usize::MAX)
+                }
+                std::cmp::Ordering::Greater => {
+                    if tx.send(Planned::Node(node)).await.is_err() {
+                        return Ok(());
+                    }
+                    0
+                }
+            };
+            for c in chunks.into_iter().skip(skip_chunks) {
                 let cid = ChunkId::from_slice(&c).map_err(|e| Status::data_loss(e.to_string()))?;
                 let place = repo
                     .chunk_place(&tenant, &cid)
@@ -870,6 +929,7 @@ struct RestorePlan {
     snapshot: v1::Snapshot,
     nodes: browse::Nodes,
     packed: bool,
+    resume: Resume,
 }
 
 /// Sends the snapshot's nodes, each file node followed by its contents, in messages of
@@ -889,9 +949,10 @@ async fn restore_stream(
         snapshot,
         nodes,
         packed,
+        resume,
     } = plan;
     let (work_tx, mut work_rx) = mpsc::channel::<Work>(RESTORE_WORK_QUEUE);
-    let (mut planned, planner) = plan_restore(repo, id.tenant.clone(), nodes, packed);
+    let (mut planned, planner) = plan_restore(repo, id.tenant.clone(), nodes, packed, resume);
     let reader = {
         let repo = Arc::clone(repo);
         let tenant = id.tenant.clone();
@@ -900,6 +961,7 @@ async fn restore_stream(
             while let Some(next) = planned.recv().await {
                 let work = match next {
                     Planned::Node(node) => Work::Node(node),
+                    Planned::Continue(path) => Work::Continue(path),
                     Planned::Chunk(cid, held, slot) => {
                         let share = held.clamp(1, RESTORE_READ_AHEAD_BYTES as u32);
                         let permit = Arc::clone(&budget)
@@ -931,12 +993,18 @@ async fn restore_stream(
     let mut msg = v1::RestoreResponse {
         snapshot: Some(snapshot),
         items: Vec::new(),
+        resumed_nodes: resume.nodes,
+        resumed_chunks: resume.chunks,
     };
     let mut size = 0usize;
     // The file being sent, to name it when its data cannot be read.
     let mut current = Bytes::new();
     while let Some(work) = work_rx.recv().await {
         let (item, len) = match work {
+            Work::Continue(path) => {
+                current = path;
+                continue;
+            }
             Work::Node(node) => {
                 // What the item holds in memory, not only its payload: with tiny files
                 // the items themselves are most of a message.

@@ -31,6 +31,12 @@ pub struct FaultProxy {
     pub cut: Arc<AtomicU64>,
     /// Connections currently open (to cut them all at once).
     open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Bytes forwarded towards the downstream (what the server sent a client) so far.
+    pub down_bytes: Arc<AtomicU64>,
+    /// The next this many connections are cut once they forwarded `down_cut.1` bytes
+    /// towards the downstream ([`FaultProxy::cut_downstream`]).
+    down_cut: Arc<(AtomicU64, AtomicU64)>,
+    upstream: Arc<Mutex<String>>,
 }
 
 impl FaultProxy {
@@ -46,6 +52,9 @@ impl FaultProxy {
             accepted: Arc::new(AtomicU64::new(0)),
             cut: Arc::new(AtomicU64::new(0)),
             open: Arc::new(Mutex::new(Vec::new())),
+            down_bytes: Arc::new(AtomicU64::new(0)),
+            down_cut: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+            upstream: Arc::new(Mutex::new(upstream.to_string())),
         };
         let (faults, stop, accepted, cut, open) = (
             Arc::clone(&proxy.faults),
@@ -54,7 +63,11 @@ impl FaultProxy {
             Arc::clone(&proxy.cut),
             Arc::clone(&proxy.open),
         );
-        let upstream = upstream.to_string();
+        let (down_bytes, down_cut, upstream) = (
+            Arc::clone(&proxy.down_bytes),
+            Arc::clone(&proxy.down_cut),
+            Arc::clone(&proxy.upstream),
+        );
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let (down, _) = match listener.accept() {
@@ -65,7 +78,8 @@ impl FaultProxy {
                     }
                 };
                 let n = accepted.fetch_add(1, Ordering::Relaxed) + 1;
-                let Ok(up) = TcpStream::connect(&upstream) else {
+                let to = upstream.lock().map(|u| u.clone()).unwrap_or_default();
+                let Ok(up) = TcpStream::connect(&to) else {
                     let _ = down.shutdown(Shutdown::Both);
                     continue;
                 };
@@ -82,8 +96,14 @@ impl FaultProxy {
                     o.push(u);
                 }
                 let limit = if cut_here { Some(f.cut_after) } else { None };
-                pump(&down, &up, limit, f.clone(), Arc::clone(&cut));
-                pump(&up, &down, None, f, Arc::clone(&cut));
+                let down_limit = down_cut
+                    .0
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .ok()
+                    .map(|_| down_cut.1.load(Ordering::Relaxed));
+                pump(&down, &up, limit, f.clone(), Arc::clone(&cut), None);
+                let counted = Some(Arc::clone(&down_bytes));
+                pump(&up, &down, down_limit, f, Arc::clone(&cut), counted);
             }
         });
         proxy
@@ -104,6 +124,21 @@ impl FaultProxy {
                 reset(&s);
             }
             self.cut.fetch_add(live / 2, Ordering::Relaxed);
+        }
+    }
+
+    /// Cuts each of the next `connections` connections once it has forwarded `after`
+    /// bytes towards the downstream (the server's answers to a client).
+    pub fn cut_downstream(&self, connections: u64, after: u64) {
+        self.down_cut.1.store(after, Ordering::Relaxed);
+        self.down_cut.0.store(connections, Ordering::Relaxed);
+    }
+
+    /// Forwards new connections to `upstream` (`host:port`) from now on, e.g. to a
+    /// server restarted on another port.
+    pub fn set_upstream(&self, upstream: &str) {
+        if let Ok(mut u) = self.upstream.lock() {
+            *u = upstream.to_string();
         }
     }
 
@@ -129,8 +164,16 @@ fn reset(s: &TcpStream) {
     let _ = s.shutdown(Shutdown::Both);
 }
 
-/// Copies `from` to `to` on a thread; with `limit`, cuts both after that many bytes.
-fn pump(from: &TcpStream, to: &TcpStream, limit: Option<u64>, f: Faults, cut: Arc<AtomicU64>) {
+/// Copies `from` to `to` on a thread; with `limit`, cuts both after that many bytes;
+/// adds what it forwards to `counted`.
+fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    limit: Option<u64>,
+    f: Faults,
+    cut: Arc<AtomicU64>,
+    counted: Option<Arc<AtomicU64>>,
+) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
@@ -162,6 +205,9 @@ fn pump(from: &TcpStream, to: &TcpStream, limit: Option<u64>, f: Faults, cut: Ar
                 break;
             }
             sent += n as u64;
+            if let Some(c) = &counted {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         let _ = to.shutdown(Shutdown::Write);
     });

@@ -262,6 +262,7 @@ pub fn once(kind: v1::SnapshotKind, items: Vec<Item>) -> Script {
                 .cloned()
                 .map(|i| RestoreItem { item: Some(i) })
                 .collect(),
+            ..Default::default()
         };
         futures::stream::iter([Ok(msg)]).boxed()
     })
@@ -277,12 +278,14 @@ pub fn endless(kind: v1::SnapshotKind, items: Vec<Item>, more: Item) -> Script {
                 .cloned()
                 .map(|i| RestoreItem { item: Some(i) })
                 .collect(),
+            ..Default::default()
         };
         let next = RestoreResponse {
             snapshot: None,
             items: vec![RestoreItem {
                 item: Some(more.clone()),
             }],
+            ..Default::default()
         };
         futures::stream::iter([Ok(first)])
             .chain(futures::stream::repeat_with(move || Ok(next.clone())))
