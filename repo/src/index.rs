@@ -30,9 +30,9 @@ use std::sync::Arc;
 
 use datamover_core::chunk::ChunkId;
 
-pub(crate) use disk::{DiskError, DiskIndex};
+pub(crate) use disk::{DiskError, DiskIndex, WORK_PREFIX};
 pub(crate) use filter::MemFilter;
-pub(crate) use runs::Runs;
+pub(crate) use runs::{Merged, Record, Runs, Sorted};
 
 /// One chunk inside a pack (also the pack trailer's and index files' entry).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -272,6 +272,23 @@ impl Index {
         self.condemned.get(id).is_some_and(|p| p == pack)
     }
 
+    /// For each id, whether `pack` holds the copy reads use (one read view for all).
+    pub fn canonical_in(&self, pack: &str, ids: &[ChunkId]) -> Vec<bool> {
+        let reader = logged(self.disk.reader().map(Some));
+        let pack_no = reader.as_ref().and_then(|r| logged(r.pack_no(pack)));
+        ids.iter()
+            .map(|id| {
+                if let Some(o) = self.own.get(id) {
+                    return *o.pack == *pack;
+                }
+                let (Some(r), Some(no)) = (&reader, pack_no) else {
+                    return false;
+                };
+                self.filter.may_contain(id) && logged(r.get(id)).is_some_and(|l| l.pack == no)
+            })
+            .collect()
+    }
+
     /// Marks a chunk's copy in `pack` as condemned.
     pub fn condemn(&mut self, id: ChunkId, pack: &str) {
         self.condemned.insert(id, pack.to_string());
@@ -347,6 +364,7 @@ impl Index {
     }
 
     /// The pack holding the copy of a chunk that reads use, with its tenant.
+    #[cfg(test)]
     pub fn canonical(&self, id: &ChunkId) -> Option<(String, String)> {
         self.copy(id).map(|c| (c.pack, c.tenant))
     }

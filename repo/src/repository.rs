@@ -73,6 +73,9 @@ pub struct RepositoryOptions {
     /// bucket when missing or unusable). `None`: a directory of this process under the
     /// temp dir, removed when the repository is dropped.
     pub index_cache_dir: Option<PathBuf>,
+    /// Index entries maintenance and verify sort in memory at once (per sort); the
+    /// rest wait in sorted runs in the index cache directory.
+    pub maintenance_batch: usize,
 }
 
 impl Default for RepositoryOptions {
@@ -86,6 +89,7 @@ impl Default for RepositoryOptions {
             chunks_per_index: 50_000,
             upload_concurrency: 4,
             index_cache_dir: None,
+            maintenance_batch: 500_000,
         }
     }
 }

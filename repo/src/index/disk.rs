@@ -117,6 +117,7 @@ impl DiskIndex {
     /// private file beside it is used instead.
     pub fn open(dir: &Path, repo_id: &str) -> Result<DiskIndex, DiskError> {
         std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
+        clean_stale(dir, repo_id);
         let path = dir.join(format!("index-{repo_id}.redb"));
         match Self::open_file(&path, repo_id, false) {
             Ok(d) => Ok(d),
@@ -524,6 +525,54 @@ impl DiskIndex {
     }
 }
 
+/// The names of maintenance's and verify's working directories in the index cache
+/// directory begin with this (then the process id).
+pub(crate) const WORK_PREFIX: &str = "maintenance-";
+
+/// Removes what a process that died left in the index cache directory: rebuilds of this
+/// repository's file (`index-<id>.build-<pid>-<n>.redb` and its `.runs`) and working
+/// directories of maintenance (`maintenance-<pid>-<n>.runs`) whose process is gone, or is
+/// this one (nothing of this process runs yet when its index opens; in a container every
+/// incarnation may have the same pid). At most [`MAX_STALE`] entries looked at.
+pub(crate) fn clean_stale(dir: &Path, repo_id: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let build = format!("index-{repo_id}.build-");
+    let me = std::process::id();
+    for e in entries.take(MAX_STALE).flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let rest = match name.strip_prefix(&build) {
+            Some(r) if r.ends_with(".redb") || r.ends_with(".redb.runs") => r,
+            _ => match name.strip_prefix(WORK_PREFIX) {
+                Some(r) if r.ends_with(".runs") => r,
+                _ => continue,
+            },
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if !pid.is_some_and(|p| p == me || !Path::new(&format!("/proc/{p}")).exists()) {
+            continue;
+        }
+        let path = e.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed what an interrupted rebuild or maintenance left in the index cache")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a leftover of an interrupted rebuild or maintenance: remove it by hand")
+            }
+        }
+    }
+}
+
+/// Entries of the index cache directory looked at for leftovers at one start.
+const MAX_STALE: usize = 10_000;
+
 enum Opened {
     Busy,
     Unusable(String),
@@ -555,6 +604,11 @@ impl Reader<'_> {
     pub fn pack_name(&self, no: u32) -> Result<Option<String>, DiskError> {
         let v = self.pack_names.get(no).map_err(|e| self.disk.err(e))?;
         Ok(v.map(|v| v.value().to_string()))
+    }
+
+    pub fn pack_no(&self, name: &str) -> Result<Option<u32>, DiskError> {
+        let v = self.pack_nos.get(name).map_err(|e| self.disk.err(e))?;
+        Ok(v.map(|v| v.value()))
     }
 
     pub fn has_pack(&self, name: &str) -> Result<bool, DiskError> {

@@ -181,3 +181,46 @@ fn an_unusable_or_foreign_cache_file_starts_afresh() {
     let other = index_in(dir.path());
     assert_ne!(other.disk().path(), ix.disk().path());
 }
+
+#[test]
+fn leftovers_of_an_interrupted_rebuild_or_maintenance_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let me = std::process::id();
+    // A pid that no process has (above the kernel's maximum).
+    let gone = 4_194_400u32;
+    let stale = [
+        format!("index-repo.build-{me}-0000abcd.redb"),
+        format!("index-repo.build-{gone}-0000abcd.redb"),
+        format!("{WORK_PREFIX}{gone}-00001234.runs"),
+        format!("{WORK_PREFIX}{me}-00001234.runs"),
+    ];
+    let stale_dirs = [format!("index-repo.build-{me}-0000abcd.redb.runs")];
+    // Pid 1 runs (init): its files are in use; another repository's and other names stay.
+    let kept = [
+        "index-repo.build-1-0000abcd.redb".to_string(),
+        format!("index-other.build-{me}-0000abcd.redb"),
+        "notes.txt".to_string(),
+    ];
+    let kept_dirs = [format!("{WORK_PREFIX}1-00001234.runs")];
+    for f in stale.iter().chain(&kept) {
+        if f.ends_with(".runs") {
+            std::fs::create_dir_all(d.join(f)).unwrap();
+            std::fs::write(d.join(f).join("run-0"), b"x").unwrap();
+        } else {
+            std::fs::write(d.join(f), b"torn").unwrap();
+        }
+    }
+    for f in stale_dirs.iter().chain(&kept_dirs) {
+        std::fs::create_dir_all(d.join(f)).unwrap();
+        std::fs::write(d.join(f).join("run-0"), b"x").unwrap();
+    }
+    let ix = index_in(d);
+    assert_eq!(ix.len(), 0);
+    for f in stale.iter().chain(&stale_dirs) {
+        assert!(!d.join(f).exists(), "{f} removed");
+    }
+    for f in kept.iter().chain(&kept_dirs) {
+        assert!(d.join(f).exists(), "{f} kept");
+    }
+}

@@ -24,13 +24,12 @@
 //! with `read_data`, downloads packs (all or a sample) and checks every chunk against
 //! its id, naming the files a bad chunk belongs to.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use datamover_core::chunk::ChunkId;
-use futures::StreamExt;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +37,12 @@ use super::{Repository, poisoned};
 use crate::RepoError;
 use crate::crypto;
 use crate::index::{DiskIndex, IndexFile, PackEntries, Runs, build_filter};
+use plan::{Condemnations, NameLog, Planner, WorkDir, blocking};
+
+mod plan;
+#[cfg(test)]
+mod plan_tests;
+mod verify;
 use crate::pack::PackBuilder;
 use crate::snapshot::SnapshotFile;
 use crate::store::FileType;
@@ -49,8 +54,6 @@ const SESSIONS_STALE: Duration = Duration::from_secs(180);
 /// Entries of `index/` objects read before they are written into the local index at
 /// once (about 13 MiB of them decoded in memory).
 const INGEST_BATCH_CHUNKS: usize = 100_000;
-/// Packs downloaded at once by verify.
-const VERIFY_PARALLEL_PACKS: usize = 4;
 
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
@@ -134,6 +137,11 @@ pub struct MaintenanceReport {
     pub bytes_freed: u64,
     pub index_objects_replaced: u64,
     pub orphan_packs_adopted: u64,
+    /// The most index entries the run held in memory at once (the rest were sorted
+    /// on local disk): bounded by the batch, whatever the repository's size.
+    pub entries_in_memory_peak: u64,
+    /// Records that went through its sorts on local disk.
+    pub entries_sorted: u64,
 }
 
 /// How thoroughly verify reads data.
@@ -167,7 +175,7 @@ pub struct VerifyReport {
 
 /// What happens to one chunk copy.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Fate {
+pub(in crate::repository) enum Fate {
     Keep,
     Dead,
 }
@@ -496,34 +504,31 @@ impl Repository {
             report.orphan_packs_adopted = self.adopt_orphan_packs().await?;
         }
         let index_names = self.store.list(FileType::Index).await?;
-        let mut packs: HashMap<String, PackEntries> = HashMap::new();
-        for name in &index_names {
-            if let Some(file) = self.read_index_file(name).await? {
-                for p in file.packs {
-                    packs.entry(p.name.clone()).or_insert(p);
-                }
-            }
-        }
-        report.packs = packs.len() as u64;
+        let mut planner = Planner::new(
+            WorkDir::new(self.index_dir.path())?,
+            self.opts.maintenance_batch,
+        )?;
 
-        // Every chunk any snapshot refers to. Any error stops the run: nothing is
-        // deleted on an incomplete picture.
+        // Every chunk any snapshot refers to, sorted on local disk. Any error stops the
+        // run: nothing is deleted on an incomplete picture.
         let snaps = self.all_snapshots().await?;
         report.snapshots = snaps.len() as u64;
-        let mut referenced: HashSet<ChunkId> = HashSet::new();
         for s in &snaps {
             let catalog = s.catalog_ids()?;
-            referenced.extend(catalog.iter().copied());
+            blocking(|| planner.reference(catalog.iter().copied()))?;
             let mut nodes = self.catalog_nodes(&s.tenant, catalog);
             while let Some(node) = nodes.recv().await {
-                for c in &node?.chunks {
-                    let id = ChunkId::from_slice(c)
-                        .map_err(|e| RepoError::corrupt(format!("snapshot {}", s.id), e))?;
-                    referenced.insert(id);
+                let node = node?;
+                let mut ids = Vec::with_capacity(node.chunks.len());
+                for c in &node.chunks {
+                    ids.push(
+                        ChunkId::from_slice(c)
+                            .map_err(|e| RepoError::corrupt(format!("snapshot {}", s.id), e))?,
+                    );
                 }
+                blocking(|| planner.reference(ids))?;
             }
         }
-        report.chunks_referenced = referenced.len() as u64;
 
         // Condemnations that may be swept: old enough, and older than every backup
         // session still running anywhere.
@@ -537,160 +542,140 @@ impl Repository {
             }
         }
         let records = self.read_condemned().await?;
-        let mut due: HashSet<(ChunkId, String)> = HashSet::new();
-        let mut waiting: HashSet<(ChunkId, String)> = HashSet::new();
+        let mut cond = Condemnations {
+            due: HashSet::new(),
+            waiting: HashSet::new(),
+        };
         for (_, rec) in &records {
             let sweepable = rec.created_unix + grace <= now && rec.created_unix < protect_from;
             for e in &rec.entries {
                 if let Ok(id) = ChunkId::from_slice(&e.id) {
                     if sweepable {
-                        due.insert((id, e.pack.clone()));
+                        cond.due.insert((id, e.pack.clone()));
                     } else {
-                        waiting.insert((id, e.pack.clone()));
+                        cond.waiting.insert((id, e.pack.clone()));
                     }
                 }
             }
         }
 
-        // The fate of every copy of every chunk.
-        let mut plan: Vec<(String, Vec<Fate>, u64, u64)> = Vec::new(); // pack, fates, live, dead bytes
-        let mut new_condemned: Vec<CondemnedEntry> = Vec::new();
-        let mut still_condemned: Vec<CondemnedEntry> = Vec::new();
-        {
-            let ix = self.index.read().map_err(poisoned)?;
-            for p in packs.values() {
-                let young = p.created_unix + grace > now;
-                let mut fates = Vec::with_capacity(p.blobs.len());
-                let (mut live, mut dead) = (0u64, 0u64);
-                for b in &p.blobs {
-                    let Ok(id) = ChunkId::from_slice(&b.id) else {
-                        fates.push(Fate::Keep);
-                        continue;
-                    };
-                    let canonical_here = ix.canonical(&id).is_some_and(|(pack, _)| pack == p.name);
-                    let key = (id, p.name.clone());
-                    let fate = if young {
-                        Fate::Keep
-                    } else if !canonical_here {
-                        // Another copy is the one reads use.
-                        Fate::Dead
-                    } else if referenced.contains(&id) {
-                        if due.contains(&key) || waiting.contains(&key) {
-                            report.chunks_rescued += 1;
-                        }
-                        Fate::Keep
-                    } else if due.contains(&key) {
-                        report.chunks_removed += 1;
-                        Fate::Dead
-                    } else {
-                        let entry = CondemnedEntry {
-                            id: id.0.to_vec(),
-                            pack: p.name.clone(),
-                        };
-                        if waiting.contains(&key) {
-                            report.chunks_waiting += 1;
-                            still_condemned.push(entry);
-                        } else {
-                            report.chunks_condemned += 1;
-                            new_condemned.push(entry);
-                        }
-                        Fate::Keep
-                    };
-                    match fate {
-                        Fate::Keep => live += u64::from(b.length),
-                        Fate::Dead => dead += u64::from(b.length),
-                    }
-                    fates.push(fate);
-                }
-                plan.push((p.name.clone(), fates, live, dead));
-            }
-        }
-
-        let mut delete = Vec::new();
-        let mut repack = Vec::new();
-        for (name, fates, live, dead) in plan {
-            if dead == 0 {
-                continue;
-            }
-            if live == 0 {
-                report.packs_deleted += 1;
-                report.bytes_freed += dead;
-                delete.push(name);
-            } else if (live as f64) < opts.repack_below * ((live + dead) as f64) {
-                report.packs_repacked += 1;
-                report.bytes_freed += dead;
-                repack.push((name, fates));
-            }
-        }
-        if opts.dry_run {
-            return Ok(());
-        }
-
-        // Writes first: the rewritten packs, the compacted index, the condemnations.
-        let mut survivors: Vec<PackEntries> = Vec::new();
-        let gone: HashSet<&String> = delete.iter().chain(repack.iter().map(|(n, _)| n)).collect();
-        for p in packs.values() {
-            if !gone.contains(&p.name) {
-                survivors.push(p.clone());
-            }
-        }
-        let mut builder = PackBuilder::new(self.pack_buffers.clone());
-        for (name, fates) in &repack {
-            let Some(entries) = packs.get(name) else {
+        // Every copy of every chunk, classified and sorted by id (one object at a time).
+        for (i, name) in index_names.iter().enumerate() {
+            let Some(file) = self.read_index_file(name).await? else {
                 continue;
             };
-            let bytes = self.store.read(FileType::Pack, name).await?;
-            for (b, fate) in entries.blobs.iter().zip(fates) {
-                if *fate == Fate::Dead {
-                    continue;
-                }
-                let (start, end) = (b.offset as usize, b.offset as usize + b.length as usize);
-                let sealed = bytes.get(start..end).ok_or_else(|| {
-                    RepoError::corrupt(format!("pack {name}"), "shorter than its index says")
-                })?;
-                let Ok(id) = ChunkId::from_slice(&b.id) else {
-                    continue;
-                };
-                builder.add(&id, &b.tenant, sealed, b.raw_length as usize);
-                if builder.len() >= self.opts.pack_size {
-                    survivors.push(self.write_whole_pack(builder.take()).await?);
-                    report.packs_written += 1;
-                }
-            }
+            let ix = self.index.read().map_err(poisoned)?;
+            blocking(|| {
+                planner.classify(
+                    i,
+                    &file,
+                    |p| p.created_unix + grace > now,
+                    |pack, ids| ix.canonical_in(pack, ids),
+                    |id, pack| cond.of(id, pack),
+                )
+            })?;
         }
-        if !builder.is_empty() {
-            survivors.push(self.write_whole_pack(builder).await?);
-            report.packs_written += 1;
-        }
-        self.pack_buffers.release();
-        // The compacted index, in objects of about `chunks_per_index` chunks, so a
-        // server loading it holds one object's entries at a time.
+        blocking(|| planner.join())?;
+
+        // The fate of every copy, pack by pack, in the order of the objects: writes go
+        // as they are decided (the rewritten packs, the compacted index in objects of
+        // about `chunks_per_index` chunks, new condemnations); deletions wait for the end.
+        let work = WorkDir::new(self.index_dir.path())?;
+        let mut doomed = NameLog::new(&work, "doomed")?;
         let mut written: HashSet<String> = HashSet::new();
         let mut group: Vec<PackEntries> = Vec::new();
         let mut group_chunks = 0usize;
-        let last = survivors.len();
-        for (i, p) in survivors.into_iter().enumerate() {
-            group_chunks += p.blobs.len();
-            group.push(p);
-            if group_chunks >= self.opts.chunks_per_index || i + 1 == last {
-                let packs = std::mem::take(&mut group);
-                written.insert(self.write_index_file(&IndexFile { packs }).await?);
-                group_chunks = 0;
+        let mut new_condemned: Vec<CondemnedEntry> = Vec::new();
+        let mut still_condemned: HashSet<CondemnedEntry> = HashSet::new();
+        let mut builder = PackBuilder::new(self.pack_buffers.clone());
+        let batch = self.opts.maintenance_batch.max(1024);
+        for (i, name) in index_names.iter().enumerate() {
+            let Some(file) = self.read_index_file(name).await? else {
+                continue;
+            };
+            for (j, p) in file.packs.into_iter().enumerate() {
+                let Some(plan) = blocking(|| planner.decide(i, j, &p))? else {
+                    continue;
+                };
+                still_condemned.extend(plan.still);
+                new_condemned.extend(plan.condemn);
+                if !opts.dry_run && new_condemned.len() >= batch {
+                    self.write_condemned(&CondemnedFile {
+                        created_unix: now,
+                        entries: std::mem::take(&mut new_condemned),
+                    })
+                    .await?;
+                }
+                let (live, dead) = (plan.live, plan.dead);
+                let survives = if dead == 0 {
+                    true
+                } else if live == 0 {
+                    report.packs_deleted += 1;
+                    report.bytes_freed += dead;
+                    false
+                } else if (live as f64) < opts.repack_below * ((live + dead) as f64) {
+                    report.packs_repacked += 1;
+                    report.bytes_freed += dead;
+                    if !opts.dry_run {
+                        for done in self.repack(&p, &plan.fates, &mut builder).await? {
+                            report.packs_written += 1;
+                            group_chunks += done.blobs.len();
+                            group.push(done);
+                        }
+                    }
+                    false
+                } else {
+                    true
+                };
+                if opts.dry_run {
+                    continue;
+                }
+                if survives {
+                    group_chunks += p.blobs.len();
+                    group.push(p);
+                } else {
+                    doomed.add(&p.name)?;
+                }
+                if group_chunks >= self.opts.chunks_per_index {
+                    let packs = std::mem::take(&mut group);
+                    written.insert(self.write_index_file(&IndexFile { packs }).await?);
+                    group_chunks = 0;
+                }
+                report.entries_in_memory_peak = report
+                    .entries_in_memory_peak
+                    .max((group_chunks + new_condemned.len()) as u64);
             }
         }
-        if written.is_empty() {
-            written.insert(
-                self.write_index_file(&IndexFile { packs: Vec::new() })
-                    .await?,
-            );
+        let tally = planner.tally;
+        drop(planner);
+        report.packs = tally.packs;
+        report.chunks_referenced = tally.chunks_referenced;
+        report.chunks_rescued = tally.chunks_rescued;
+        report.chunks_removed = tally.chunks_removed;
+        report.chunks_waiting = tally.chunks_waiting;
+        report.chunks_condemned = tally.chunks_condemned;
+        report.entries_in_memory_peak =
+            report.entries_in_memory_peak.max(tally.peak_records as u64);
+        report.entries_sorted = tally.sorted_records;
+        if opts.dry_run {
+            return Ok(());
+        }
+        if !builder.is_empty() {
+            let done = self.write_whole_pack(builder).await?;
+            report.packs_written += 1;
+            group.push(done);
+        }
+        self.pack_buffers.release();
+        if !group.is_empty() || written.is_empty() {
+            let packs = std::mem::take(&mut group);
+            written.insert(self.write_index_file(&IndexFile { packs }).await?);
         }
         // Condemnations: records keep their age; swept or rescued entries leave them.
-        let remaining: HashSet<&CondemnedEntry> = still_condemned.iter().collect();
         for (name, r) in &records {
             let kept: Vec<CondemnedEntry> = r
                 .entries
                 .iter()
-                .filter(|e| remaining.contains(e))
+                .filter(|e| still_condemned.contains(e))
                 .cloned()
                 .collect();
             if kept.len() == r.entries.len() {
@@ -717,17 +702,50 @@ impl Repository {
             self.store.remove(FileType::Index, name).await?;
             report.index_objects_replaced += 1;
         }
-        for name in delete.iter().chain(repack.iter().map(|(n, _)| n)) {
-            match self.store.remove(FileType::Pack, name).await {
+        let mut doomed = doomed.read()?;
+        // Bounded by the names written.
+        while let Some(name) = doomed.next()? {
+            match self.store.remove(FileType::Pack, &name).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        drop(work);
         self.pack_cache.lock().map_err(poisoned)?.clear();
         self.refresh_index().await?;
         tracing::info!(?report, "maintenance done");
         Ok(())
+    }
+
+    /// Copies the live chunks of `pack` into `builder`; returns the packs filled and
+    /// written meanwhile.
+    async fn repack(
+        &self,
+        pack: &PackEntries,
+        fates: &[Fate],
+        builder: &mut PackBuilder,
+    ) -> Result<Vec<PackEntries>, RepoError> {
+        let name = &pack.name;
+        let bytes = self.store.read(FileType::Pack, name).await?;
+        let mut done = Vec::new();
+        for (b, fate) in pack.blobs.iter().zip(fates) {
+            if *fate == Fate::Dead {
+                continue;
+            }
+            let (start, end) = (b.offset as usize, b.offset as usize + b.length as usize);
+            let sealed = bytes.get(start..end).ok_or_else(|| {
+                RepoError::corrupt(format!("pack {name}"), "shorter than its index says")
+            })?;
+            let Ok(id) = ChunkId::from_slice(&b.id) else {
+                continue;
+            };
+            builder.add(&id, &b.tenant, sealed, b.raw_length as usize);
+            if builder.len() >= self.opts.pack_size {
+                done.push(self.write_whole_pack(builder.take()).await?);
+            }
+        }
+        Ok(done)
     }
 
     async fn write_condemned(&self, file: &CondemnedFile) -> Result<(), RepoError> {
@@ -796,196 +814,11 @@ impl Repository {
         }
         Ok(rescued)
     }
-
-    /// Checks snapshots (see the module docs).
-    pub async fn verify(self: &Arc<Self>, opts: &VerifyOptions) -> Result<VerifyReport, RepoError> {
-        let mut report = VerifyReport::default();
-        self.refresh_index().await?;
-        let in_scope = |t: &str| opts.tenant.as_deref().is_none_or(|s| s == t);
-        // Bad chunks found by reading packs back.
-        let mut bad: HashMap<ChunkId, String> = HashMap::new();
-        if opts.read_data > 0.0 {
-            let mut packs: HashMap<String, PackEntries> = HashMap::new();
-            for name in self.store.list(FileType::Index).await? {
-                if let Some(file) = self.read_index_file(&name).await? {
-                    for p in file.packs {
-                        packs.entry(p.name.clone()).or_insert(p);
-                    }
-                }
-            }
-            let chosen: Vec<PackEntries> = packs
-                .into_values()
-                .filter(|p| p.blobs.iter().any(|b| in_scope(&b.tenant)))
-                .filter(|p| sampled(&p.name, opts.read_data))
-                .collect();
-            let me = Arc::clone(self);
-            let tenant = opts.tenant.clone();
-            let checks = futures::stream::iter(chosen)
-                .map(|p| {
-                    let me = Arc::clone(&me);
-                    let tenant = tenant.clone();
-                    async move { me.check_pack(p, tenant.as_deref()).await }
-                })
-                .buffer_unordered(VERIFY_PARALLEL_PACKS);
-            futures::pin_mut!(checks);
-            while let Some(outcome) = checks.next().await {
-                let (len, found) = outcome?;
-                report.packs_read += 1;
-                report.bytes_read += len;
-                bad.extend(found);
-            }
-        }
-        let snaps = self.load_snapshots(|s| in_scope(&s.tenant)).await?;
-        for s in &snaps {
-            report.snapshots += 1;
-            let problem = |path: &str, message: String| Problem {
-                snapshot_id: s.id.clone(),
-                tag: s.tag.clone(),
-                path: path.to_string(),
-                message,
-            };
-            let catalog = match s.catalog_ids() {
-                Ok(c) => c,
-                Err(e) => {
-                    report.problems.push(problem("", e.to_string()));
-                    continue;
-                }
-            };
-            let mut nodes = self.catalog_nodes(&s.tenant, catalog);
-            while let Some(node) = nodes.recv().await {
-                let node = match node {
-                    Ok(n) => n,
-                    Err(e) => {
-                        report.problems.push(problem(
-                            "",
-                            format!("the snapshot's tree is unreadable: {e}"),
-                        ));
-                        break;
-                    }
-                };
-                if node.r#type == datamover_proto::v1::NodeType::File as i32 {
-                    report.files += 1;
-                }
-                let mut missing = 0u64;
-                let mut corrupt = 0u64;
-                let mut first = String::new();
-                for c in &node.chunks {
-                    report.chunks += 1;
-                    let Ok(id) = ChunkId::from_slice(c) else {
-                        corrupt += 1;
-                        continue;
-                    };
-                    let present = self
-                        .index
-                        .read()
-                        .map_err(poisoned)?
-                        .find(&s.tenant, &id)
-                        .is_some();
-                    if !present {
-                        missing += 1;
-                        if first.is_empty() {
-                            first = format!("chunk {} is missing", id.to_hex());
-                        }
-                    } else if let Some(why) = bad.get(&id) {
-                        corrupt += 1;
-                        if first.is_empty() {
-                            first = format!("chunk {} is corrupt: {why}", id.to_hex());
-                        }
-                    }
-                }
-                if missing + corrupt > 0 {
-                    report.problems.push(problem(
-                        &String::from_utf8_lossy(&node.path),
-                        format!(
-                            "{} of {} chunks missing, {corrupt} corrupt ({first})",
-                            missing,
-                            node.chunks.len()
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    /// Downloads a pack and checks its chunks (those of `tenant`, or all). Returns the
-    /// bytes read and the bad chunks with the reason.
-    async fn check_pack(
-        self: &Arc<Self>,
-        pack: PackEntries,
-        tenant: Option<&str>,
-    ) -> Result<(u64, Vec<(ChunkId, String)>), RepoError> {
-        let bytes = match self.store.read(FileType::Pack, &pack.name).await {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => {
-                let why = format!("pack {} is missing", pack.name);
-                return Ok((
-                    0,
-                    pack.blobs
-                        .iter()
-                        .filter_map(|b| ChunkId::from_slice(&b.id).ok())
-                        .map(|id| (id, why.clone()))
-                        .collect(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let me = Arc::clone(self);
-        let tenant = tenant.map(str::to_string);
-        tokio::task::spawn_blocking(move || {
-            let mut bad = Vec::new();
-            for b in &pack.blobs {
-                if tenant.as_deref().is_some_and(|t| t != b.tenant) {
-                    continue;
-                }
-                let Ok(id) = ChunkId::from_slice(&b.id) else {
-                    continue;
-                };
-                let what = format!("chunk {} in pack {}", id.to_hex(), pack.name);
-                let (start, end) = (b.offset as usize, b.offset as usize + b.length as usize);
-                let outcome = bytes
-                    .get(start..end)
-                    .ok_or_else(|| RepoError::corrupt(&what, "pack is shorter than its index says"))
-                    .and_then(|sealed| {
-                        crypto::unpack_blob(&me.keys, sealed, b.raw_length as usize, &what)
-                    })
-                    .and_then(|data| {
-                        if me.keys.chunk_id_key(&b.tenant).id(&data) == id {
-                            Ok(())
-                        } else {
-                            Err(RepoError::corrupt(&what, "content does not match its id"))
-                        }
-                    });
-                if let Err(e) = outcome {
-                    bad.push((id, format!("in pack {}: {}", pack.name, short_reason(&e))));
-                }
-            }
-            (bytes.len() as u64, bad)
-        })
-        .await
-        .map_err(|e| RepoError::Task(e.to_string()))
-    }
-}
-
-fn short_reason(e: &RepoError) -> String {
-    match e {
-        RepoError::Corrupt { why, .. } => why.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Whether a pack is in a `fraction` sample (stable: by its name).
-fn sampled(name: &str, fraction: f64) -> bool {
-    if fraction >= 1.0 {
-        return true;
-    }
-    let prefix = name.get(..8).and_then(|h| u32::from_str_radix(h, 16).ok());
-    prefix.is_some_and(|v| (f64::from(v) / f64::from(u32::MAX)) < fraction)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::verify::sampled;
 
     #[test]
     fn sample_is_stable_and_proportional() {
