@@ -292,6 +292,11 @@ impl Datamover for DatamoverService {
         let mut sealing: FuturesUnordered<BoxFuture<'_, Result<AddResult, RepoError>>> =
             FuturesUnordered::new();
         let mut ended = false;
+        // A stream that breaks (the client gone, the connection cut) still has its
+        // batches already received stored before the error is returned: they were
+        // checked against their ids, and a client that reconnects then finds them
+        // present instead of sending them again. At most PUT_BATCHES_IN_FLIGHT of them.
+        let mut broken: Option<Status> = None;
         while !ended || !sealing.is_empty() {
             // A revoked or rotated credential ends the upload at once.
             tokio::select! {
@@ -305,11 +310,19 @@ impl Datamover for DatamoverService {
                     out.chunks_already_present += added.already_present;
                 }
                 next = stream.next(), if !ended && sealing.len() < PUT_BATCHES_IN_FLIGHT => {
-                    let Some(msg) = next else {
-                        ended = true;
-                        continue;
+                    let msg = match next {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => {
+                            tracing::debug!(client = %id.client_id, error = %e, "upload stream broken: storing the batches already received");
+                            broken = Some(e);
+                            ended = true;
+                            continue;
+                        }
+                        None => {
+                            ended = true;
+                            continue;
+                        }
                     };
-                    let msg = msg?;
                     crate::limits::global().check_put(msg.chunks.len())?;
                     self.touch(&id, &msg.session_id)?;
                     let mut chunks = Vec::with_capacity(msg.chunks.len());
@@ -328,6 +341,9 @@ impl Datamover for DatamoverService {
                     ));
                 }
             }
+        }
+        if let Some(e) = broken {
+            return Err(e);
         }
         Ok(Response::new(out))
     }
