@@ -36,9 +36,12 @@ impl Credential {
             return None;
         }
         if trimmed.starts_with(b"$argon2") {
-            return std::str::from_utf8(trimmed)
-                .ok()
-                .map(|s| Credential::Phc(s.to_string()));
+            let phc = std::str::from_utf8(trimmed).ok()?;
+            if let Err(e) = phc_cost_ok(phc) {
+                tracing::warn!("a PHC credential is not loaded: {e}");
+                return None;
+            }
+            return Some(Credential::Phc(phc.to_string()));
         }
         Some(Credential::Token(trimmed.to_vec()))
     }
@@ -50,6 +53,36 @@ impl Credential {
             Credential::Phc(p) => *blake3::hash(p.as_bytes()).as_bytes(),
         }
     }
+}
+
+/// The most an Argon2 PHC credential may cost to check: memory in KiB (`m`), passes
+/// (`t`) and lanes (`p`). A file asking for more (a typo, or a file written to make the
+/// server allocate gigabytes at every unknown token) is not loaded.
+const PHC_MAX_MEMORY_KIB: u32 = 256 * 1024;
+const PHC_MAX_PASSES: u32 = 32;
+const PHC_MAX_LANES: u32 = 16;
+
+/// Whether a PHC string parses and its cost parameters are within the caps above.
+pub fn phc_cost_ok(phc: &str) -> Result<(), String> {
+    let h = argon2::password_hash::PasswordHash::new(phc).map_err(|e| {
+        format!(
+            "not a valid PHC string ({e}); write it with `argon2 <salt> -id -e` as the README shows"
+        )
+    })?;
+    for (name, max) in [
+        ("m", PHC_MAX_MEMORY_KIB),
+        ("t", PHC_MAX_PASSES),
+        ("p", PHC_MAX_LANES),
+    ] {
+        if let Some(v) = h.params.get_decimal(name)
+            && v > max
+        {
+            return Err(format!(
+                "its cost parameter {name}={v} is over {max}; hash the token again with a lower cost"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Strips surrounding whitespace (a trailing newline from `echo` is common).
@@ -522,6 +555,27 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), Credential::parse(v).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn phc_credentials_over_the_cost_caps_are_not_loaded() {
+        let salt = "c29tZXNhbHRzb21lc2FsdA";
+        let hash = "KQr2bdmNmmf5d+fA2Sx+VMwUd2OTbmoeQh2UmUXgAwM";
+        let phc =
+            |m: u32, t: u32, p: u32| format!("$argon2id$v=19$m={m},t={t},p={p}${salt}${hash}");
+        assert!(matches!(
+            Credential::parse(phc(65536, 3, 4).as_bytes()),
+            Some(Credential::Phc(_))
+        ));
+        for over in [
+            phc(4 * 1024 * 1024, 3, 4),
+            phc(65536, 1000, 4),
+            phc(65536, 3, 255),
+        ] {
+            assert!(phc_cost_ok(&over).is_err(), "{over}");
+            assert!(Credential::parse(over.as_bytes()).is_none(), "{over}");
+        }
+        assert!(phc_cost_ok("$argon2id$nonsense").is_err());
     }
 
     #[tokio::test]
