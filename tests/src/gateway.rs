@@ -5,6 +5,7 @@
 use aws_sdk_s3::Client as S3Client;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use crate::{Server, Storage, free_port, write};
 
@@ -116,12 +117,24 @@ pub fn secret(server: &Server, id: &str, credential: &str) -> Result<String, Str
         .ok_or_else(|| format!("no secret in the profile:\n{profile}"))
 }
 
-/// A server with the S3 gateway on, and what a client needs to reach it.
+/// A server with the S3 gateway on, and a runtime to drive aws-sdk-s3 clients of it
+/// from a test (the server's fields are reached through it: `g.server`, `g.s3_port`).
 pub struct Gateway {
-    pub server: Server,
-    pub s3_port: u16,
-    pub ca_pem: String,
+    gateway: S3Gateway,
     pub rt: tokio::runtime::Runtime,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = S3Gateway;
+    fn deref(&self) -> &S3Gateway {
+        &self.gateway
+    }
+}
+
+impl std::ops::DerefMut for Gateway {
+    fn deref_mut(&mut self) -> &mut S3Gateway {
+        &mut self.gateway
+    }
 }
 
 impl Gateway {
@@ -140,25 +153,14 @@ impl Gateway {
         config: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let S3Gateway {
-            server,
-            s3_port,
-            ca_pem,
-        } = S3Gateway::start_with_env(storage, clients, config, env);
         Gateway {
-            server,
-            s3_port,
-            ca_pem,
+            gateway: S3Gateway::start_with_env(storage, clients, config, env),
             rt: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
-                .unwrap(),
+                .expect("runtime"),
         }
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("https://127.0.0.1:{}", self.s3_port)
     }
 
     /// The S3 profile `datamover-client s3-credentials` prints for a client.
@@ -259,6 +261,158 @@ impl Gateway {
                 );
             }
             Ok(out)
+        })
+    }
+
+    pub fn create_bucket(&self, c: &S3Client, bucket: &str) -> Result<(), String> {
+        self.rt.block_on(async {
+            c.create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(code)
+        })
+    }
+
+    /// The names of the buckets `c` sees.
+    pub fn buckets(&self, c: &S3Client) -> Result<Vec<String>, String> {
+        self.rt.block_on(async {
+            let out = c.list_buckets().send().await.map_err(code)?;
+            Ok(out
+                .buckets()
+                .iter()
+                .filter_map(|b| b.name().map(str::to_string))
+                .collect())
+        })
+    }
+
+    /// Starts a multipart upload; its id.
+    pub fn create_upload(&self, c: &S3Client, bucket: &str, key: &str) -> Result<String, String> {
+        self.rt.block_on(async {
+            let up = c
+                .create_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(code)?;
+            up.upload_id()
+                .map(str::to_string)
+                .ok_or_else(|| "no upload id in the answer".to_string())
+        })
+    }
+
+    /// Uploads part `n` of an upload; its etag.
+    pub fn upload_part(
+        &self,
+        c: &S3Client,
+        (bucket, key, id): (&str, &str, &str),
+        n: i32,
+        data: &[u8],
+    ) -> Result<String, String> {
+        self.rt.block_on(async {
+            let out = c
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .part_number(n)
+                .body(ByteStream::from(data.to_vec()))
+                .send()
+                .await
+                .map_err(code)?;
+            Ok(out.e_tag().unwrap_or_default().to_string())
+        })
+    }
+
+    /// The parts of an upload as ListParts gives them: (number, size).
+    pub fn parts(
+        &self,
+        c: &S3Client,
+        (bucket, key, id): (&str, &str, &str),
+    ) -> Result<Vec<(i32, i64)>, String> {
+        self.rt.block_on(async {
+            let out = c
+                .list_parts()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+                .map_err(code)?;
+            Ok(out
+                .parts()
+                .iter()
+                .map(|p| (p.part_number().unwrap_or(0), p.size().unwrap_or(-1)))
+                .collect())
+        })
+    }
+
+    /// Completes an upload from its parts' (number, etag).
+    pub fn complete_upload(
+        &self,
+        c: &S3Client,
+        (bucket, key, id): (&str, &str, &str),
+        parts: &[(i32, String)],
+    ) -> Result<(), String> {
+        let parts = parts
+            .iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(*n).e_tag(etag).build())
+            .collect();
+        self.rt.block_on(async {
+            c.complete_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(code)
+        })
+    }
+
+    pub fn abort_upload(
+        &self,
+        c: &S3Client,
+        (bucket, key, id): (&str, &str, &str),
+    ) -> Result<(), String> {
+        self.rt.block_on(async {
+            c.abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(code)
+        })
+    }
+
+    /// The unfinished uploads of a bucket: (key, upload id).
+    pub fn uploads(&self, c: &S3Client, bucket: &str) -> Result<Vec<(String, String)>, String> {
+        self.rt.block_on(async {
+            let out = c
+                .list_multipart_uploads()
+                .bucket(bucket)
+                .send()
+                .await
+                .map_err(code)?;
+            Ok(out
+                .uploads()
+                .iter()
+                .map(|u| {
+                    (
+                        u.key().unwrap_or_default().to_string(),
+                        u.upload_id().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect())
         })
     }
 

@@ -11,6 +11,7 @@
 pub mod blueprint;
 pub mod cluster;
 pub mod crafted;
+pub mod edge;
 pub mod faults;
 pub mod garage;
 pub mod gateway;

@@ -1,139 +1,14 @@
 //! Edge sync end to end: the real server and client binaries, Garage on loopback, real
 //! directories. Plain objects are checked with an S3 client of their own.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datamover_repo::objects::{ObjectStore, S3Objects};
-use datamover_repo::store::S3Store;
+use datamover_tests::edge::{Bucket, files_under, n, s3_server, sync_requests, wait_parts};
 use datamover_tests::{Garage, Server, Storage, random_bytes, write};
 
 const PREFIX: &str = "fleet";
-
-fn s3_server(g: &Garage, clients: &[(&str, &str)], config: &[(&str, &str)]) -> Server {
-    let root = tempfile::tempdir().unwrap();
-    for (k, v) in config {
-        write(&root.path().join("etc/config").join(k), v.as_bytes());
-    }
-    Server::start_in(
-        root,
-        Storage::S3 {
-            garage: g,
-            bucket: &g.bucket,
-            prefix: PREFIX,
-        },
-        clients,
-    )
-}
-
-/// Reads the bucket directly, as any S3 tool would.
-struct Bucket {
-    objects: Arc<dyn ObjectStore>,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Bucket {
-    fn new(g: &Garage) -> Bucket {
-        let store = S3Store::new(g.s3_options("")).unwrap();
-        Bucket {
-            objects: Arc::new(S3Objects::new(&store, "")),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.rt.block_on(async {
-            use futures::StreamExt;
-            let (_, mut body) = self.objects.get(key, 0).await.ok()?;
-            let mut out = Vec::new();
-            while let Some(piece) = body.next().await {
-                out.extend_from_slice(&piece.ok()?);
-            }
-            Some(out)
-        })
-    }
-
-    fn hash_meta(&self, key: &str) -> Option<[u8; 32]> {
-        self.rt
-            .block_on(self.objects.head(key))
-            .ok()
-            .flatten()
-            .and_then(|h| h.meta)
-            .map(|m| m.hash)
-    }
-
-    fn put(&self, key: &str, data: &[u8]) {
-        self.rt
-            .block_on(
-                self.objects
-                    .put(key, bytes::Bytes::copy_from_slice(data), None),
-            )
-            .unwrap();
-    }
-
-    fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut k: Vec<String> = self
-            .rt
-            .block_on(self.objects.list(prefix))
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key)
-            .collect();
-        k.sort();
-        k
-    }
-}
-
-/// Storage requests made for synced objects so far, by operation.
-fn sync_requests(server: &Server) -> BTreeMap<String, u64> {
-    let (_, body) = server.http_get("/metrics").expect("metrics");
-    let mut out = BTreeMap::new();
-    for line in body.lines() {
-        if !line.starts_with("datamover_store_requests_total{") || !line.contains("type=\"sync") {
-            continue;
-        }
-        let op = line
-            .split("operation=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("")
-            .to_string();
-        let v: u64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        *out.entry(op).or_default() += v;
-    }
-    out
-}
-
-fn files_under(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == ".datamover-sync" {
-                continue;
-            }
-            if e.file_type().unwrap().is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
 
 fn make_tree(dir: &Path) {
     for i in 0..40 {
@@ -147,11 +22,6 @@ fn make_tree(dir: &Path) {
         &dir.join("video.bin"),
         &random_bytes(1, 20 * 1024 * 1024 + 123),
     );
-}
-
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 fn set_mtime(p: &Path, delta_secs: i64) {
@@ -169,7 +39,7 @@ fn egress_ingress_round_trip_plain_objects_and_unchanged_passes() {
     let Some(g) = Garage::start_or_skip() else {
         return;
     };
-    let mut server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
+    let mut server = s3_server(&g, PREFIX, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
     let work = tempfile::tempdir().unwrap();
@@ -191,7 +61,7 @@ fn egress_ingress_round_trip_plain_objects_and_unchanged_passes() {
         "multipart object readable as is"
     );
     assert_eq!(
-        bucket.hash_meta(&key),
+        bucket.meta(&key).map(|m| m.hash),
         Some(*blake3::hash(&video).as_bytes())
     );
     assert_eq!(
@@ -269,7 +139,7 @@ fn clock_skew_and_deletions() {
     let Some(g) = Garage::start_or_skip() else {
         return;
     };
-    let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
+    let server = s3_server(&g, PREFIX, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
     let work = tempfile::tempdir().unwrap();
@@ -369,23 +239,6 @@ fn wait_child(mut c: std::process::Child, secs: u64) -> std::process::Output {
     c.wait_with_output().unwrap()
 }
 
-/// Waits (bounded) until the server has stored `n` more multipart parts than when
-/// called, i.e. until an upload is under way, whatever the machine's load.
-fn wait_parts(server: &Server, n: u64) {
-    let parts = || {
-        sync_requests(server)
-            .get("upload_part")
-            .copied()
-            .unwrap_or(0)
-    };
-    let base = parts();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while parts() < base + n {
-        assert!(Instant::now() < deadline, "no upload under way after 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Starts a once-egress of `src` to target `t` at 16 MiB/s, in the background.
 fn slow_egress(client: &datamover_tests::Client, src: &str, out: Stdio) -> std::process::Child {
     client
@@ -401,7 +254,7 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
     let Some(g) = Garage::start_or_skip() else {
         return;
     };
-    let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
+    let server = s3_server(&g, PREFIX, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
     let work = tempfile::tempdir().unwrap();
@@ -437,7 +290,7 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
         stored.len()
     );
     assert_eq!(
-        bucket.hash_meta(&key),
+        bucket.meta(&key).map(|m| m.hash),
         Some(*blake3::hash(&stored).as_bytes())
     );
     client.ok(&["sync_egress", src_s, "t", "--once"]);
@@ -510,6 +363,7 @@ fn disk_budget_tenants_and_edge_workload() {
     };
     let server = s3_server(
         &g,
+        PREFIX,
         &[("dev-1", "tok-1"), ("dev-2", "tok-2"), ("viewer", "tok-3")],
         &[("roles", "viewer=read")],
     );
@@ -647,7 +501,7 @@ fn continuous_egress_follows_changes_and_stops_on_sigterm() {
     let Some(g) = Garage::start_or_skip() else {
         return;
     };
-    let server = s3_server(&g, &[("dev-1", "tok-1")], &[]);
+    let server = s3_server(&g, PREFIX, &[("dev-1", "tok-1")], &[]);
     let client = server.client("dev-1", "tok-1");
     let bucket = Bucket::new(&g);
     let work = tempfile::tempdir().unwrap();

@@ -7,67 +7,26 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client as S3Client;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use datamover_tests::gateway::{Gateway, code, tool};
 use datamover_tests::{Garage, Server, Storage, random_bytes, write};
 
 fn multipart(g: &Gateway, c: &S3Client, bucket: &str, key: &str, parts: &[Vec<u8>]) {
-    g.rt.block_on(async {
-        let up = c
-            .create_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .unwrap();
-        let id = up.upload_id().unwrap().to_string();
-        let mut done = Vec::new();
-        for (i, p) in parts.iter().enumerate() {
-            let n = i as i32 + 1;
-            let out = c
-                .upload_part()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&id)
-                .part_number(n)
-                .body(ByteStream::from(p.clone()))
-                .send()
-                .await
-                .unwrap();
-            done.push(
-                CompletedPart::builder()
-                    .part_number(n)
-                    .e_tag(out.e_tag().unwrap())
-                    .build(),
-            );
-        }
-        let listed = c
-            .list_parts()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&id)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(listed.parts().len(), parts.len());
-        assert_eq!(
-            listed.parts()[0].size(),
-            Some(parts[0].len() as i64),
-            "ListParts shows the parts' sizes"
-        );
-        c.complete_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(done))
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-    });
+    let id = g.create_upload(c, bucket, key).unwrap();
+    let up = (bucket, key, id.as_str());
+    let mut done = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let n = i as i32 + 1;
+        done.push((n, g.upload_part(c, up, n, p).unwrap()));
+    }
+    let listed = g.parts(c, up).unwrap();
+    assert_eq!(listed.len(), parts.len());
+    assert_eq!(
+        listed[0].1,
+        parts[0].len() as i64,
+        "ListParts shows the parts' sizes"
+    );
+    g.complete_upload(c, up, &done).unwrap();
 }
 
 /// Put, list, get (whole and ranges), head, multipart, copy, delete: what a client sees.
@@ -163,45 +122,14 @@ fn round_trip(g: &Gateway, c: &S3Client) {
         parts.concat()
     );
     // An aborted upload leaves nothing.
-    g.rt.block_on(async {
-        let up = c
-            .create_multipart_upload()
-            .bucket("photos")
-            .key("gone.bin")
-            .send()
-            .await
-            .unwrap();
-        let id = up.upload_id().unwrap();
-        c.upload_part()
-            .bucket("photos")
-            .key("gone.bin")
-            .upload_id(id)
-            .part_number(1)
-            .body(ByteStream::from(vec![1u8; 1024]))
-            .send()
-            .await
-            .unwrap();
-        c.abort_multipart_upload()
-            .bucket("photos")
-            .key("gone.bin")
-            .upload_id(id)
-            .send()
-            .await
-            .unwrap();
-        let again = c
-            .upload_part()
-            .bucket("photos")
-            .key("gone.bin")
-            .upload_id(id)
-            .part_number(2)
-            .body(ByteStream::from(vec![1u8; 1024]))
-            .send()
-            .await;
-        assert_eq!(
-            again.map(|_| ()).map_err(code),
-            Err("NoSuchUpload".to_string())
-        );
-    });
+    let id = g.create_upload(c, "photos", "gone.bin").unwrap();
+    let up = ("photos", "gone.bin", id.as_str());
+    g.upload_part(c, up, 1, &[1u8; 1024]).unwrap();
+    g.abort_upload(c, up).unwrap();
+    assert_eq!(
+        g.upload_part(c, up, 2, &[1u8; 1024]),
+        Err("NoSuchUpload".to_string())
+    );
     assert_eq!(
         g.get(c, "photos", "gone.bin", None),
         Err("NoSuchKey".to_string())

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client as S3Client;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use datamover_tests::gateway::{Gateway, code, tool};
 use datamover_tests::{Garage, Storage, random_bytes, write};
 
@@ -20,30 +19,6 @@ fn contents(g: &Gateway, c: &S3Client, bucket: &str) -> Vec<(String, Vec<u8>)> {
             (k, data)
         })
         .collect()
-}
-
-fn buckets(g: &Gateway, c: &S3Client) -> Vec<String> {
-    g.rt.block_on(async {
-        c.list_buckets()
-            .send()
-            .await
-            .unwrap()
-            .buckets()
-            .iter()
-            .filter_map(|b| b.name().map(str::to_string))
-            .collect()
-    })
-}
-
-fn create_bucket(g: &Gateway, c: &S3Client, bucket: &str) -> Result<(), String> {
-    g.rt.block_on(async {
-        c.create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(code)
-    })
 }
 
 #[test]
@@ -60,12 +35,12 @@ fn another_tenant_gets_access_denied_on_a_bucket_and_changes_nothing() {
     let alice = g.client("alice", "alice-token");
     let alice2 = g.client("alice2", "alice2-token");
     let bob = g.client("bob", "bob-token");
-    create_bucket(&g, &alice, "reports").unwrap();
+    g.create_bucket(&alice, "reports").unwrap();
     g.put(&alice, "reports", "q1.txt", b"first quarter")
         .unwrap();
     g.put(&alice, "reports", "dir/q2.txt", b"second quarter")
         .unwrap();
-    create_bucket(&g, &alice, "empty-one").unwrap();
+    g.create_bucket(&alice, "empty-one").unwrap();
     let before = contents(&g, &alice, "reports");
 
     // Every operation of another tenant on the bucket: AccessDenied.
@@ -115,18 +90,18 @@ fn another_tenant_gets_access_denied_on_a_bucket_and_changes_nothing() {
         assert_eq!(del.err().as_deref(), Some("AccessDenied"));
     });
     assert_eq!(
-        create_bucket(&g, &bob, "reports"),
+        g.create_bucket(&bob, "reports"),
         Err("BucketAlreadyExists".to_string())
     );
     assert_eq!(
-        create_bucket(&g, &bob, "empty-one"),
+        g.create_bucket(&bob, "empty-one"),
         Err("BucketAlreadyExists".to_string())
     );
 
     // ListBuckets shows each tenant its own only.
     g.put(&bob, "bobs", "mine.txt", b"bob's own").unwrap();
-    assert_eq!(buckets(&g, &alice), ["empty-one", "reports"]);
-    assert_eq!(buckets(&g, &bob), ["bobs"]);
+    assert_eq!(g.buckets(&alice).unwrap(), ["empty-one", "reports"]);
+    assert_eq!(g.buckets(&bob).unwrap(), ["bobs"]);
     assert_eq!(
         g.get(&alice, "bobs", "mine.txt", None),
         Err("AccessDenied".to_string())
@@ -158,8 +133,8 @@ fn another_tenant_gets_access_denied_on_a_bucket_and_changes_nothing() {
             .await
             .unwrap();
     });
-    create_bucket(&g, &bob, "empty-one").unwrap();
-    assert_eq!(buckets(&g, &bob), ["bobs", "empty-one"]);
+    g.create_bucket(&bob, "empty-one").unwrap();
+    assert_eq!(g.buckets(&bob).unwrap(), ["bobs", "empty-one"]);
 }
 
 #[test]
@@ -255,7 +230,7 @@ fn edge_sync_targets_are_their_tenants_buckets() {
         Err("AccessDenied".to_string())
     );
     assert_eq!(
-        create_bucket(&g, &other, "site-b"),
+        g.create_bucket(&other, "site-b"),
         Err("BucketAlreadyExists".to_string())
     );
 
@@ -288,11 +263,12 @@ fn edge_sync_targets_are_their_tenants_buckets() {
         g.keys(&other, "site-c", ""),
         Err("AccessDenied".to_string())
     );
-    assert_eq!(buckets(&g, &dev), ["site-b", "site-c", "site-d"]);
+    assert_eq!(g.buckets(&dev).unwrap(), ["site-b", "site-c", "site-d"]);
     assert_eq!(g.get(&dev, "site-c", "b.txt", None).unwrap(), b"synced");
-    assert!(buckets(&g, &other).is_empty());
+    assert!(g.buckets(&other).unwrap().is_empty());
 }
 
+/// Starts an upload with one part: its id and the part's etag.
 fn start_upload(
     g: &Gateway,
     c: &S3Client,
@@ -300,48 +276,13 @@ fn start_upload(
     key: &str,
     part: &[u8],
 ) -> (String, String) {
-    g.rt.block_on(async {
-        let up = c
-            .create_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .unwrap();
-        let id = up.upload_id().unwrap().to_string();
-        let out = c
-            .upload_part()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&id)
-            .part_number(1)
-            .body(ByteStream::from(part.to_vec()))
-            .send()
-            .await
-            .unwrap();
-        (id, out.e_tag().unwrap().to_string())
-    })
+    let id = g.create_upload(c, bucket, key).unwrap();
+    let etag = g.upload_part(c, (bucket, key, &id), 1, part).unwrap();
+    (id, etag)
 }
 
 fn uploads(g: &Gateway, c: &S3Client, bucket: &str) -> Vec<(String, String)> {
-    g.rt.block_on(async {
-        let out = c
-            .list_multipart_uploads()
-            .bucket(bucket)
-            .send()
-            .await
-            .map_err(code)
-            .unwrap();
-        out.uploads()
-            .iter()
-            .map(|u| {
-                (
-                    u.key().unwrap_or_default().to_string(),
-                    u.upload_id().unwrap_or_default().to_string(),
-                )
-            })
-            .collect()
-    })
+    g.uploads(c, bucket).unwrap()
 }
 
 fn upload_survives_a_restart(storage: Storage<'_>) {
@@ -375,64 +316,14 @@ fn upload_survives_a_restart(storage: Storage<'_>) {
         "known after the restart"
     );
     let bob = g.client("bob", "bob-token");
-    g.rt.block_on(async {
-        let e = bob
-            .list_multipart_uploads()
-            .bucket("uploads")
-            .send()
-            .await
-            .map_err(code);
-        assert_eq!(e.err().as_deref(), Some("AccessDenied"));
-        let out = c
-            .upload_part()
-            .bucket("uploads")
-            .key("big.bin")
-            .upload_id(&id)
-            .part_number(2)
-            .body(ByteStream::from(part2.clone()))
-            .send()
-            .await
-            .unwrap();
-        let parts = c
-            .list_parts()
-            .bucket("uploads")
-            .key("big.bin")
-            .upload_id(&id)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(parts.parts().len(), 2);
-        c.complete_multipart_upload()
-            .bucket("uploads")
-            .key("big.bin")
-            .upload_id(&id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .parts(
-                        CompletedPart::builder()
-                            .part_number(1)
-                            .e_tag(&etag1)
-                            .build(),
-                    )
-                    .parts(
-                        CompletedPart::builder()
-                            .part_number(2)
-                            .e_tag(out.e_tag().unwrap())
-                            .build(),
-                    )
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        c.abort_multipart_upload()
-            .bucket("uploads")
-            .key("dropped.bin")
-            .upload_id(&other_id)
-            .send()
-            .await
-            .unwrap();
-    });
+    assert_eq!(g.uploads(&bob, "uploads"), Err("AccessDenied".to_string()));
+    let big = ("uploads", "big.bin", id.as_str());
+    let etag2 = g.upload_part(&c, big, 2, &part2).unwrap();
+    assert_eq!(g.parts(&c, big).unwrap().len(), 2);
+    g.complete_upload(&c, big, &[(1, etag1), (2, etag2)])
+        .unwrap();
+    g.abort_upload(&c, ("uploads", "dropped.bin", &other_id))
+        .unwrap();
     let mut whole = part1;
     whole.extend_from_slice(&part2);
     assert!(g.get(&c, "uploads", "big.bin", None).unwrap() == whole);
@@ -481,22 +372,10 @@ fn maintenance_aborts_uploads_older_than_the_set_age() {
     );
     // The old upload's parts are gone from the store, and it can no longer complete.
     assert_eq!(std::fs::read_dir(&parts_dir).unwrap().count(), 1);
-    g.rt.block_on(async {
-        let e = c
-            .complete_multipart_upload()
-            .bucket("bucket-one")
-            .key("old.bin")
-            .upload_id(&old)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .parts(CompletedPart::builder().part_number(1).e_tag("x").build())
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(code);
-        assert_eq!(e.err().as_deref(), Some("NoSuchUpload"));
-    });
+    assert_eq!(
+        g.complete_upload(&c, ("bucket-one", "old.bin", &old), &[(1, "x".to_string())]),
+        Err("NoSuchUpload".to_string())
+    );
     assert!(
         g.server.log().contains("older than s3UploadMaxAge aborted"),
         "maintenance logs what it aborted"

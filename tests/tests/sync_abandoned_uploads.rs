@@ -3,55 +3,14 @@
 //! Garage (its multipart uploads listed with an S3 client of our own) and on the
 //! filesystem store (its parts directory).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use datamover_tests::edge::{n, wait_parts};
 use datamover_tests::{Client, Garage, Server, Storage, random_bytes, write};
 
 const PREFIX: &str = "fleet";
-
-/// Storage requests made for synced objects so far, by operation.
-fn sync_requests(server: &Server) -> BTreeMap<String, u64> {
-    let (_, body) = server.http_get("/metrics").expect("metrics");
-    let mut out = BTreeMap::new();
-    for line in body.lines() {
-        if !line.starts_with("datamover_store_requests_total{") || !line.contains("type=\"sync") {
-            continue;
-        }
-        let op = line
-            .split("operation=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("")
-            .to_string();
-        let v: u64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        *out.entry(op).or_default() += v;
-    }
-    out
-}
-
-/// Waits (bounded) until the server has stored `n` more multipart parts than when
-/// called.
-fn wait_parts(server: &Server, n: u64) {
-    let parts = || {
-        sync_requests(server)
-            .get("upload_part")
-            .copied()
-            .unwrap_or(0)
-    };
-    let base = parts();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while parts() < base + n {
-        assert!(Instant::now() < deadline, "no upload under way after 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Starts an egress of `src` at 16 MiB/s, waits until three parts are stored, and
 /// kills the client (SIGKILL): the upload stays unfinished on the server.
@@ -66,10 +25,6 @@ fn interrupted_egress(client: &Client, server: &Server, src: &str) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     let _ = child.wait();
-}
-
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
 /// What the store holds of unfinished uploads: multipart uploads in progress.
