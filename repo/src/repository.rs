@@ -155,6 +155,9 @@ pub struct Repository {
     repo_id: String,
     /// One refresh of the index at a time.
     refreshing: tokio::sync::Mutex<()>,
+    /// Held by a maintenance run of this process: two never overlap, even under one
+    /// owner (the bucket's lock object only keeps other servers out).
+    maintaining: tokio::sync::Mutex<()>,
     writer: tokio::sync::Mutex<Writer>,
     /// One permit per pack upload in flight; holding them all means none is in flight.
     uploads: Arc<Semaphore>,
@@ -263,6 +266,7 @@ impl Repository {
             index_dir,
             repo_id: config.id.clone(),
             refreshing: tokio::sync::Mutex::new(()),
+            maintaining: tokio::sync::Mutex::new(()),
             writer: tokio::sync::Mutex::new(Writer {
                 pack: PackBuilder::new(pack_buffers.clone()),
             }),
@@ -275,7 +279,7 @@ impl Repository {
             pack_buffers,
         });
         repo.refresh_index().await?;
-        repo.adopt_orphan_packs().await?;
+        repo.adopt_orphan_packs_unless_maintained().await?;
         tracing::info!(
             location = %repo.store.location(),
             repository = %config.id,

@@ -108,3 +108,38 @@ async fn a_stale_or_corrupt_local_index_is_rebuilt_from_the_bucket() {
     assert_eq!(repo.index.read().unwrap().len(), 4);
     all_readable(&repo, &ids).await;
 }
+
+/// A pack in `data/` that no index object lists is adopted at open, unless a
+/// maintenance run holds the bucket's lock: it may be a pack that run is deleting.
+#[tokio::test]
+async fn packs_without_an_index_are_not_adopted_at_open_while_maintenance_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(FsStore::new(dir.path()));
+    let open = || Repository::open(Arc::clone(&store), b"pw", options(None));
+    let repo = open().await.unwrap();
+    let ids = add(&repo, &["doomed one", "doomed two"]).await;
+    drop(repo);
+    // What a maintenance run's deletions leave for a moment: the pack, no index object.
+    for name in store.list(FileType::Index).await.unwrap() {
+        store.remove(FileType::Index, &name).await.unwrap();
+    }
+    let lock = format!(
+        r#"{{"owner":"replica-0","written_unix":{}}}"#,
+        super::maintenance::unix_now()
+    );
+    store
+        .write(FileType::Lock, "maintenance", Bytes::from(lock))
+        .await
+        .unwrap();
+    let repo = open().await.unwrap();
+    assert_eq!(
+        repo.find_missing("t", &ids).unwrap(),
+        vec![0, 1],
+        "not adopted while maintenance runs"
+    );
+    assert!(store.list(FileType::Index).await.unwrap().is_empty());
+    drop(repo);
+    store.remove(FileType::Lock, "maintenance").await.unwrap();
+    let repo = open().await.unwrap();
+    all_readable(&repo, &ids).await;
+}

@@ -365,6 +365,27 @@ impl Repository {
         Ok(())
     }
 
+    /// [`Self::adopt_orphan_packs`] at start, unless a maintenance run holds the bucket's
+    /// lock: while it deletes, the packs it doomed are in no index object any more (the
+    /// old objects go first) but still in `data/`, and adopting them would index chunks
+    /// whose pack is about to disappear. The run adopts real orphans itself, under the
+    /// lock, at its start.
+    pub(crate) async fn adopt_orphan_packs_unless_maintained(&self) -> Result<u64, RepoError> {
+        let now = unix_now();
+        let locks = self.read_locks().await?;
+        if let Some((_, l)) = locks
+            .iter()
+            .find(|(n, l)| n == "maintenance" && l.written_unix + LOCK_STALE.as_secs() > now)
+        {
+            tracing::info!(
+                server = %l.owner,
+                "maintenance is running: packs without an index are left for it to adopt"
+            );
+            return Ok(0);
+        }
+        self.adopt_orphan_packs().await
+    }
+
     /// Indexes packs that are in `data/` but in no index object: what a server killed
     /// between uploading a pack and writing its index left behind. Returns how many.
     pub async fn adopt_orphan_packs(&self) -> Result<u64, RepoError> {
@@ -453,6 +474,12 @@ impl Repository {
         let mut report = MaintenanceReport {
             dry_run: opts.dry_run,
             ..Default::default()
+        };
+        // One run at a time in this process, whatever its owner name.
+        let Ok(_running) = self.maintaining.try_lock() else {
+            return Err(RepoError::Busy(
+                "maintenance is already running on this server; wait for it to finish".into(),
+            ));
         };
         let now = unix_now();
         let grace = opts.grace.as_secs();
