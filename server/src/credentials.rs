@@ -575,7 +575,6 @@ mod tests {
             assert!(phc_cost_ok(&over).is_err(), "{over}");
             assert!(Credential::parse(over.as_bytes()).is_none(), "{over}");
         }
-        assert!(phc_cost_ok("$argon2id$nonsense").is_err());
     }
 
     #[tokio::test]
