@@ -550,6 +550,11 @@ async fn open(
     resume::open_at(conn, spec, accept_packed, part, resume::Position::default())
         .await
         .map_err(|s| match s.code() {
+            // The snapshot is there but the selection matches nothing: the server's own
+            // message says so.
+            tonic::Code::NotFound if s.message().starts_with("nothing in snapshot") => {
+                ClientError::from_status(s)
+            }
             tonic::Code::NotFound => ClientError::NotFound(format!(
                 "no snapshot with tag or id '{spec}' for client {}: run `datamover-client list` to see what there is; nothing was restored",
                 conn.settings.client_id
