@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use datamover_repo::objects::{FileMeta, ObjectStore, S3Objects};
 use datamover_repo::store::S3Store;
 
-use crate::{Garage, Server, Storage, write};
+use crate::{Garage, Server, Storage};
 
 /// Starts a server on Garage under `prefix`, with `etc/config` keys `config`.
 pub fn s3_server(
@@ -19,18 +19,14 @@ pub fn s3_server(
     clients: &[(&str, &str)],
     config: &[(&str, &str)],
 ) -> Server {
-    let root = tempfile::tempdir().expect("server root");
-    for (k, v) in config {
-        write(&root.path().join("etc/config").join(k), v.as_bytes());
-    }
-    Server::start_in(
-        root,
+    Server::start_configured(
         Storage::S3 {
             garage: g,
             bucket: &g.bucket,
             prefix,
         },
         clients,
+        config,
     )
 }
 

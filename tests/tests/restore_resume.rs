@@ -87,19 +87,31 @@ fn a_files_restore_cut_mid_way_resumes_and_is_byte_identical() {
     let r = client.run(&["restore_files", dst.to_str().unwrap(), "t"]);
     assert!(r.success(), "restore failed ({}):\n{}", r.code, r.stderr);
     assert_eq!(proxy.cut.load(Ordering::Relaxed), 2, "{}", r.stderr);
+    resumed_once_over(&r.stderr, &src, &dst, &proxy, total, "cut twice");
+}
+
+/// A files restore that succeeded resumed (it says so), left the same tree and no
+/// temporary file, and was not started over: what was in flight when a connection
+/// dropped is sent again, nothing more.
+fn resumed_once_over(
+    stderr: &str,
+    src: &Path,
+    dst: &Path,
+    proxy: &FaultProxy,
+    total: u64,
+    how: &str,
+) {
     assert!(
-        r.stderr.contains("resuming where the connection dropped"),
-        "{}",
-        r.stderr
+        stderr.contains("resuming where the connection dropped"),
+        "{stderr}"
     );
-    assert_same_tree(&src, &dst);
-    no_temporaries(&dst);
+    assert_same_tree(src, dst);
+    no_temporaries(dst);
     let sent = proxy.down_bytes.load(Ordering::Relaxed);
     eprintln!(
-        "files restore of {total} bytes cut twice: the server sent {sent} bytes ({:.2}x)",
+        "files restore of {total} bytes {how}: the server sent {sent} bytes ({:.2}x)",
         sent as f64 / total as f64
     );
-    // What was in flight when each cut came is sent again, nothing more.
     assert!(
         sent < total + total / 2,
         "the server sent {sent} bytes for {total}: the restore started over"
@@ -160,20 +172,13 @@ fn a_files_restore_goes_on_across_a_server_restart() {
     let out = restore.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "restore failed:\n{stderr}");
-    assert!(
-        stderr.contains("resuming where the connection dropped"),
-        "{stderr}"
-    );
-    assert_same_tree(&src, &dst);
-    no_temporaries(&dst);
-    let sent = proxy.down_bytes.load(Ordering::Relaxed);
-    eprintln!(
-        "files restore of {total} bytes across a server restart: the server sent {sent} bytes ({:.2}x)",
-        sent as f64 / total as f64
-    );
-    assert!(
-        sent < total + total / 2,
-        "the server sent {sent} bytes for {total}: the restore started over"
+    resumed_once_over(
+        &stderr,
+        &src,
+        &dst,
+        &proxy,
+        total,
+        "across a server restart",
     );
 }
 
