@@ -325,22 +325,12 @@ fn file_size(rng: &mut impl Rng) -> usize {
     }
 }
 
-/// The files of a data set, relative.
+/// The files of a data set, relative, sorted.
 fn files_of(src: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![src.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(r) = p.strip_prefix(src) {
-                out.push(r.to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    out
+    crate::data::list_files(src)
+        .into_iter()
+        .filter_map(|p| p.strip_prefix(src).ok().map(Path::to_path_buf))
+        .collect()
 }
 
 /// Changes a few files, adds one or two, removes one (keeping the count in bounds).
