@@ -41,6 +41,7 @@
 //!   ServiceAccount, its ClusterRoleBinding to `system:auth-delegator` and the bindings
 //!   to `datamover-serviceaccount-reader` for label selectors; `bindings` applies them
 //!   and deletes stale bindings by label.
+//! * [`limits`]: `spec.limits`, the server's per-client limits, as the pods' variables.
 //! * [`storage`]: whether the repository survives a pod restart (a filesystem store needs
 //!   `spec.storageVolume` over its path), reported as the `StoragePersistent` condition.
 //! * [`pods`]: readiness of the server pods, and an image that cannot be pulled.
@@ -54,6 +55,7 @@
 mod bindings;
 pub mod controller;
 mod error;
+pub mod limits;
 pub mod manifests;
 pub mod metrics;
 pub mod pods;

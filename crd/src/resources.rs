@@ -307,6 +307,7 @@ pub fn deployment_for(dms: &DatamoverServer, inputs: &Inputs) -> Result<Deployme
             ..EnvVar::default()
         },
     ];
+    env.extend(spec.limits.as_ref().map(|l| l.env()).unwrap_or_default());
     // The controller's variables come first; the user's may not replace them.
     let extra: Vec<EnvVar> = spec
         .env

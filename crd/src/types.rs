@@ -16,6 +16,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::limits::LimitsSpec;
+
 /// API group of the custom resource.
 pub const GROUP: &str = "dm.cr.kanister.io";
 /// API version of the custom resource.
@@ -118,6 +120,12 @@ pub struct DatamoverServerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub service_account_clients: Vec<ServiceAccountClient>,
+
+    /// Per-client limits of the server (calls per second, backup sessions, chunks per
+    /// message, catalog size, path length), passed to the pods as `DATAMOVER_*`
+    /// variables; a limit left out keeps the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
 }
 
 /// ServiceAccounts allowed to connect: by namespace and name, a whole namespace, or a

@@ -40,6 +40,7 @@ pub mod access;
 pub mod browse;
 pub mod credentials;
 pub mod error;
+pub mod fuzz_targets;
 pub mod http;
 pub mod limits;
 pub mod maintenance;

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub token_review_cache_hits: IntCounter,
     pub serviceaccount_refusals: IntCounterVec,
     pub serviceaccount_clients: IntGauge,
+    /// Requests refused because a client was over a limit, by limit (`rate`, `sessions`,
+    /// `chunks_per_put`, `catalog_chunks`, `path_bytes`, `patterns`): counted by
+    /// [`crate::limits`], which the server gives this counter.
+    pub limit_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -154,8 +158,10 @@ impl Metrics {
                 "datamover_serviceaccount_clients",
                 "Entries of the allowed ServiceAccounts",
             )?,
+            limit_refusals: crate::limits::refusals_counter()?,
             registry,
         };
+        m.registry.register(Box::new(m.limit_refusals.clone()))?;
         m.registry.register(Box::new(m.token_reviews.clone()))?;
         m.registry
             .register(Box::new(m.token_review_seconds.clone()))?;

@@ -122,6 +122,14 @@ async fn shutdown_signal() {
 pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let metrics =
         Arc::new(Metrics::new().map_err(|e| ServerError::Config(format!("metrics: {e}")))?);
+    if !crate::limits::init(crate::limits::Limits::with_refusals(
+        settings.limits.clone(),
+        metrics.limit_refusals.clone(),
+    )) {
+        tracing::warn!(
+            "per-client limits were already set in this process: the settings' limits are not applied and their refusals are not counted in this server's metrics"
+        );
+    }
     tracing::info!(storage = %settings.storage.describe(), "opening repository");
     let repo = open_repository(&settings, &metrics).await?;
     let tls = tls::load_or_generate(settings.tls.clone(), &settings.tls_names)?;

@@ -109,6 +109,10 @@ pub struct Settings {
     pub index_cache: PathBuf,
     /// `DATAMOVER_INDEX_CACHE` was set: no fallback when it cannot be used.
     pub index_cache_set: bool,
+    /// Per-client limits: config keys `clientRate`, `clientBurst`, `maxSessionsPerClient`,
+    /// `maxChunksPerPut`, `maxCatalogChunks`, `maxPathBytes`, each overridden by its
+    /// `DATAMOVER_…` variable (see [`crate::limits`]).
+    pub limits: crate::limits::LimitConfig,
 }
 
 impl std::fmt::Debug for Settings {
@@ -273,6 +277,8 @@ impl Settings {
             },
         };
 
+        let limits = crate::limits::LimitConfig::from_settings(&config, &env)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         let kube = crate::token_review::KubeSettings::from_env(&env, &paths);
         let index_cache_env = env("DATAMOVER_INDEX_CACHE").filter(|s| !s.is_empty());
         let index_cache_set = index_cache_env.is_some();
@@ -280,6 +286,7 @@ impl Settings {
             .map(PathBuf::from)
             .unwrap_or_else(|| paths.resolve("var/cache/datamover/index"));
         Ok(Settings {
+            limits,
             index_cache,
             index_cache_set,
             kube,
@@ -489,6 +496,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn limits_from_config_keys_and_variables() {
+        let d = setup(&[
+            ("etc/secrets/repo/repo-password", "pw"),
+            ("etc/config/clientRate", "3\n"),
+            ("etc/config/maxChunksPerPut", "10"),
+        ]);
+        let s = load(&d, &[("DATAMOVER_MAX_CHUNKS_PER_PUT", "20")]).unwrap();
+        assert_eq!(
+            (s.limits.rate, s.limits.burst, s.limits.chunks_per_put),
+            (3.0, 6.0, 20)
+        );
+        let d = setup(&[
+            ("etc/secrets/repo/repo-password", "pw"),
+            ("etc/config/maxSessionsPerClient", "many"),
+        ]);
+        let e = load(&d, &[]).unwrap_err().to_string();
+        assert!(e.contains("maxSessionsPerClient='many'"), "{e}");
     }
 
     #[test]

@@ -203,3 +203,112 @@ fn sessions_chunks_per_put_and_catalog_size_are_capped() {
         assert!(e.message().contains("catalog has 3 chunks"), "{e}");
     });
 }
+
+/// The value of `datamover_limit_refusals_total{limit="<limit>"}` at the metrics endpoint.
+fn refusals(server: &Server, limit: &str) -> u64 {
+    let (code, body) = server
+        .http_get("/metrics")
+        .expect("the metrics endpoint answers");
+    assert_eq!(code, 200, "{body}");
+    let prefix = format!("datamover_limit_refusals_total{{limit=\"{limit}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in the metrics:\n{body}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+#[test]
+fn limits_from_the_config_map_are_applied_and_counted() {
+    // The limits come from the server's ConfigMap keys, not from variables.
+    let server = Server::start_configured(
+        Storage::Filesystem,
+        &[("c", "c-token")],
+        &[
+            // One call in 5 s after a burst of 4: the test's calls spend the burst.
+            ("clientRate", "0.2"),
+            ("clientBurst", "4"),
+            ("maxChunksPerPut", "1"),
+            ("maxPathBytes", "16"),
+        ],
+    );
+    for limit in ["rate", "chunks_per_put", "path_bytes", "sessions"] {
+        assert_eq!(refusals(&server, limit), 0, "{limit} before any call");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // connect() says Hello: one call of the burst of 4.
+        let mut c = connect::connect(&server.client_settings("c", "c-token"))
+            .await
+            .unwrap();
+        let session = c
+            .api
+            .begin_backup(v1::BeginBackupRequest {
+                tag: "t".into(),
+                kind: v1::SnapshotKind::Files as i32,
+                source: "/s".into(),
+                hostname: "h".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        let chunks: Vec<v1::Chunk> = (0..2u8)
+            .map(|i| {
+                let data = bytes::Bytes::from(vec![i; 10]);
+                v1::Chunk {
+                    id: bytes::Bytes::copy_from_slice(&c.key.id(&data).0),
+                    data,
+                }
+            })
+            .collect();
+        let e = c
+            .api
+            .put_chunks(tokio_stream::iter(vec![v1::PutChunksRequest {
+                session_id: session,
+                chunks,
+            }]))
+            .await
+            .expect_err("two chunks in one message, over maxChunksPerPut 1");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("maxChunksPerPut"), "{e}");
+        // A restore path of 17 bytes, over maxPathBytes 16 (the fourth call).
+        let e = c
+            .api
+            .restore(v1::RestoreRequest {
+                snapshot: "t".into(),
+                path: vec![b'p'; 17].into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a path over maxPathBytes");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("maxPathBytes"), "{e}");
+        // The burst of 4 is spent: calls now are over the rate.
+        let mut refused = 0;
+        for _ in 0..5 {
+            match c
+                .api
+                .list_snapshots(v1::ListSnapshotsRequest::default())
+                .await
+            {
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    assert!(e.message().contains("clientRate"), "{e}");
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+                Ok(_) => {}
+            }
+        }
+        assert!(
+            refused >= 4,
+            "only {refused} of 5 calls over the rate refused"
+        );
+        assert_eq!(refusals(&server, "rate"), refused);
+    });
+    assert_eq!(refusals(&server, "chunks_per_put"), 1);
+    assert_eq!(refusals(&server, "path_bytes"), 1);
+    assert_eq!(refusals(&server, "sessions"), 0);
+}

@@ -175,6 +175,7 @@ pub fn server() -> DatamoverServer {
             storage_volume: None,
             network_policy: None,
             service_account_clients: vec![],
+            limits: None,
         },
     );
     dms.metadata.namespace = Some(NS.into());
