@@ -33,6 +33,7 @@ use rand::SeedableRng;
 mod browse;
 mod cli;
 mod data;
+mod fleet;
 mod faults;
 mod gateway;
 mod index_scale;
@@ -822,6 +823,9 @@ fn real_main() -> Res<()> {
             std::fs::write(o, &text).map_err(|e| format!("writing {}: {e}", o.display()))?;
         }
         return Ok(());
+    }
+    if let Some(cli::Scenario::Fleet { .. }) = &cli.command {
+        return fleet::from_cli(&cli);
     }
     let reps = usize::from(cli.reps);
     let scale = cli.scale;
