@@ -71,6 +71,38 @@ pub struct Cli {
 /// Scenarios run on their own.
 #[derive(Subcommand, Debug, Clone)]
 pub enum Scenario {
+    /// Issue 29: N simulated edge devices (each its own credential, directory and sync
+    /// state, over its own connection, in this process) syncing a few changed small files
+    /// every interval, spread evenly, against our server on Garage; then two replicas on
+    /// one bucket with the devices split between their ports. Measures pass latency
+    /// (p50/p99), errors, server peak RSS and CPU per pass.
+    Fleet {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        devices: u64,
+        /// Minutes each run lasts.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Seconds between a device's passes.
+        #[arg(long, default_value_t = 15.0)]
+        interval: f64,
+        /// Files per device.
+        #[arg(long, default_value_t = 10)]
+        files: usize,
+        /// Files a device changes each cycle.
+        #[arg(long, default_value_t = 2)]
+        changed: usize,
+        /// Bytes per file.
+        #[arg(long, default_value_t = 1024)]
+        file_bytes: usize,
+        /// Replica counts to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2",
+              value_parser = clap::value_parser!(u64).range(1..=2))]
+        replicas: Vec<u64>,
+        /// A note on the machine for the report (e.g. that it was shared).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
     /// Issue 29: the chunk index at N chunks. Writes index objects for N synthetic chunks
     /// into a filesystem repository, starts our server on it (cold, then warm) and
     /// measures the time to Ready, its memory, and FindMissing throughput (1024-id
@@ -196,6 +228,18 @@ mod tests {
         assert!(
             Cli::try_parse_from(["datamover-bench", "faults", "--drop-percent", "101"]).is_err()
         );
+        let c =
+            Cli::try_parse_from(["datamover-bench", "fleet", "--devices", "1000"]).expect("fleet");
+        match c.command {
+            Some(Scenario::Fleet {
+                devices,
+                minutes,
+                replicas,
+                ..
+            }) => assert_eq!((devices, minutes, replicas), (1000, 5.0, vec![1, 2])),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["datamover-bench", "fleet", "--replicas", "3"]).is_err());
         let help = Cli::try_parse_from(["datamover-bench", "--help"]).expect_err("help");
         assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
         assert!(help.to_string().contains("--many-files"));

@@ -929,7 +929,7 @@ pub fn from_cli(cli: &crate::cli::Cli) -> Res<()> {
     };
     let work = cli.work.clone().unwrap_or_else(std::env::temp_dir);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let machine = machine(note);
+    let machine = crate::measure::machine(note);
     let figures = run(&work, &opts)?;
     let text = report(&figures, &opts, &command, &machine);
     println!("{text}");
@@ -954,42 +954,6 @@ pub fn from_cli(cli: &crate::cli::Cli) -> Res<()> {
         ));
     }
     Ok(())
-}
-
-/// The machine: CPU model and count, memory, load, the commit, and the note.
-fn machine(note: &str) -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown CPU")
-        .trim()
-        .to_string();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1048576.0);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let mut s = format!(
-        "Machine: {cpus} × {model}, {mem_gib:.0} GiB; load average at the start {}; release binaries of {commit}.",
-        load.join(" ")
-    );
-    if !note.is_empty() {
-        s += " ";
-        s += note;
-    }
-    s
 }
 
 /// The Markdown section for bench/RESULTS.md.

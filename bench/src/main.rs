@@ -34,6 +34,7 @@ mod browse;
 mod cli;
 mod data;
 mod faults;
+mod fleet;
 mod gateway;
 mod index_scale;
 mod kopia;
@@ -822,6 +823,9 @@ fn real_main() -> Res<()> {
             std::fs::write(o, &text).map_err(|e| format!("writing {}: {e}", o.display()))?;
         }
         return Ok(());
+    }
+    if let Some(cli::Scenario::Fleet { .. }) = &cli.command {
+        return fleet::from_cli(&cli);
     }
     let reps = usize::from(cli.reps);
     let scale = cli.scale;

@@ -119,3 +119,44 @@ fn proc_status_mib(pid: u32, field: &str) -> f64 {
 pub(crate) fn reset_hwm(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
+
+/// The machine: CPU model and count, memory, load, the commit, and the note.
+pub(crate) fn machine(note: &str) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_string();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut s = format!(
+        "Machine: {cpus} × {model}, {mem_gib:.0} GiB; load average at the start {}; {} binaries of {commit}.",
+        load.join(" "),
+        if cfg!(debug_assertions) {
+            "dev-profile"
+        } else {
+            "release"
+        }
+    );
+    if !note.is_empty() {
+        s += " ";
+        s += note;
+    }
+    s
+}

@@ -43,6 +43,8 @@ pub fn credential_files(input: &[u8]) {
 /// Edge-sync manifests and upload records, as read from the bucket.
 pub fn sync_state(input: &[u8]) {
     let _ = serde_json::from_slice::<Manifest>(input);
+    // Manifests as a base plus deltas (binary objects under the manifest's prefix).
+    crate::sync::manifest_store::fuzz_check(input);
     if let Ok(r) = serde_json::from_slice::<UploadRecord>(input) {
         // Where an upload resumes: never past the object's end.
         assert!(r.offset() <= r.size, "{r:?}");
@@ -604,9 +606,14 @@ async fn serve(dir: &std::path::Path) -> Result<tonic::client::Grpc<Channel>, St
     .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
     let objects = Arc::new(FsObjects::new(dir.join("sync")));
-    let sync = SyncServer::new(crate::sync::SyncService::new(objects, creds, metrics))
-        .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    let sync = SyncServer::new(crate::sync::SyncService::new(
+        objects,
+        creds,
+        metrics,
+        crate::sync::ManifestLimits::default(),
+    ))
+    .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("listen: {e}"))?;

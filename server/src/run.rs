@@ -221,7 +221,12 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         ),
         None => None,
     };
-    let mut sync = SyncService::new(objects, Arc::clone(&creds), Arc::clone(&metrics));
+    let mut sync = SyncService::new(
+        objects,
+        Arc::clone(&creds),
+        Arc::clone(&metrics),
+        crate::sync::ManifestLimits::from_config(&settings.config).map_err(ServerError::Config)?,
+    );
     if let Some(port) = settings.s3_port {
         sync = sync.with_s3_gateway(
             port,

@@ -26,9 +26,14 @@ use crate::credentials::{CredentialStore, Identity};
 use crate::error::status;
 use crate::metrics::Metrics;
 
+pub mod manifest_store;
+pub mod manifests;
 pub mod state;
+mod upload;
 
-use state::{Entry, Manifest, SyncState, UploadRecord, manifest_key, upload_key};
+pub use manifests::ManifestLimits;
+use manifests::{Manifests, Slot};
+use state::{Entry, SyncState, manifest_key};
 
 /// Files up to this size are sent in one PUT; larger ones by multipart upload.
 pub const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
@@ -155,6 +160,7 @@ pub struct SyncService {
     creds: Arc<CredentialStore>,
     metrics: Arc<Metrics>,
     state: Arc<SyncState>,
+    manifests: Arc<Manifests>,
     slots: Arc<Semaphore>,
     /// The S3 gateway's port and key, when it is on.
     s3: Option<(u16, crate::s3::auth::GatewayKey)>,
@@ -167,34 +173,42 @@ impl SyncService {
         self
     }
 
+    /// `limits`: how long unused manifests stay in memory and how many entries may.
     pub fn new(
         objects: Arc<dyn ObjectStore>,
         creds: Arc<CredentialStore>,
         metrics: Arc<Metrics>,
+        limits: ManifestLimits,
     ) -> Self {
+        let manifests = Arc::new(Manifests::new(
+            Arc::clone(&objects),
+            Arc::clone(&metrics),
+            limits,
+        ));
         SyncService {
             objects,
             creds,
             metrics,
             state: Arc::default(),
+            manifests,
             slots: Arc::new(Semaphore::new(UPLOAD_SLOTS)),
             s3: None,
         }
     }
 
-    /// Writes changed manifests back every few seconds, for as long as the server runs.
+    /// Writes changed manifests back every few seconds and drops idle ones from memory,
+    /// for as long as the server runs.
     pub fn spawn_flusher(&self) -> Flusher {
         let flusher = Flusher {
-            objects: Arc::clone(&self.objects),
-            state: Arc::clone(&self.state),
-            metrics: Arc::clone(&self.metrics),
+            manifests: Arc::clone(&self.manifests),
         };
         let f = flusher.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                f.flush().await;
+                f.manifests.sweep().await;
             }
         });
         flusher
@@ -224,256 +238,33 @@ impl SyncService {
         record(&self.metrics, op, "sync", fut).await
     }
 
-    /// The manifest of a tenant's target, loaded on first use.
-    async fn manifest(
-        &self,
-        tenant: &str,
-        target: &str,
-    ) -> Result<(String, Arc<tokio::sync::Mutex<Option<Manifest>>>), Status> {
+    /// The manifest of a tenant's target, loaded on first use; it stays in memory while
+    /// the slot is held.
+    async fn manifest(&self, tenant: &str, target: &str) -> Result<(String, Arc<Slot>), Status> {
         let key = manifest_key(tenant, target);
-        let slot = self.state.manifest_slot(&key);
+        let slot = self.manifests.slot(&key);
         {
-            let mut m = slot.lock().await;
-            if m.is_none() {
-                if self.s3.is_some() {
-                    // The target's name as an S3 bucket stays this tenant's.
-                    crate::s3::owners::note_sync_target(self.objects.as_ref(), tenant, target)
-                        .await;
-                }
-                *m = Some(self.load_manifest(&key).await?);
+            let mut data = slot.data.lock().await;
+            if data.is_none() && self.s3.is_some() {
+                // The target's name as an S3 bucket stays this tenant's.
+                crate::s3::owners::note_sync_target(self.objects.as_ref(), tenant, target).await;
             }
+            self.manifests
+                .ensure_loaded(&key, &slot, &mut data)
+                .await
+                .map_err(store_status)?;
         }
         Ok((key, slot))
     }
 
-    async fn load_manifest(&self, key: &str) -> Result<Manifest, Status> {
-        let bytes = match record(&self.metrics, "get", "sync-state", async {
-            let (_, body) = self.objects.get(key, 0).await?;
-            collect(body).await
-        })
-        .await
-        {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => return Ok(Manifest::default()),
-            Err(e) => return Err(store_status(e)),
-        };
-        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(key, error = %e, "unreadable sync manifest: starting a new one (objects are looked up again)");
-            Manifest::default()
-        }))
-    }
-
     async fn remember(&self, tenant: &str, target: &str, rel: &str, entry: Entry) {
         if let Ok((key, slot)) = self.manifest(tenant, target).await {
-            if let Some(m) = slot.lock().await.as_mut() {
-                m.entries.insert(rel.to_string(), entry);
+            if let Some(l) = slot.data.lock().await.as_mut() {
+                l.set(rel.to_string(), entry);
+                slot.note_len(l);
             }
-            self.state.mark_dirty(&key);
+            self.manifests.mark_dirty(&key);
         }
-    }
-
-    async fn load_upload(&self, key: &str) -> Result<Option<UploadRecord>, Status> {
-        let rkey = upload_key(key);
-        let got = record(&self.metrics, "get", "sync-state", async {
-            let (_, body) = self.objects.get(&rkey, 0).await?;
-            collect(body).await
-        })
-        .await;
-        match got {
-            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
-            Err(StoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(store_status(e)),
-        }
-    }
-
-    async fn save_upload(&self, key: &str, rec: &UploadRecord) -> Result<(), Status> {
-        let json = serde_json::to_vec(rec).map_err(|e| Status::internal(e.to_string()))?;
-        record(
-            &self.metrics,
-            "put",
-            "sync-state",
-            self.objects.put(&upload_key(key), Bytes::from(json), None),
-        )
-        .await
-        .map_err(store_status)?;
-        Ok(())
-    }
-
-    async fn drop_upload(&self, key: &str, rec: &UploadRecord) {
-        let _ = self
-            .req(
-                "abort_multipart",
-                self.objects.abort_multipart(key, &rec.upload_id),
-            )
-            .await;
-        let _ = record(
-            &self.metrics,
-            "delete",
-            "sync-state",
-            self.objects.delete(&upload_key(key)),
-        )
-        .await;
-    }
-
-    /// Receives a whole small file.
-    async fn receive_small(
-        stream: &mut Streaming<v1::SyncPutRequest>,
-        path: &str,
-        size: u64,
-        hash: [u8; 32],
-    ) -> Result<Bytes, Status> {
-        let mut buf = BytesMut::with_capacity(size as usize);
-        let trailer = loop {
-            match next_piece(stream).await? {
-                Piece::Data(d) => {
-                    if (buf.len() + d.len()) as u64 > size {
-                        return Err(changed_while_sent(path));
-                    }
-                    buf.extend_from_slice(&d);
-                }
-                Piece::Trailer(h) => break h,
-            }
-        };
-        let data = buf.freeze();
-        if data.len() as u64 != size || trailer != hash || *blake3::hash(&data).as_bytes() != hash {
-            return Err(changed_while_sent(path));
-        }
-        Ok(data)
-    }
-
-    /// Receives a large file into a multipart upload, resuming a recorded one.
-    #[allow(clippy::too_many_arguments)]
-    async fn receive_multipart(
-        &self,
-        id: &Identity,
-        stream: &mut Streaming<v1::SyncPutRequest>,
-        key: &str,
-        path: &str,
-        meta: FileMeta,
-        size: u64,
-        offset: u64,
-    ) -> Result<String, Status> {
-        let existing = self.load_upload(key).await?;
-        let mut rec = match existing {
-            Some(mut r)
-                if offset > 0 && r.hash == meta.hash && r.size == size && r.offset() == offset =>
-            {
-                // (A record of an older server names no object; maintenance needs it.)
-                r.key = key.to_string();
-                r
-            }
-            other if offset == 0 => {
-                if let Some(old) = other {
-                    self.drop_upload(key, &old).await;
-                }
-                let upload_id = self
-                    .req("create_multipart", self.objects.create_multipart(key, meta))
-                    .await
-                    .map_err(store_status)?;
-                let rec = UploadRecord {
-                    upload_id,
-                    key: key.to_string(),
-                    size,
-                    hash: meta.hash,
-                    part_size: part_size(size),
-                    parts: Vec::new(),
-                };
-                self.save_upload(key, &rec).await?;
-                rec
-            }
-            other => {
-                let held = other
-                    .filter(|r| r.hash == meta.hash && r.size == size)
-                    .map_or(0, |r| r.offset());
-                return Err(Status::failed_precondition(format!(
-                    "the server holds {held} bytes of this upload of {path}, not {offset}: ask again where to resume (run the sync again)"
-                )));
-            }
-        };
-        let part_size = rec.part_size as usize;
-        // Only an upload from the start can be hashed here; a resumed one relies on the
-        // client, which hashes the whole file again while sending.
-        let mut hasher = (offset == 0).then(blake3::Hasher::new);
-        let mut received = offset;
-        let mut buf = BytesMut::with_capacity(part_size);
-        let trailer = loop {
-            match next_piece(stream).await? {
-                Piece::Data(mut d) => {
-                    received += d.len() as u64;
-                    if received > size {
-                        self.drop_upload(key, &rec).await;
-                        return Err(changed_while_sent(path));
-                    }
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(&d);
-                    }
-                    while !d.is_empty() {
-                        let take = (part_size - buf.len()).min(d.len());
-                        buf.extend_from_slice(&d.split_to(take));
-                        if buf.len() == part_size {
-                            self.creds.still_valid(id)?;
-                            let number = rec.parts.len() as i32 + 1;
-                            let data = buf.split().freeze();
-                            buf.reserve(part_size);
-                            let etag = match self
-                                .req(
-                                    "upload_part",
-                                    self.objects.upload_part(key, &rec.upload_id, number, data),
-                                )
-                                .await
-                            {
-                                Ok(etag) => etag,
-                                // The storage forgot the upload (expired or aborted):
-                                // start afresh next time rather than failing forever.
-                                Err(StoreError::NotFound(_)) => {
-                                    self.drop_upload(key, &rec).await;
-                                    return Err(Status::aborted(format!(
-                                        "the unfinished upload of {path} expired on the storage: it is sent again from the start"
-                                    )));
-                                }
-                                Err(e) => return Err(store_status(e)),
-                            };
-                            rec.parts.push((number, etag));
-                            self.save_upload(key, &rec).await?;
-                        }
-                    }
-                }
-                Piece::Trailer(h) => break h,
-            }
-        };
-        let ours_ok = hasher.is_none_or(|h| *h.finalize().as_bytes() == meta.hash);
-        if received != size || trailer != meta.hash || !ours_ok {
-            self.drop_upload(key, &rec).await;
-            return Err(changed_while_sent(path));
-        }
-        if !buf.is_empty() || rec.parts.is_empty() {
-            let number = rec.parts.len() as i32 + 1;
-            let etag = self
-                .req(
-                    "upload_part",
-                    self.objects
-                        .upload_part(key, &rec.upload_id, number, buf.freeze()),
-                )
-                .await
-                .map_err(store_status)?;
-            rec.parts.push((number, etag));
-        }
-        let etag = self
-            .req(
-                "complete_multipart",
-                self.objects
-                    .complete_multipart(key, &rec.upload_id, &rec.parts),
-            )
-            .await
-            .map_err(store_status)?;
-        let _ = record(
-            &self.metrics,
-            "delete",
-            "sync-state",
-            self.objects.delete(&upload_key(key)),
-        )
-        .await;
-        Ok(etag)
     }
 }
 
@@ -522,37 +313,15 @@ async fn collect(mut body: datamover_repo::objects::ByteStream) -> Result<Bytes,
     Ok(out.freeze())
 }
 
-/// Writes changed manifests back.
+/// Writes changed manifests back (also at shutdown).
 #[derive(Clone)]
 pub struct Flusher {
-    objects: Arc<dyn ObjectStore>,
-    state: Arc<SyncState>,
-    metrics: Arc<Metrics>,
+    manifests: Arc<Manifests>,
 }
 
 impl Flusher {
     pub async fn flush(&self) {
-        for key in self.state.take_dirty() {
-            let slot = self.state.manifest_slot(&key);
-            let json = {
-                let m = slot.lock().await;
-                match m.as_ref().map(serde_json::to_vec) {
-                    Some(Ok(j)) => j,
-                    _ => continue,
-                }
-            };
-            if let Err(e) = record(
-                &self.metrics,
-                "put",
-                "sync-state",
-                self.objects.put(&key, Bytes::from(json), None),
-            )
-            .await
-            {
-                tracing::warn!(error = %e, "writing a sync manifest failed: retried shortly");
-                self.state.mark_dirty(&key);
-            }
-        }
+        self.manifests.flush().await;
     }
 }
 
@@ -573,10 +342,10 @@ impl Sync for SyncService {
         // the store lists at once (an unchanged pass is then one round trip, not one a
         // thousand objects).
         let bounds = {
-            let guard = slot.lock().await;
+            let guard = slot.data.lock().await;
             guard
                 .as_ref()
-                .map(|m| split_points(m.entries.keys(), &prefix))
+                .map(|l| split_points(l.manifest.entries.keys(), &prefix))
                 .unwrap_or_default()
         };
         let listed = self
@@ -587,8 +356,10 @@ impl Sync for SyncService {
         let mut unknown = Vec::new();
         let mut changed = false;
         {
-            let mut guard = slot.lock().await;
-            let m = guard.get_or_insert_with(Manifest::default);
+            let mut guard = slot.data.lock().await;
+            let Some(m) = guard.as_mut() else {
+                return Err(Status::internal("the sync manifest was not loaded: retry"));
+            };
             let mut seen = std::collections::HashSet::with_capacity(listed.len());
             for info in listed {
                 let Some(rel) = info.key.strip_prefix(&prefix) else {
@@ -599,16 +370,15 @@ impl Sync for SyncService {
                     continue;
                 }
                 seen.insert(rel.to_string());
-                match m.entries.get(rel) {
+                match m.get(rel) {
                     Some(e) if e.etag == info.etag && e.size == info.size => {
                         objects.push(to_proto(rel.to_string(), info.size, &info.etag, Some(e)));
                     }
                     _ => unknown.push((rel.to_string(), info)),
                 }
             }
-            let before = m.entries.len();
-            m.entries.retain(|k, _| seen.contains(k));
-            changed |= m.entries.len() != before;
+            changed |= m.retain(|k| seen.contains(k));
+            slot.note_len(m);
         }
         // Objects written or changed by someone else: one lookup each, then remembered.
         let heads: Vec<(String, u64, Option<ObjectHead>)> =
@@ -627,8 +397,10 @@ impl Sync for SyncService {
             .collect::<Result<_, _>>()
             .map_err(store_status)?;
         {
-            let mut guard = slot.lock().await;
-            let m = guard.get_or_insert_with(Manifest::default);
+            let mut guard = slot.data.lock().await;
+            let Some(m) = guard.as_mut() else {
+                return Err(Status::internal("the sync manifest was not loaded: retry"));
+            };
             for (rel, size, head) in heads {
                 let Some(head) = head else { continue };
                 let meta = head.meta.unwrap_or(FileMeta {
@@ -638,12 +410,13 @@ impl Sync for SyncService {
                 });
                 let e = Entry::new(head.etag.clone(), head.size.max(size), meta);
                 objects.push(to_proto(rel.clone(), e.size, &head.etag, Some(&e)));
-                m.entries.insert(rel, e);
+                m.set(rel, e);
                 changed = true;
             }
+            slot.note_len(m);
         }
         if changed {
-            self.state.mark_dirty(&mkey);
+            self.manifests.mark_dirty(&mkey);
         }
         objects.sort_by(|a, b| a.path.cmp(&b.path));
         let (tx, rx) = mpsc::channel(4);
@@ -776,9 +549,9 @@ impl Sync for SyncService {
             Some(meta) => Some(Entry::new(head.etag.clone(), head.size, meta)),
             None => {
                 let (_, slot) = self.manifest(&id.tenant, &target).await?;
-                let m = slot.lock().await;
+                let m = slot.data.lock().await;
                 m.as_ref()
-                    .and_then(|m| m.entries.get(&path))
+                    .and_then(|l| l.get(&path))
                     .filter(|e| e.etag == head.etag)
                     .cloned()
             }
@@ -852,12 +625,13 @@ impl Sync for SyncService {
             self.req("delete", self.objects.delete(&key))
                 .await
                 .map_err(store_status)?;
-            if let Some(m) = slot.lock().await.as_mut() {
-                m.entries.remove(&path);
+            if let Some(l) = slot.data.lock().await.as_mut() {
+                l.remove(&path);
+                slot.note_len(l);
             }
             deleted += 1;
         }
-        self.state.mark_dirty(&mkey);
+        self.manifests.mark_dirty(&mkey);
         tracing::info!(client = %id.client_id, %target, deleted, "synced objects deleted");
         Ok(Response::new(v1::SyncDeleteResponse { deleted }))
     }

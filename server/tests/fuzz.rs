@@ -27,7 +27,35 @@ fn fuzz_sync_state() {
         br#"{"entries":{"a/b.txt":{"e":"\"etag\"","s":5,"h":"0000000000000000000000000000000000000000000000000000000000000000","m":1,"o":420}}}"#.to_vec(),
         br#"{"upload_id":"u","size":10485760,"hash":"1111111111111111111111111111111111111111111111111111111111111111","part_size":5242880,"parts":[[1,"x"]]}"#.to_vec(),
     ];
+    let mut seeds = seeds;
+    seeds.extend(manifest_objects());
     fuzz::run("sync_state", &seeds, fuzz_targets::sync_state);
+}
+
+/// A manifest base of two entries and a delta that sets one and removes another.
+fn manifest_objects() -> Vec<Vec<u8>> {
+    use datamover_server::sync::manifest_store;
+    use datamover_server::sync::state::{Entry, Manifest};
+    let entry = |n: u8| Entry {
+        etag: format!("\"etag-{n}\""),
+        size: u64::from(n) * 1000,
+        hash: [n; 32],
+        mtime_ns: i64::from(n) << 40,
+        mode: 0o644,
+    };
+    let mut m = Manifest::default();
+    m.entries.insert("a/b.txt".into(), entry(1));
+    m.entries.insert("c.bin".into(), entry(2));
+    let changes = [
+        ("a/b.txt".to_string(), Some(entry(3))),
+        ("c.bin".to_string(), None),
+    ]
+    .into_iter()
+    .collect();
+    vec![
+        manifest_store::encode_base(&m),
+        manifest_store::encode_delta(&changes),
+    ]
 }
 
 #[test]

@@ -82,6 +82,8 @@ pub struct Server {
     pub fingerprint: String,
     /// Extra environment of the server process (kept across restarts).
     pub env: Vec<(String, String)>,
+    /// How long [`Server::spawn`] waits for the server to be ready (90 s unless set).
+    pub ready_within: Duration,
     child: Option<Child>,
 }
 
@@ -120,6 +122,18 @@ impl Server {
         storage: Storage<'_>,
         clients: &[(&str, &str)],
         env: &[(&str, &str)],
+    ) -> Server {
+        Self::start_in_within(root, storage, clients, env, Duration::from_secs(90))
+    }
+
+    /// Like [`Server::start_in_with_env`], waiting up to `ready_within` for the server to
+    /// be ready (at this start and every restart), e.g. for many clients or a large index.
+    pub fn start_in_within(
+        root: tempfile::TempDir,
+        storage: Storage<'_>,
+        clients: &[(&str, &str)],
+        env: &[(&str, &str)],
+        ready_within: Duration,
     ) -> Server {
         let r = root.path();
         write(
@@ -169,6 +183,7 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ready_within,
             child: None,
         };
         s.spawn();
@@ -211,7 +226,7 @@ impl Server {
             .spawn()
             .expect("spawn datamover-server");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + self.ready_within;
         loop {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
@@ -229,7 +244,8 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "server not ready in 90 s:\n{}",
+                "server not ready in {} s:\n{}",
+                self.ready_within.as_secs(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -1,7 +1,8 @@
-//! What the sync service remembers beside the plain objects, itself stored as small JSON
+//! What the sync service remembers beside the plain objects, itself stored as small
 //! objects under `.datamover/` of the sync root:
 //!
-//! - a **manifest** per tenant and target: for every object the etag it had when we last
+//! - a **manifest** per tenant and target (kept as a base and deltas: see
+//!   [`super::manifest_store`]; in memory only while used: [`super::manifests`]): for every object the etag it had when we last
 //!   saw it, with its size, content hash, mtime and mode. A listing is checked against it
 //!   by etag, so an unchanged pass costs one listing and no request per object; objects
 //!   written or changed by other tools are looked up once (HEAD) and remembered. It is a
@@ -93,7 +94,8 @@ impl UploadRecord {
     }
 }
 
-/// The internal key of a tenant's target's manifest.
+/// The internal key of a tenant's target's manifest: its old single JSON object, beside
+/// the prefix its base and deltas are under now.
 pub fn manifest_key(tenant: &str, target: &str) -> String {
     let mut h = blake3::Hasher::new();
     h.update(tenant.as_bytes());
@@ -113,11 +115,9 @@ pub fn upload_key(object_key: &str) -> String {
     )
 }
 
-/// Manifests loaded so far, which need writing back, and which keys are being uploaded.
+/// Which keys are being uploaded (the manifests are in [`super::manifests`]).
 #[derive(Default)]
 pub struct SyncState {
-    pub manifests: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Manifest>>>>>,
-    pub dirty: Mutex<HashSet<String>>,
     uploading: Mutex<HashSet<String>>,
 }
 
@@ -136,27 +136,6 @@ impl Drop for UploadGuard {
 }
 
 impl SyncState {
-    /// The slot of a manifest (loaded by the caller on first use).
-    pub fn manifest_slot(&self, key: &str) -> Arc<tokio::sync::Mutex<Option<Manifest>>> {
-        let mut m = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(m.entry(key.to_string()).or_default())
-    }
-
-    pub fn mark_dirty(&self, key: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string());
-    }
-
-    pub fn take_dirty(&self) -> Vec<String> {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect()
-    }
-
     /// Claims `key` for one upload at a time; `None` if another one is running.
     pub fn begin_upload(self: &Arc<Self>, key: &str) -> Option<UploadGuard> {
         let mut u = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
