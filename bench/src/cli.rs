@@ -120,6 +120,10 @@ pub enum Scenario {
         /// What the report calls this run (e.g. the index it measures).
         #[arg(long, default_value = "this build")]
         label: String,
+        /// Seconds to wait for the server to be ready after each start (a cold start
+        /// on 100M chunks reads and sorts every index entry).
+        #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        ready_timeout: u64,
     },
     /// Issue 30: a long fault run. Garage behind a proxy that cuts some connections and
     /// delays others, two server replicas on one bucket, clients backing up, restoring
@@ -206,9 +210,28 @@ mod tests {
         ])
         .expect("index-scale");
         match c.command {
-            Some(Scenario::IndexScale { chunks, .. }) => assert_eq!(chunks, [1000, 20000]),
+            Some(Scenario::IndexScale {
+                chunks,
+                ready_timeout,
+                ..
+            }) => {
+                assert_eq!(chunks, [1000, 20000]);
+                assert_eq!(ready_timeout, 900, "long enough for a cold start at 100M");
+            }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            Cli::try_parse_from(["datamover-bench", "index-scale", "--ready-timeout", "60"])
+                .map(|c| c.command),
+            Ok(Some(Scenario::IndexScale {
+                ready_timeout: 60,
+                ..
+            }))
+        ));
+        assert!(
+            Cli::try_parse_from(["datamover-bench", "index-scale", "--ready-timeout", "0"])
+                .is_err()
+        );
         assert!(c.work.is_some());
         assert!(
             Cli::try_parse_from(["datamover-bench", "index-scale", "--chunks", "many"]).is_err()

@@ -29,6 +29,16 @@ use crate::measure::{proc_cpu, proc_hwm_mib};
 
 /// Connections opened at once while the devices start.
 const CONNECT_AT_ONCE: usize = 64;
+/// Files a device sends at once (a device's own `--transfers`).
+const TRANSFERS: usize = 2;
+/// Open files this process keeps free for the passes beside one connection per device.
+/// The devices share this process's open-file limit (a real fleet does not): the passes
+/// in flight at once are capped so that their files fit, and the time a pass waits for
+/// its turn counts in its latency.
+fn passes_at_once(nofile: u64, devices: usize) -> usize {
+    let spare = nofile.saturating_sub(devices as u64 + 512);
+    usize::try_from(spare / (TRANSFERS as u64 + 2)).map_or(devices, |n| n.clamp(1, devices))
+}
 
 /// Options of the scenario.
 #[derive(Debug, Clone)]
@@ -52,6 +62,11 @@ pub struct FleetFigures {
     pub connect_s: f64,
     pub passes: u64,
     pub steady_passes: u64,
+    /// Pass slots skipped because the previous pass was still running past them (a
+    /// device syncs again right after a late pass, it does not queue the missed ones).
+    pub missed: u64,
+    /// Passes this process ran at once at most (see [`passes_at_once`]).
+    pub passes_at_once: usize,
     pub errors: u64,
     pub first_error: Option<String>,
     pub first_pass_p50_ms: f64,
@@ -93,10 +108,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// A metric's value summed over its label sets, from a `/metrics` page.
-fn metric(page: &str, name: &str, must_contain: &str) -> u64 {
+/// A metric's value summed over the label sets that have all of `labels`, from a
+/// `/metrics` page (the exposition sorts labels by name).
+fn metric(page: &str, name: &str, labels: &[&str]) -> u64 {
     page.lines()
-        .filter(|l| l.starts_with(name) && l.contains(must_contain))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -129,7 +146,7 @@ fn write_file(dir: &Path, f: usize, cycle: u64, bytes: usize) -> std::io::Result
 pub fn run(work: &Path, opts: &FleetOptions) -> Res<Vec<FleetFigures>> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let nofile = raise_nofile();
-    let needed = opts.devices as u64 + 1024;
+    let needed = opts.devices as u64 + 1024 + 64 * (TRANSFERS as u64 + 2);
     eprintln!("fleet: open-file limit {nofile} (each device holds a connection)");
     if nofile < needed {
         return Err(format!(
@@ -144,7 +161,15 @@ pub fn run(work: &Path, opts: &FleetOptions) -> Res<Vec<FleetFigures>> {
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let mut all = Vec::new();
     for (n, &replicas) in opts.replicas.iter().enumerate() {
-        let f = one(&rt, work, &garage, opts, replicas, &format!("fleet{n}"))?;
+        let f = one(
+            &rt,
+            work,
+            &garage,
+            opts,
+            replicas,
+            passes_at_once(nofile, opts.devices),
+            &format!("fleet{n}"),
+        )?;
         eprintln!("fleet: {f:?}");
         all.push(f);
     }
@@ -157,6 +182,7 @@ fn one(
     garage: &Garage,
     opts: &FleetOptions,
     replicas: usize,
+    at_once: usize,
     prefix: &str,
 ) -> Res<FleetFigures> {
     let dir = tempfile::tempdir_in(work).map_err(|e| format!("temp dir in {work:?}: {e}"))?;
@@ -239,6 +265,9 @@ fn one(
     let first_error = Arc::new(Mutex::new(None::<String>));
     let passes = Arc::new(AtomicU64::new(0));
     let steady_passes = Arc::new(AtomicU64::new(0));
+    let missed = Arc::new(AtomicU64::new(0));
+    let turns = Arc::new(tokio::sync::Semaphore::new(at_once));
+    f.passes_at_once = at_once;
     let counters = Arc::new(Counters::default());
     let start = tokio::time::Instant::now() + Duration::from_millis(500);
     let steady_from = start + opts.interval;
@@ -252,8 +281,11 @@ fn one(
         for (i, (api, d)) in apis.into_iter().zip(&devices).enumerate() {
             let mut o = SyncOptions::new(Direction::Egress, d.join("data"), "data".into());
             o.once = true;
+            o.transfers = TRANSFERS;
+            let turns = Arc::clone(&turns);
             o.state_dir = Some(d.join("state"));
             let data = d.join("data");
+            let missed = Arc::clone(&missed);
             let (latencies, first, errors, first_error, passes, steady_passes, counters) = (
                 Arc::clone(&latencies),
                 Arc::clone(&first),
@@ -278,7 +310,12 @@ fn one(
                         }
                     }
                     let t = Instant::now();
-                    let r = egress_pass(&api, &o, &counters).await;
+                    let r = match turns.acquire().await {
+                        Ok(_turn) => egress_pass(&api, &o, &counters)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
                     let ms = t.elapsed().as_secs_f64() * 1000.0;
                     passes.fetch_add(1, Ordering::Relaxed);
                     let failed = match r {
@@ -301,6 +338,12 @@ fn one(
                     }
                     cycle += 1;
                     next += opts.interval;
+                    // A late pass: the slots it overran are skipped, not made up.
+                    let now = tokio::time::Instant::now();
+                    while next < now && next < end {
+                        next += opts.interval;
+                        missed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }));
         }
@@ -317,6 +360,7 @@ fn one(
     f.bench_cpu_s = proc_cpu(bench_pid) - bench_cpu0;
     f.passes = passes.load(Ordering::Relaxed);
     f.steady_passes = steady_passes.load(Ordering::Relaxed);
+    f.missed = missed.load(Ordering::Relaxed);
     f.server_cpu_ms_per_pass = f.server_cpu_s * 1000.0 / f.steady_passes.max(1) as f64;
     f.errors = errors.load(Ordering::Relaxed);
     f.first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -331,11 +375,11 @@ fn one(
     f.server_hwm_mib = pids.iter().map(|p| proc_hwm_mib(*p)).collect();
     for s in &servers {
         if let Some((_, page)) = s.http_get("/metrics") {
-            f.resident_manifests += metric(&page, "datamover_sync_manifests_resident", "");
+            f.resident_manifests += metric(&page, "datamover_sync_manifests_resident", &[]);
             f.manifest_puts += metric(
                 &page,
                 "datamover_store_requests_total",
-                "operation=\"put\",type=\"sync-state\"",
+                &["operation=\"put\"", "type=\"sync-state\""],
             );
         }
     }
@@ -346,23 +390,25 @@ fn one(
 /// The Markdown report of the runs.
 pub fn report(all: &[FleetFigures], opts: &FleetOptions, machine: &str) -> String {
     let mut out = format!(
-        "fleet: {} devices, {} files of {} B each, {} changed per cycle, one pass every {} s, {} min; {machine}\n\n",
+        "fleet: {} devices, {} files of {} B each, {} changed per cycle, one pass every {} s, {} min, {TRANSFERS} files at once per device, at most {} passes at once in the bench process (its open-file limit); {machine}\n\n",
         opts.devices,
         opts.files,
         opts.file_bytes,
         opts.changed,
         opts.interval.as_secs_f64(),
-        opts.minutes
+        opts.minutes,
+        all.first().map_or(0, |f| f.passes_at_once),
     );
-    out.push_str("| replicas | passes (steady) | errors | p50 ms | p99 ms | max ms | first pass p50 ms | server peak RSS MiB | server CPU ms / pass | server CPU s | Garage CPU s | bench CPU s | connect s | manifests resident | manifest writes |\n");
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| replicas | passes (steady) | slots missed | errors | p50 ms | p99 ms | max ms | first pass p50 ms | server peak RSS MiB | server CPU ms / pass | server CPU s | Garage CPU s | bench CPU s | connect s | manifests resident | manifest writes |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for f in all {
         let rss: Vec<String> = f.server_hwm_mib.iter().map(|m| format!("{m:.0}")).collect();
         out.push_str(&format!(
-            "| {} | {} ({}) | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+            "| {} | {} ({}) | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
             f.replicas,
             f.passes,
             f.steady_passes,
+            f.missed,
             f.errors,
             f.p50_ms,
             f.p99_ms,

@@ -59,6 +59,8 @@ pub struct IndexScaleOptions {
     pub chunks: Vec<u64>,
     pub seconds: f64,
     pub sessions: usize,
+    /// How long to wait for the server to be ready after each start.
+    pub ready_within: Duration,
 }
 
 fn dir_mib(p: &Path) -> f64 {
@@ -109,7 +111,13 @@ fn one(
     let t = Instant::now();
     // The per-client call rate is lifted: the bench measures the index, not the limit.
     let env = [("DATAMOVER_CLIENT_RATE", "1000000")];
-    let mut server = Server::start_in_with_env(root, Storage::Filesystem, &[CLIENT], &env);
+    let mut server = Server::start_in_within(
+        root,
+        Storage::Filesystem,
+        &[CLIENT],
+        &env,
+        opts.ready_within,
+    );
     f.cold_ready_s = t.elapsed().as_secs_f64();
     let pid = server.pid().ok_or("the server has no process")?;
     f.cold_hwm_mib = proc_hwm_mib(pid);

@@ -800,6 +800,7 @@ fn real_main() -> Res<()> {
         seconds,
         sessions,
         label,
+        ready_timeout,
     }) = &cli.command
     {
         if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
@@ -815,6 +816,7 @@ fn real_main() -> Res<()> {
             chunks: chunks.clone(),
             seconds: *seconds,
             sessions: usize::from(*sessions),
+            ready_within: std::time::Duration::from_secs(*ready_timeout),
         };
         let figures = index_scale::run(&work, &opts)?;
         let text = index_scale::report(&figures, label);

@@ -483,10 +483,13 @@ async fn sync_one_file(
         {
             Ok(sent) => return Ok(Some((entry, Some(sent)))),
             Err(s) if is_changed(&s) && attempt < CHANGE_ATTEMPTS => {
+                // The server's refusal (the bytes did not match the declared size and
+                // hash: the file changed) or a local read error; each says which.
                 eprintln!(
-                    "datamover-client: {} changed while it was sent: reading it again ({})",
+                    "datamover-client: {}: {}: reading it again (attempt {} of {CHANGE_ATTEMPTS})",
                     f.rel,
-                    s.message()
+                    s.message(),
+                    attempt + 1
                 );
                 hash = None;
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;

@@ -59,6 +59,15 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 6 * 1024 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 * 1024 * 1024);
     }
+    let files = raise_open_files();
+    if files < MIN_OPEN_FILES {
+        tracing::warn!(
+            limit = files,
+            "the open-file limit is low: each client connection holds one, so at most about {files} devices can stay connected; raise the container's or the service's nofile limit (e.g. LimitNOFILE=1048576)"
+        );
+    } else {
+        tracing::info!(limit = files, "open-file limit");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Named so profiles and `top -H` tell client and server threads apart.
@@ -79,6 +88,31 @@ fn main() -> ExitCode {
             eprintln!("datamover-server: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// Below this open-file limit the server warns at start (one per client connection).
+const MIN_OPEN_FILES: u64 = 16_384;
+
+/// Raises the soft open-file limit to the hard one (as Go programs do at start), since
+/// every connected client holds a socket; returns the soft limit now in force.
+fn raise_open_files() -> u64 {
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        r.rlim_cur
     }
 }
 

@@ -322,7 +322,7 @@ fn files_changing_during_upload_are_never_stored_torn_and_uploads_resume() {
         stored.len()
     );
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("changed while it was sent"),
+        String::from_utf8_lossy(&out.stderr).contains("changed while it was being uploaded"),
         "the mixed upload was refused and retried: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
