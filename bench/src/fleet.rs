@@ -478,3 +478,47 @@ pub fn from_cli(cli: &crate::cli::Cli) -> Res<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scenario end to end, small: a few devices for a few seconds on one replica and
+    /// on two; every pass succeeds and the figures are filled in.
+    #[test]
+    fn a_small_fleet_syncs_on_one_and_two_replicas() {
+        if datamover_tests::garage::garage_binary().is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "garage is not installed: the test command installs it (scripts/ensure-garage.sh)"
+            );
+            eprintln!("SKIPPED: garage is not installed; run scripts/ensure-garage.sh");
+            return;
+        }
+        let work = tempfile::tempdir().expect("a work directory");
+        let opts = FleetOptions {
+            devices: 6,
+            minutes: 0.1,
+            interval: Duration::from_secs(2),
+            files: 3,
+            changed: 1,
+            file_bytes: 512,
+            replicas: vec![1, 2],
+        };
+        let all = run(work.path(), &opts).expect("the fleet runs");
+        assert_eq!(all.len(), 2);
+        for f in &all {
+            assert_eq!((f.errors, &f.first_error), (0, &None), "{f:?}");
+            assert!(f.passes >= 12, "two passes or more a device: {f:?}");
+            assert!(f.p99_ms.is_finite() && f.p99_ms > 0.0, "{f:?}");
+            assert_eq!(f.resident_manifests, 6, "one manifest a device: {f:?}");
+            assert_eq!(f.server_hwm_mib.len(), f.replicas, "{f:?}");
+            assert!(f.server_hwm_mib.iter().all(|m| *m > 0.0), "{f:?}");
+        }
+        let text = report(&all, &opts, "test machine");
+        assert!(
+            text.contains("6 devices") && text.contains("| 2 |"),
+            "{text}"
+        );
+    }
+}

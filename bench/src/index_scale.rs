@@ -242,3 +242,30 @@ pub fn report(figures: &[IndexFigures], label: &str) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scenario end to end at a small N: the index objects are written, the server
+    /// starts cold and warm on them, every FindMissing answer is checked, and the figures
+    /// are filled in.
+    #[test]
+    fn a_small_index_is_generated_served_and_measured() {
+        let work = tempfile::tempdir().expect("a work directory");
+        let opts = IndexScaleOptions {
+            chunks: vec![20_000],
+            seconds: 1.0,
+            sessions: 2,
+            ready_within: Duration::from_secs(90),
+        };
+        let all = run(work.path(), &opts).expect("index-scale runs");
+        let f = &all[0];
+        assert_eq!(f.chunks, 20_000);
+        assert!(f.index_objects >= 1 && f.index_mib > 0.0, "{f:?}");
+        assert!(f.cold_ready_s > 0.0 && f.warm_ready_s > 0.0, "{f:?}");
+        assert!(f.ids_per_s > 0.0, "{f:?}");
+        assert!(f.cache_mib > 0.0, "a local index file: {f:?}");
+        assert!(report(&all, "test").contains("| 20000 |"));
+    }
+}
