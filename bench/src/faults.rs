@@ -907,14 +907,7 @@ pub fn from_cli(cli: &crate::cli::Cli) -> Res<()> {
             "--minutes {minutes}: give a number of minutes between 0 and 1440"
         ));
     }
-    if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
-        && let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| Some(e.parent()?.to_path_buf()))
-    {
-        // SAFETY: still one thread: nothing else reads the environment yet.
-        unsafe { std::env::set_var("DATAMOVER_BIN_DIR", dir) };
-    }
+    crate::measure::use_binaries_beside_this_one();
     let opts = FaultsOptions {
         minutes: *minutes,
         kill_every: (*kill_every > 0).then(|| Duration::from_secs(*kill_every)),

@@ -447,14 +447,7 @@ pub fn from_cli(cli: &crate::cli::Cli) -> Res<()> {
     else {
         return Err("not the fleet scenario".into());
     };
-    if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
-        && let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| Some(e.parent()?.to_path_buf()))
-    {
-        // SAFETY: still one thread: nothing else reads the environment yet.
-        unsafe { std::env::set_var("DATAMOVER_BIN_DIR", dir) };
-    }
+    crate::measure::use_binaries_beside_this_one();
     if !(*interval > 0.0 && *minutes > 0.0) || *files == 0 || *changed > *files {
         return Err(
             "fleet needs a positive --interval and --minutes, and --changed at most --files".into(),

@@ -803,14 +803,7 @@ fn real_main() -> Res<()> {
         ready_timeout,
     }) = &cli.command
     {
-        if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
-            && let Some(dir) = std::env::current_exe()
-                .ok()
-                .and_then(|e| Some(e.parent()?.to_path_buf()))
-        {
-            // SAFETY: still one thread: nothing else reads the environment yet.
-            unsafe { std::env::set_var("DATAMOVER_BIN_DIR", dir) };
-        }
+        crate::measure::use_binaries_beside_this_one();
         let work = cli.work.clone().unwrap_or_else(std::env::temp_dir);
         let opts = index_scale::IndexScaleOptions {
             chunks: chunks.clone(),

@@ -160,3 +160,17 @@ pub(crate) fn machine(note: &str) -> String {
     }
     s
 }
+
+/// Points the test harness at the server and client built beside this program (unless
+/// `DATAMOVER_BIN_DIR` says otherwise): `target/<profile>/`, not the `deps/` of a test.
+/// Call it while the program has one thread (it sets an environment variable).
+pub(crate) fn use_binaries_beside_this_one() {
+    if std::env::var_os("DATAMOVER_BIN_DIR").is_none()
+        && let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.to_path_buf()))
+    {
+        // SAFETY: still one thread: nothing else reads the environment yet.
+        unsafe { std::env::set_var("DATAMOVER_BIN_DIR", dir) };
+    }
+}

@@ -564,8 +564,6 @@ fn authed<T>(msg: T) -> Request<T> {
 
 /// The server's services on a loopback port (plain HTTP/2) and a channel to them.
 async fn serve(dir: &std::path::Path) -> Result<tonic::client::Grpc<Channel>, String> {
-    use datamover_proto::v1::datamover_server::DatamoverServer;
-    use datamover_proto::v1::sync_server::SyncServer;
     use datamover_repo::objects::FsObjects;
     use datamover_repo::store::{FsStore, Store};
     use datamover_repo::{Repository, RepositoryOptions};
@@ -596,24 +594,22 @@ async fn serve(dir: &std::path::Path) -> Result<tonic::client::Grpc<Channel>, St
         crate::maintenance::MaintenanceSettings::default(),
         Arc::clone(&metrics),
     );
-    let service = DatamoverServer::new(crate::service::DatamoverService::new(
+    let service = crate::service::DatamoverService::new(
         repo,
         Arc::clone(&creds),
         Arc::clone(&metrics),
         sessions,
         maintainer,
-    ))
-    .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    )
+    .into_server();
     let objects = Arc::new(FsObjects::new(dir.join("sync")));
-    let sync = SyncServer::new(crate::sync::SyncService::new(
+    let sync = crate::sync::SyncService::new(
         objects,
         creds,
         metrics,
         crate::sync::ManifestLimits::default(),
-    ))
-    .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    )
+    .into_server();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("listen: {e}"))?;

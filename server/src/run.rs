@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use datamover_proto::v1::datamover_server::DatamoverServer;
-use datamover_proto::v1::sync_server::SyncServer;
 use datamover_repo::objects::{FsObjects, ObjectStore, S3Objects};
 use datamover_repo::store::{FsStore, S3Store, Store, StoreError};
 use datamover_repo::{RepoError, Repository, RepositoryOptions};
@@ -197,15 +196,14 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     )
     .with_gateway_uploads(Arc::clone(&objects));
     maintainer.clone().spawn();
-    let service = DatamoverServer::new(DatamoverService::new(
+    let service = DatamoverService::new(
         Arc::clone(&repo),
         Arc::clone(&creds),
         Arc::clone(&metrics),
         sessions,
         maintainer,
-    ))
-    .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    )
+    .into_server();
     tracing::info!(location = %objects.location(), "edge sync objects");
     let s3_gateway = match settings.s3_port {
         Some(port) => Some(
@@ -234,9 +232,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         );
     }
     let flusher = sync.spawn_flusher();
-    let sync_service = SyncServer::new(sync)
-        .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES);
+    let sync_service = sync.into_server();
 
     let mut builder = Server::builder()
         .tls_config(

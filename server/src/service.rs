@@ -110,6 +110,14 @@ fn check_tag(tag: &str) -> Result<(), Status> {
 }
 
 impl DatamoverService {
+    /// The gRPC service, taking and sending messages up to
+    /// [`datamover_proto::MAX_MESSAGE_BYTES`].
+    pub fn into_server(self) -> datamover_proto::v1::datamover_server::DatamoverServer<Self> {
+        datamover_proto::v1::datamover_server::DatamoverServer::new(self)
+            .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+    }
+
     pub fn new(
         repo: Arc<Repository>,
         creds: Arc<CredentialStore>,

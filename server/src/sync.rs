@@ -167,6 +167,14 @@ pub struct SyncService {
 }
 
 impl SyncService {
+    /// The gRPC service, taking and sending messages up to
+    /// [`datamover_proto::MAX_MESSAGE_BYTES`].
+    pub fn into_server(self) -> datamover_proto::v1::sync_server::SyncServer<Self> {
+        datamover_proto::v1::sync_server::SyncServer::new(self)
+            .max_decoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(datamover_proto::MAX_MESSAGE_BYTES)
+    }
+
     /// Hands out S3 gateway keys (the gateway serves on `port`).
     pub fn with_s3_gateway(mut self, port: u16, key: crate::s3::auth::GatewayKey) -> Self {
         self.s3 = Some((port, key));

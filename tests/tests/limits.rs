@@ -116,6 +116,28 @@ fn a_flooding_client_is_limited_and_another_backup_is_unaffected() {
     eprintln!("alone {alone:?}, flooded {flooded:?}, flood calls served {ok}, refused {refused}");
 }
 
+fn begin() -> v1::BeginBackupRequest {
+    v1::BeginBackupRequest {
+        tag: "t".into(),
+        kind: v1::SnapshotKind::Files as i32,
+        source: "/s".into(),
+        hostname: "h".into(),
+    }
+}
+
+/// `n` chunks of 10 bytes each, with their ids under `key`.
+fn chunks(key: &datamover_core::chunk::ChunkIdKey, n: u8) -> Vec<v1::Chunk> {
+    (0..n)
+        .map(|i| {
+            let data = bytes::Bytes::from(vec![i; 10]);
+            v1::Chunk {
+                id: bytes::Bytes::copy_from_slice(&key.id(&data).0),
+                data,
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn sessions_chunks_per_put_and_catalog_size_are_capped() {
     let server = Server::start_in_with_env(
@@ -134,12 +156,6 @@ fn sessions_chunks_per_put_and_catalog_size_are_capped() {
         let mut greedy = connect::connect(&server.client_settings("greedy", "g-token"))
             .await
             .unwrap();
-        let begin = || v1::BeginBackupRequest {
-            tag: "t".into(),
-            kind: v1::SnapshotKind::Files as i32,
-            source: "/s".into(),
-            hostname: "h".into(),
-        };
         let mut sessions = Vec::new();
         for _ in 0..2 {
             let s = greedy.api.begin_backup(begin()).await.unwrap().into_inner();
@@ -163,15 +179,7 @@ fn sessions_chunks_per_put_and_catalog_size_are_capped() {
             .expect("another client's session");
 
         // Four chunks in one message: refused.
-        let chunks: Vec<v1::Chunk> = (0..4u8)
-            .map(|i| {
-                let data = bytes::Bytes::from(vec![i; 10]);
-                v1::Chunk {
-                    id: bytes::Bytes::copy_from_slice(&greedy.key.id(&data).0),
-                    data,
-                }
-            })
-            .collect();
+        let chunks = chunks(&greedy.key, 4);
         let put = |chunks: Vec<v1::Chunk>| v1::PutChunksRequest {
             session_id: sessions[0].clone(),
             chunks,
@@ -245,25 +253,12 @@ fn limits_from_the_config_map_are_applied_and_counted() {
             .unwrap();
         let session = c
             .api
-            .begin_backup(v1::BeginBackupRequest {
-                tag: "t".into(),
-                kind: v1::SnapshotKind::Files as i32,
-                source: "/s".into(),
-                hostname: "h".into(),
-            })
+            .begin_backup(begin())
             .await
             .unwrap()
             .into_inner()
             .session_id;
-        let chunks: Vec<v1::Chunk> = (0..2u8)
-            .map(|i| {
-                let data = bytes::Bytes::from(vec![i; 10]);
-                v1::Chunk {
-                    id: bytes::Bytes::copy_from_slice(&c.key.id(&data).0),
-                    data,
-                }
-            })
-            .collect();
+        let chunks = chunks(&c.key, 2);
         let e = c
             .api
             .put_chunks(tokio_stream::iter(vec![v1::PutChunksRequest {

@@ -201,10 +201,6 @@ impl Manifests {
         }
     }
 
-    pub fn limits(&self) -> ManifestLimits {
-        self.limits
-    }
-
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }

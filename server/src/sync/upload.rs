@@ -42,13 +42,8 @@ impl SyncService {
         Ok(())
     }
 
-    async fn drop_upload(&self, key: &str, rec: &UploadRecord) {
-        let _ = self
-            .req(
-                "abort_multipart",
-                self.objects.abort_multipart(key, &rec.upload_id),
-            )
-            .await;
+    /// Removes the record of `key`'s multipart upload, as far as the store lets it.
+    async fn delete_upload_record(&self, key: &str) {
         let _ = record(
             &self.metrics,
             "delete",
@@ -56,6 +51,16 @@ impl SyncService {
             self.objects.delete(&upload_key(key)),
         )
         .await;
+    }
+
+    async fn drop_upload(&self, key: &str, rec: &UploadRecord) {
+        let _ = self
+            .req(
+                "abort_multipart",
+                self.objects.abort_multipart(key, &rec.upload_id),
+            )
+            .await;
+        self.delete_upload_record(key).await;
     }
 
     /// Receives a whole small file.
@@ -209,13 +214,7 @@ impl SyncService {
             )
             .await
             .map_err(store_status)?;
-        let _ = record(
-            &self.metrics,
-            "delete",
-            "sync-state",
-            self.objects.delete(&upload_key(key)),
-        )
-        .await;
+        self.delete_upload_record(key).await;
         Ok(etag)
     }
 }
