@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use datamover_tests::blueprint::repo_root;
-use datamover_tests::cluster::{Cluster, Images, Namespace, poll};
+use datamover_tests::cluster::{Cluster, Images, Namespace};
 
 /// The cluster tests take turns: they share one controller (a second one would hide a
 /// broken first) and two cores.
@@ -154,17 +154,68 @@ spec:
         }
     }
 
-    /// Waits for `status.progress` Ready; returns `status.serverInfo.data`.
+    /// Waits for `status.progress` Ready; returns `status.serverInfo.data`. On a timeout
+    /// the panic says what the status, the pods, the events and the controller said.
     pub fn wait_ready(&self, cluster: &Cluster, secs: u64) -> String {
         let object = format!("datamoverserver/{}", self.name);
-        poll(
-            &format!("DatamoverServer {}/{} Ready", self.ns, self.name),
-            secs,
-            || {
-                let progress = cluster.jsonpath(&self.ns, &object, "{.status.progress}");
-                let data = cluster.jsonpath(&self.ns, &object, "{.status.serverInfo.data}");
-                (progress == "Ready" && !data.is_empty()).then_some(data)
-            },
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let progress = cluster.jsonpath(&self.ns, &object, "{.status.progress}");
+            let data = cluster.jsonpath(&self.ns, &object, "{.status.serverInfo.data}");
+            if progress == "Ready" && !data.is_empty() {
+                return data;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {secs} s waiting for DatamoverServer {}/{} Ready\n{}",
+                    self.ns,
+                    self.name,
+                    self.explain(cluster)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// What the cluster says about this server, for a failure message.
+    pub fn explain(&self, cluster: &Cluster) -> String {
+        let out = |args: &[&str]| {
+            let o = cluster.kubectl_output(args, None, 60);
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        };
+        let ns = self.ns.as_str();
+        let tail = |s: String, n: usize| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        format!(
+            "--- status:\n{}\n--- objects:\n{}\n--- pods:\n{}\n--- events:\n{}\n--- controller log:\n{}",
+            out(&[
+                "get",
+                "-n",
+                ns,
+                "datamoverserver",
+                &self.name,
+                "-o",
+                "jsonpath={.status}"
+            ]),
+            out(&["get", "-n", ns, "deploy,rs,pods,pvc,svc", "-o", "wide"]),
+            tail(out(&["describe", "-n", ns, "pods"]), 60),
+            tail(
+                out(&["get", "-n", ns, "events", "--sort-by=.lastTimestamp"]),
+                30
+            ),
+            tail(
+                out(&[
+                    "logs",
+                    "-n",
+                    HELM_NAMESPACE,
+                    "deploy/datamover-controller",
+                    "--all-containers",
+                    "--tail=200"
+                ]),
+                40
+            ),
         )
     }
 
