@@ -178,6 +178,7 @@ pub struct Repository {
 mod cache_tests;
 #[cfg(test)]
 mod fuzz_tests;
+mod index_refresh;
 mod maintenance;
 mod synthetic;
 
