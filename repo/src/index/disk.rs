@@ -21,7 +21,6 @@ use datamover_core::chunk::ChunkId;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{ReadOnlyTable, TableDefinition};
 
-use super::filter::{InOrder, MemFilter};
 use super::runs::Runs;
 use super::{IndexFile, Loc};
 
@@ -445,13 +444,11 @@ impl DiskIndex {
 
     /// Writes the entries of a rebuild's runs into the tree, in id order: of several
     /// copies of a chunk the first stays, unless it is condemned and another is not.
-    /// Returns the filter of what it wrote, built on the way (no second pass).
     pub fn merge_runs(
         &self,
         runs: Runs,
         condemned: &HashMap<ChunkId, String>,
-    ) -> Result<MemFilter, DiskError> {
-        let mut filter = InOrder::new();
+    ) -> Result<(), DiskError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.err(e))?;
@@ -474,7 +471,6 @@ impl DiskIndex {
             let mut current: Option<([u8; 32], [u8; 20])> = None;
             let mut put = |c: &([u8; 32], [u8; 20])| -> Result<(), DiskError> {
                 chunks.insert(&c.0[..], &c.1[..]).map_err(|e| self.err(e))?;
-                filter.push(&ChunkId(c.0));
                 Ok(())
             };
             runs.merge(|e| {
@@ -497,8 +493,7 @@ impl DiskIndex {
                 put(&c)?;
             }
         }
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok(filter.finish())
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Where a rebuild's runs go (beside the file).

@@ -125,47 +125,6 @@ impl MemFilter {
     }
 }
 
-/// Builds a [`MemFilter`] from ids that arrive in id order (a rebuild's merge), one
-/// partition's keys at a time: the filter of a rebuild without a second pass over the
-/// on-disk index.
-pub(crate) struct InOrder {
-    filter: MemFilter,
-    part: u8,
-    keys: Vec<u64>,
-}
-
-impl InOrder {
-    pub fn new() -> InOrder {
-        InOrder {
-            filter: MemFilter::default(),
-            part: 0,
-            keys: Vec::new(),
-        }
-    }
-
-    /// The next id; ids must come in ascending order, each once.
-    pub fn push(&mut self, id: &ChunkId) {
-        let p = partition(id);
-        if p != self.part {
-            self.flush();
-            self.part = p;
-        }
-        self.keys.push(key(id));
-    }
-
-    fn flush(&mut self) {
-        if !self.keys.is_empty() {
-            let keys = std::mem::take(&mut self.keys);
-            self.filter.set_partition(self.part, keys);
-        }
-    }
-
-    pub fn finish(mut self) -> MemFilter {
-        self.flush();
-        self.filter
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,24 +157,5 @@ mod tests {
         let extra = id_of(u64::MAX);
         assert!(!f.add(&extra));
         assert!(f.may_contain(&extra));
-    }
-
-    #[test]
-    fn ids_in_order_build_the_same_filter_partition_by_partition() {
-        let mut ids: Vec<ChunkId> = (0..200_000u64).map(id_of).collect();
-        ids.sort();
-        let mut b = InOrder::new();
-        for id in &ids {
-            b.push(id);
-        }
-        let f = b.finish();
-        assert_eq!(f.len(), ids.len());
-        assert!(ids.iter().all(|id| f.may_contain(id)));
-        let built = f.parts.iter().filter(|p| p.fuse.is_some()).count();
-        assert_eq!(built, PARTITIONS, "every partition got its filter");
-        let false_pos = (1_000_000..1_100_000u64)
-            .filter(|i| f.may_contain(&id_of(*i)))
-            .count();
-        assert!(false_pos < 1000, "{false_pos} false positives in 100000");
     }
 }

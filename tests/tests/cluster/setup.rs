@@ -189,7 +189,7 @@ spec:
             lines[lines.len().saturating_sub(n)..].join("\n")
         };
         format!(
-            "--- status:\n{}\n--- objects:\n{}\n--- pods:\n{}\n--- events:\n{}\n--- controller log:\n{}",
+            "--- status:\n{}\n--- objects:\n{}\n--- pods:\n{}\n--- events:\n{}\n--- controller pods (restarts):\n{}\n--- controller log:\n{}\n--- the controller's log before its last restart:\n{}",
             out(&[
                 "get",
                 "-n",
@@ -205,6 +205,7 @@ spec:
                 out(&["get", "-n", ns, "events", "--sort-by=.lastTimestamp"]),
                 30
             ),
+            out(&["get", "-n", HELM_NAMESPACE, "pods", "-o", "wide"]),
             tail(
                 out(&[
                     "logs",
@@ -215,6 +216,17 @@ spec:
                     "--tail=200"
                 ]),
                 40
+            ),
+            tail(
+                out(&[
+                    "logs",
+                    "-n",
+                    HELM_NAMESPACE,
+                    "deploy/datamover-controller",
+                    "--previous",
+                    "--tail=200"
+                ]),
+                20
             ),
         )
     }
