@@ -183,6 +183,16 @@ spec:
             let o = cluster.kubectl_output(args, None, 60);
             String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
         };
+        let controller_log = |which: &str| {
+            out(&[
+                "logs",
+                "-n",
+                HELM_NAMESPACE,
+                "deploy/datamover-controller",
+                which,
+                "--tail=200",
+            ])
+        };
         let ns = self.ns.as_str();
         let tail = |s: String, n: usize| {
             let lines: Vec<&str> = s.lines().collect();
@@ -206,28 +216,8 @@ spec:
                 30
             ),
             out(&["get", "-n", HELM_NAMESPACE, "pods", "-o", "wide"]),
-            tail(
-                out(&[
-                    "logs",
-                    "-n",
-                    HELM_NAMESPACE,
-                    "deploy/datamover-controller",
-                    "--all-containers",
-                    "--tail=200"
-                ]),
-                40
-            ),
-            tail(
-                out(&[
-                    "logs",
-                    "-n",
-                    HELM_NAMESPACE,
-                    "deploy/datamover-controller",
-                    "--previous",
-                    "--tail=200"
-                ]),
-                20
-            ),
+            tail(controller_log("--all-containers"), 40),
+            tail(controller_log("--previous"), 20),
         )
     }
 
