@@ -6,20 +6,26 @@
 //!   partition, about 1.1 bytes a chunk, plus a small delta of recent additions), the
 //!   chunks of its own packs not yet listed by an `index/` object, the chunks reserved by
 //!   running backups, and the condemned copies;
-//! - on local disk, every chunk's location ([`disk`]: a redb file in the index cache
-//!   directory, `DATAMOVER_INDEX_CACHE` for the server), built from the `index/` objects
-//!   and kept up to date incrementally: a refresh reads only the objects the file does
-//!   not hold yet. When an object it holds is gone (maintenance compacted `index/`), the
-//!   file is rebuilt beside the old one and swapped in, so readers never see a partial
-//!   index. A file that does not open or belongs to another repository is rebuilt.
+//! - on local disk, every chunk's location, built from the `index/` objects: a sorted
+//!   immutable [`base`] file that a rebuild writes in one sequential pass, and a redb
+//!   file ([`disk`]) with the packs, the tenants, the objects loaded and the chunks added
+//!   since the rebuild (the delta), in the index cache directory
+//!   (`DATAMOVER_INDEX_CACHE` for the server). A refresh reads only the objects the file
+//!   does not hold yet, into the delta ([`flat`] decodes them without an allocation per
+//!   entry). When an object it holds is gone (maintenance compacted `index/`), both
+//!   files are rebuilt beside the old ones and swapped in, so readers never see a
+//!   partial index. A file that does not open, belongs to another repository or lost its
+//!   base file is rebuilt.
 //!
 //! A lookup asks the filter first: an absent chunk (half of what FindMissing sees) costs
-//! no disk read; a present one costs one B-tree lookup, in the operating system's page
-//! cache once warm. Chunk ids are keyed per tenant and every entry records its tenant: a
-//! chunk of another tenant is absent.
+//! no disk read; a present one costs a lookup in the (small) delta and one block read of
+//! the base file, in the operating system's page cache once warm. Chunk ids are keyed
+//! per tenant and every entry records its tenant: a chunk of another tenant is absent.
 
+mod base;
 mod disk;
 mod filter;
+mod flat;
 mod runs;
 #[cfg(test)]
 mod tests;
@@ -32,6 +38,7 @@ use datamover_core::chunk::ChunkId;
 
 pub(crate) use disk::{DiskError, DiskIndex, WORK_PREFIX};
 pub(crate) use filter::MemFilter;
+pub(crate) use flat::FlatFile;
 pub(crate) use runs::{Merged, Record, Runs, Sorted};
 
 /// One chunk inside a pack (also the pack trailer's and index files' entry).
@@ -227,13 +234,11 @@ impl Index {
     }
 
     /// Forgets own packs now listed by an `index/` object held on disk.
-    pub fn own_packs_indexed(&mut self, file: &IndexFile) {
+    pub fn own_packs_indexed(&mut self, file: &FlatFile) {
         for p in &file.packs {
             for b in &p.blobs {
-                if let Ok(id) = ChunkId::from_slice(&b.id)
-                    && self.own.get(&id).is_some_and(|o| *o.pack == *p.name)
-                {
-                    self.own.remove(&id);
+                if self.own.get(&b.id).is_some_and(|o| *o.pack == *p.name) {
+                    self.own.remove(&b.id);
                 }
             }
             self.own_packs.remove(p.name.as_str());

@@ -10,8 +10,8 @@
 //!   repository's `config` object), zstd compression and XChaCha20-Poly1305 sealing of
 //!   every object but `config`.
 //! - [`Repository`]: packs (many chunks per object of several MiB, with an encrypted
-//!   trailer listing them), the in-memory chunk index rebuilt from `index/` objects, and
-//!   snapshots. Chunk ids are keyed per tenant; every index entry records its tenant.
+//!   trailer listing them), the chunk index (a filter in memory, the locations in local
+//!   files built from `index/` objects), and snapshots. Chunk ids are keyed per tenant; every index entry records its tenant.
 //!
 //! - Maintenance (in `repository/maintenance.rs`): two-phase garbage collection that is
 //!   safe while backups run on any replica, repacking, index compaction, adoption of

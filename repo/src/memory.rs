@@ -118,6 +118,21 @@ pub(crate) fn prefer_huge_pages(ptr: *const u8, len: usize) {
     }
 }
 
+/// Gives the memory the allocator holds free back to the kernel, after work that
+/// allocated and freed a lot (a rebuild of the local index reads and decodes gigabytes on
+/// the blocking threads): glibc returns memory only from the top of its heaps (and the
+/// server keeps 32 MiB there on purpose), so what lies free below memory still in use
+/// stays resident, and the next phase would count on top of it (a cold start at 100
+/// million chunks peaked at 297 MiB without this, 208 MiB with it).
+pub(crate) fn return_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps; it
+    // touches no memory in use and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::PackBuffers;

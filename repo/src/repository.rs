@@ -145,7 +145,8 @@ pub struct AddResult {
 
 pub struct Repository {
     store: Arc<dyn Store>,
-    keys: Keys,
+    /// Shared with the blocking threads that open objects.
+    keys: Arc<Keys>,
     opts: RepositoryOptions,
     chunker: ChunkerParams,
     index: RwLock<Index>,
@@ -260,7 +261,7 @@ impl Repository {
         );
         let repo = Arc::new(Repository {
             store,
-            keys,
+            keys: Arc::new(keys),
             opts,
             chunker,
             index: RwLock::new(index),

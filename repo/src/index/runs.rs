@@ -1,8 +1,8 @@
 //! Sorting more entries than memory should hold: entries are sorted in runs of a bounded
 //! batch ([`RUN_ENTRIES`] unless told) on local disk, then merged in order, reading a
-//! 64 KiB buffer a run. A rebuild of the local index writes its B-tree this way (each page
-//! once; random inserts in batches rewrite most of the tree every batch), and maintenance
-//! and verify plan over every index entry this way without holding them all.
+//! 64 KiB buffer a run. A rebuild of the local index writes its base file this way (in
+//! one sequential pass), and maintenance and verify plan over every index entry this way
+//! without holding them all.
 //!
 //! [`Sorted`] is the general form over any fixed-size [`Record`]; [`Runs`] is the
 //! rebuild's (id, order of arrival, location).
@@ -34,12 +34,36 @@ pub(crate) trait Record: Ord + Copy {
 }
 
 /// One entry of a rebuild: the id, its order of arrival (the first copy wins), the
-/// location.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// location. Ordered by id, then arrival, then location.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RunEntry {
     pub id: [u8; 32],
     pub seq: u32,
     pub loc: [u8; 20],
+}
+
+impl Ord for RunEntry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Ids are hashes: their first 8 bytes, compared as one number, almost always
+        // decide (sorting and merging 100 million entries spent a sixth of their time
+        // in byte-wise comparisons).
+        let head = |id: &[u8; 32]| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&id[..8]);
+            u64::from_be_bytes(b)
+        };
+        head(&self.id)
+            .cmp(&head(&other.id))
+            .then_with(|| self.id.cmp(&other.id))
+            .then_with(|| self.seq.cmp(&other.seq))
+            .then_with(|| self.loc.cmp(&other.loc))
+    }
+}
+
+impl PartialOrd for RunEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Record for RunEntry {

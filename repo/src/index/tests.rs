@@ -13,7 +13,7 @@ fn ingest(ix: &mut Index, name: &str, packs: Vec<PackEntries>) {
         .ingest(&[(name.to_string(), file.clone())], ix.condemned())
         .unwrap();
     ix.note_added(&added).unwrap();
-    ix.own_packs_indexed(&file);
+    ix.own_packs_indexed(&FlatFile::from_index(&file));
 }
 
 fn pack(name: &str, id: ChunkId) -> PackEntries {
@@ -192,6 +192,7 @@ fn leftovers_of_an_interrupted_rebuild_or_maintenance_are_removed_at_open() {
     let stale = [
         format!("index-repo.build-{me}-0000abcd.redb"),
         format!("index-repo.build-{gone}-0000abcd.redb"),
+        format!("index-repo.build-{gone}-0000abcd.redb.base"),
         format!("{WORK_PREFIX}{gone}-00001234.runs"),
         format!("{WORK_PREFIX}{me}-00001234.runs"),
     ];
@@ -223,4 +224,100 @@ fn leftovers_of_an_interrupted_rebuild_or_maintenance_are_removed_at_open() {
     for f in kept.iter().chain(&kept_dirs) {
         assert!(d.join(f).exists(), "{f} kept");
     }
+}
+
+/// A rebuild writes the base file (first live copy of each id, the filter built on the
+/// way); later objects go to the delta, which shadows a condemned base copy; a restart
+/// opens both; a base file that is not the one the redb file names is rebuilt.
+#[test]
+fn a_rebuild_writes_the_base_file_and_later_objects_go_to_the_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ix = index_in(dir.path());
+    let n = 5_000u32;
+    let packs: Vec<PackEntries> = (0..n)
+        .map(|i| pack(&format!("p{}", i / 7), id_of(i)))
+        .collect();
+    let file = IndexFile { packs };
+    let twice = id_of(10);
+    let doomed = id_of(11);
+    // id 10 again in a later pack: the first copy stays; id 11's first copy is condemned,
+    // so its second one is kept
+    let again = IndexFile {
+        packs: vec![pack("later", twice), pack("later", doomed)],
+    };
+    let mut condemned = HashMap::new();
+    condemned.insert(doomed, "p1".to_string());
+    let fresh = DiskIndex::fresh(dir.path(), "repo").unwrap();
+    let mut runs = Runs::new(fresh.runs_dir()).unwrap();
+    fresh
+        .ingest_to(
+            &[
+                ("i1".into(), FlatFile::from_index(&file)),
+                ("i2".into(), FlatFile::from_index(&again)),
+            ],
+            &condemned,
+            Some(&mut runs),
+        )
+        .unwrap();
+    let filter = fresh.merge_runs(runs, &condemned).unwrap();
+    assert!(!fresh.runs_dir().exists(), "runs removed after the merge");
+    assert_eq!(fresh.len().unwrap(), u64::from(n));
+    let fresh = fresh.adopt(&ix.disk());
+    ix.replace(Arc::new(fresh), filter);
+    ix.condemn(doomed, "p1");
+    assert_eq!(ix.find("a", &twice).unwrap().pack, "p1");
+    assert_eq!(ix.find("a", &doomed).unwrap().pack, "later");
+    let ids: Vec<ChunkId> = (0..n).map(id_of).collect();
+    assert_eq!(ix.missing("a", &ids), Vec::<u32>::new());
+    assert_eq!(ix.missing("b", &ids).len(), n as usize, "tenants apart");
+    let absent: Vec<ChunkId> = (n..n + 1000).map(id_of).collect();
+    assert_eq!(ix.missing("a", &absent).len(), 1000);
+    // The delta: a new chunk, and a copy that replaces a condemned base copy.
+    let shadow = id_of(20);
+    ix.condemn(shadow, "p2");
+    ingest(
+        &mut ix,
+        "i3",
+        vec![
+            pack("new", id_of(n)),
+            pack("new", shadow),
+            pack("new", id_of(21)),
+        ],
+    );
+    assert_eq!(ix.find("a", &id_of(n)).unwrap().pack, "new");
+    assert_eq!(ix.find("a", &shadow).unwrap().pack, "new");
+    assert_eq!(
+        ix.find("a", &id_of(21)).unwrap().pack,
+        "p3",
+        "a live copy stays"
+    );
+    assert_eq!(
+        ix.len(),
+        n as usize + 1,
+        "a shadowed base entry counts once"
+    );
+    let path = ix.disk().path().to_path_buf();
+    drop(ix);
+    // A restart opens the redb file and its base file; the filter is built from both.
+    let ix = index_in(dir.path());
+    assert_eq!(ix.disk().path(), path);
+    assert_eq!(ix.len(), n as usize + 1);
+    assert_eq!(ix.find("a", &shadow).unwrap().pack, "new");
+    assert_eq!(ix.find("a", &id_of(n)).unwrap().pack, "new");
+    assert_eq!(ix.missing("a", &ids), Vec::<u32>::new());
+    let names = ix.disk().loaded_names().unwrap();
+    assert_eq!(names.len(), 3);
+    drop(ix);
+    // A torn base file: the cache starts afresh, to be rebuilt from the bucket.
+    let mut base = path.clone().into_os_string();
+    base.push(".base");
+    let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+    f.set_len(100).unwrap();
+    let ix = index_in(dir.path());
+    assert_eq!(ix.len(), 0);
+    assert!(
+        ix.disk().loaded_names().unwrap().is_empty(),
+        "to be rebuilt"
+    );
+    assert!(!std::path::Path::new(&base).exists(), "removed with it");
 }
