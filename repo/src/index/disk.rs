@@ -304,7 +304,6 @@ impl DiskIndex {
         let pack_nos = txn.open_table(PACK_NOS).map_err(|e| self.err(e))?;
         Ok(Reader {
             disk: self,
-            base: self.base.get(),
             chunks,
             pack_names,
             pack_nos,
@@ -487,12 +486,15 @@ impl DiskIndex {
                     .get(&e.id.0[..])
                     .map_err(|x| self.err(x))?
                     .map(|v| v.value().to_vec());
-                let (old, in_base) = match in_delta {
-                    Some(o) => (Some(o), false),
-                    None => match base {
-                        Some(b) => (b.get(&e.id.0)?.map(|l| l.to_vec()), true),
-                        None => (None, false),
-                    },
+                // `in_base`: the copy held is the base file's (a new one shadows it).
+                let (old, in_base) = match (in_delta, base) {
+                    (Some(o), _) => (Some(o), false),
+                    (None, Some(b)) => {
+                        let o = b.get(&e.id.0)?.map(|l| l.to_vec());
+                        let found = o.is_some();
+                        (o, found)
+                    }
+                    (None, None) => (None, false),
                 };
                 let replace = match old.as_deref().map(decode) {
                     None => {
@@ -516,7 +518,7 @@ impl DiskIndex {
                     chunks
                         .insert(&e.id.0[..], &encode(&e.loc)[..])
                         .map_err(|x| self.err(x))?;
-                    if old.is_some() && in_base {
+                    if in_base {
                         shadowed += 1;
                     }
                 }
@@ -756,7 +758,6 @@ impl Opened {
 /// A consistent read view of the on-disk index.
 pub(crate) struct Reader<'a> {
     disk: &'a DiskIndex,
-    base: Option<&'a BaseFile>,
     chunks: ReadOnlyTable<&'static [u8], &'static [u8]>,
     pack_names: ReadOnlyTable<u32, &'static str>,
     pack_nos: ReadOnlyTable<&'static str, u32>,
@@ -769,7 +770,7 @@ impl Reader<'_> {
         if let Some(v) = v {
             return Ok(decode(v.value()));
         }
-        match self.base {
+        match self.disk.base.get() {
             Some(b) => Ok(b.get(&id.0)?.and_then(|l| decode(&l))),
             None => Ok(None),
         }
